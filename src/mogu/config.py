@@ -1,0 +1,97 @@
+"""Typed, validated configuration for a MoGU model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_NAME = "mogu_config.json"
+VERSIONS = ("v1", "v2")
+
+
+@dataclass
+class MoGUConfig:
+    """What to wrap and how big the added parts are.
+
+    ``target_modules=None`` picks the family default (``o_proj`` for Llama-like
+    models, ``self_attention.dense`` for Falcon, ``attn.c_proj`` for GPT-2).
+    ``routed_layers=None`` routes every decoder layer. ``route_tokens`` is how
+    many generated tokens the routed model picks before the base model takes
+    over (None routes every token).
+    """
+
+    version: str = "v1"
+    target_modules: list[str] | None = None
+    routed_layers: list[int] | None = None
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    router_hidden: int = 512
+    route_tokens: int | None = 5
+    # Filled in by MoGUModel.from_base so a checkpoint knows what it belongs to.
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    base_model_type: str | None = None
+    base_hidden_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def validate(self) -> None:
+        if self.version not in VERSIONS:
+            raise ConfigError(f"version must be one of {VERSIONS}, got {self.version!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if self.target_modules is not None:
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ConfigError("target_modules must be a non-empty list of module-name suffixes")
+        if self.routed_layers is not None:
+            if not self.routed_layers or not all(isinstance(i, int) and i >= 0 for i in self.routed_layers):
+                raise ConfigError("routed_layers must be a non-empty list of layer indices >= 0, or None")
+            self.routed_layers = sorted(set(self.routed_layers))
+        if not isinstance(self.r, int) or not 1 <= self.r <= 1024:
+            raise ConfigError(f"r must be an integer in [1, 1024], got {self.r!r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.router_hidden, int) or not 1 <= self.router_hidden <= 65536:
+            raise ConfigError(f"router_hidden must be an integer in [1, 65536], got {self.router_hidden!r}")
+        if self.route_tokens is not None and (not isinstance(self.route_tokens, int) or self.route_tokens < 1):
+            raise ConfigError(f"route_tokens must be an integer >= 1 or None, got {self.route_tokens!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoGUConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown MoGUConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "MoGUConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(data)

@@ -1,0 +1,287 @@
+"""Prompt sets and the three stage datasets (``mogu data build``).
+
+Outputs (JSON Lines):
+- ``glad_pairs.jsonl``   harmful prompt, a short affirmative opening (comply) and a refusal;
+- ``unwill_pairs.jsonl`` benign prompt, a refusal and a helpful answer (comply);
+- ``router.jsonl``       harmful prompts with a refusal (label 1), benign with a helpful answer (label 0);
+- ``dev.jsonl``          held-out prompts for checkpoint selection (never trained on).
+
+Helpful answers are the base model's own greedy answers by default (self-distillation keeps
+usability); an answer that is itself a refusal is regenerated once by sampling, then dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import DataError
+from .eval.judges import is_refusal
+from .io import sha256_file, write_jsonl
+
+PROMPT_FIELDS = ("prompt", "instruction", "goal", "text", "question", "Behavior", "forbidden_prompt", "Goal")
+OUTPUT_FIELDS = ("output", "response", "answer", "completion")
+BUILTIN_SETS = ("harmful", "benign", "borderline")
+STAGE_FILES = {"glad": "glad_pairs.jsonl", "unwill": "unwill_pairs.jsonl", "router": "router.jsonl"}
+DEV_FILE = "dev.jsonl"
+
+
+@dataclass
+class PromptRecord:
+    prompt: str
+    harmful: bool
+    source: str
+    category: str = ""
+    target: str | None = None  # affirmative opening for harmful prompts (AdvBench "target")
+    output: str | None = None  # a user-provided helpful answer for benign prompts
+    split: str = "train"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- built-in sets ---------------------------------------------------------------------------
+def _builtin_text(name: str) -> str:
+    return resources.files("mogu").joinpath("prompts", name).read_text(encoding="utf-8")
+
+
+def builtin_prompts(name: str, split: str | None = None) -> list[PromptRecord]:
+    """The prompt sets shipped with mogu: ``harmful``, ``benign`` or ``borderline`` (risky-sounding benign)."""
+    if name not in BUILTIN_SETS:
+        raise DataError(f"unknown built-in set {name!r}; known: {', '.join(BUILTIN_SETS)}")
+    records = []
+    for row in _parse_jsonl(_builtin_text(f"{name}.jsonl"), f"builtin:{name}"):
+        if split is None or row.get("split") == split:
+            records.append(PromptRecord(prompt=row["prompt"], harmful=name == "harmful", source=f"builtin:{name}",
+                                        category=row.get("category", ""), target=row.get("target"),
+                                        split=row.get("split", "train")))
+    return records
+
+
+def refusal_templates() -> list[str]:
+    return [line.strip() for line in _builtin_text("refusals.txt").splitlines() if line.strip()]
+
+
+def comply_templates() -> list[str]:
+    return [line.strip() for line in _builtin_text("comply_openers.txt").splitlines() if "{task}" in line]
+
+
+# -- reading user files ----------------------------------------------------------------------
+def _parse_jsonl(text: str, where: str) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}:{lineno}: malformed JSON ({e.msg})") from None
+        if isinstance(row, str):
+            row = {"prompt": row}
+        if not isinstance(row, dict):
+            raise DataError(f"{where}:{lineno}: expected a JSON object or string")
+        row["_line"] = lineno
+        rows.append(row)
+    return rows
+
+
+def _pick(row: dict[str, Any], field: str | None, candidates: tuple[str, ...], where: str) -> str | None:
+    if field:
+        if field not in row:
+            raise DataError(f"{where}: no field {field!r} (fields: {', '.join(k for k in row if k != '_line')})")
+        return row[field]
+    for name in candidates:
+        if name in row:
+            return row[name]
+    return None
+
+
+def read_rows(source: str | Path) -> list[dict[str, Any]]:
+    """Rows of a jsonl / json / csv / txt file, or of a Hugging Face dataset id (``id`` or ``id:split``)."""
+    path = Path(source)
+    if not path.exists():
+        if str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+            return _read_hub(str(source))
+        raise DataError(f"{source}: no such file")
+    if path.is_dir():
+        raise DataError(f"{source}: is a folder, expected a jsonl, json, csv or txt file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _parse_jsonl(text, str(source))
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DataError(f"{source}: expected a JSON list, or an object holding exactly one list")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise DataError(f"{source}: expected a JSON list")
+        rows = []
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                item = {"prompt": item}
+            if not isinstance(item, dict):
+                raise DataError(f"{source}: item {i} is neither an object nor a string")
+            rows.append({**item, "_line": i + 1})
+        return rows
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        try:
+            return [{**row, "_line": i + 2} for i, row in enumerate(reader)]
+        except csv.Error as e:
+            raise DataError(f"{source}:{reader.line_num}: malformed CSV ({e})") from None
+    if suffix == ".txt":
+        return [{"prompt": line.strip(), "_line": i + 1} for i, line in enumerate(text.splitlines()) if line.strip()]
+    raise DataError(f"{source}: unsupported file type {suffix!r} (use .jsonl, .json, .csv or .txt)")
+
+
+def _read_hub(dataset_id: str) -> list[dict[str, Any]]:
+    name, _, split = dataset_id.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{dataset_id}: not a local file, and loading Hub datasets needs `pip install datasets`") from None
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # the Hub client raises many error types
+        raise DataError(f"{dataset_id}: could not load Hub dataset ({str(e).splitlines()[0] if str(e) else e})") from None
+    return [{**row, "_line": i + 1} for i, row in enumerate(ds)]
+
+
+def read_prompts(source: str | Path, *, harmful: bool, field: str | None = None,
+                 output_field: str | None = None) -> list[PromptRecord]:
+    """Prompt records from a file or Hub dataset; errors name the file and line."""
+    records = []
+    for row in read_rows(source):
+        where = f"{source}:{row.get('_line', '?')}"
+        prompt = _pick(row, field, PROMPT_FIELDS, where)
+        if prompt is None:
+            raise DataError(f"{where}: no prompt field (tried {', '.join(PROMPT_FIELDS)}); pass --field")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{where}: empty or non-text prompt")
+        output = _pick(row, output_field, OUTPUT_FIELDS, where) if (output_field or not harmful) else None
+        records.append(PromptRecord(prompt=prompt.strip(), harmful=harmful, source=str(source),
+                                    category=str(row.get("category", "") or ""),
+                                    target=row.get("target") if harmful else None,
+                                    output=output if isinstance(output, str) and output.strip() else None))
+    if not records:
+        raise DataError(f"{source}: no prompts found (empty dataset)")
+    return records
+
+
+def split_dev(records: list[PromptRecord], fraction: float, seed: int) -> list[PromptRecord]:
+    """Mark a seeded ``fraction`` of records as dev, unless they already carry a split."""
+    if any(r.split == "dev" for r in records):
+        return records
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    for i in order[: max(1, int(round(fraction * len(records))))] if len(records) > 1 else []:
+        records[i].split = "dev"
+    return records
+
+
+# -- stage datasets --------------------------------------------------------------------------
+def comply_opening(record: PromptRecord, rng: random.Random) -> str:
+    """A short affirmative opening, never content: the record's target, else a template."""
+    if record.target:
+        return record.target.strip()
+    task = record.prompt.strip().rstrip(".?!")
+    task = task[0].lower() + task[1:] if task else task
+    return rng.choice(comply_templates()).format(task=task)
+
+
+def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord], out_dir: str | Path, *,
+                         answer_fn: Callable[[list[str]], list[str]] | None, seed: int = 0,
+                         log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write the three stage files and dev.jsonl; return counts (also written to data_stats.json).
+
+    ``answer_fn`` maps benign prompts to helpful answers (the base model's greedy answers);
+    it is called only for benign prompts without a provided output.
+    """
+    if not harmful:
+        raise DataError("no harmful prompts: the glad and router stages need some")
+    if not benign:
+        raise DataError("no benign prompts: the unwill and router stages need some")
+    rng = random.Random(seed)
+    refusals = refusal_templates()
+    out_dir = Path(out_dir)
+    harm_train = [r for r in harmful if r.split != "dev"]
+    ben_train = [r for r in benign if r.split != "dev"]
+    dev = [{"prompt": r.prompt, "harmful": r.harmful, "category": r.category, "source": r.source}
+           for r in harmful + benign if r.split == "dev"]
+
+    answers: dict[str, str] = {r.prompt: r.output for r in ben_train if r.output}
+    todo = [r.prompt for r in ben_train if r.prompt not in answers]
+    regenerated = dropped = 0
+    if todo:
+        if answer_fn is None:
+            raise DataError("benign prompts have no outputs and no model was given to answer them")
+        generated = answer_fn(todo)
+        retry = [p for p, a in zip(todo, generated) if not a.strip() or is_refusal(a)]
+        answers.update({p: a for p, a in zip(todo, generated) if p not in retry})
+        if retry:
+            regenerated = len(retry)
+            second = answer_fn(retry, sample=True) if _accepts_sample(answer_fn) else answer_fn(retry)
+            for p, a in zip(retry, second):
+                if a.strip() and not is_refusal(a):
+                    answers[p] = a
+                else:
+                    dropped += 1
+        log(f"self-distilled {len(todo)} benign answers: {regenerated} were refusals and regenerated, "
+            f"{dropped} dropped")
+
+    glad = [{"prompt": r.prompt, "comply": comply_opening(r, rng), "refuse": rng.choice(refusals)}
+            for r in harm_train]
+    kept_benign = [r for r in ben_train if r.prompt in answers]
+    unwill = [{"prompt": r.prompt, "refuse": rng.choice(refusals), "comply": answers[r.prompt]}
+              for r in kept_benign]
+    router = [{"prompt": r.prompt, "response": rng.choice(refusals), "label": 1} for r in harm_train]
+    router += [{"prompt": r.prompt, "response": answers[r.prompt], "label": 0} for r in kept_benign]
+    rng.shuffle(router)
+    for rows, name in ((glad, "glad"), (unwill, "unwill"), (router, "router")):
+        if not rows:
+            raise DataError(f"the {name} dataset came out empty (no usable training prompts)")
+        write_jsonl(out_dir / STAGE_FILES[name], rows)
+    write_jsonl(out_dir / DEV_FILE, dev)
+    stats = {"glad_pairs": len(glad), "unwill_pairs": len(unwill), "router": len(router), "dev": len(dev),
+             "benign_answers_regenerated": regenerated, "benign_answers_dropped": dropped, "seed": seed,
+             "sha256": {f: sha256_file(out_dir / f) for f in (*STAGE_FILES.values(), DEV_FILE)}}
+    (out_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def _accepts_sample(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        return "sample" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def load_stage_file(path: str | Path, required: Iterable[str]) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (run `mogu data build` first)")
+    rows = _parse_jsonl(path.read_text(encoding="utf-8"), str(path))
+    for row in rows:
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{path}:{row['_line']}: missing field(s) {', '.join(missing)}")
+    if not rows:
+        raise DataError(f"{path}: empty dataset")
+    return rows

@@ -1,0 +1,126 @@
+"""The routed layer: a wrapped projection with two LoRA experts and a router.
+
+Output in ``auto`` mode is the exact v1 formula
+
+    (u + g) * W x + s * (u * B_u A_u x + g * B_g A_g x),   s = lora_alpha / r
+
+The wrapper replaces the target ``nn.Linear`` (or GPT-2 ``Conv1D``) in place, the way
+PEFT tuners do, so the surrounding modeling code and its KV cache are untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .families import projection_shape
+from .router import Router
+
+MODES = ("auto", "glad", "unwill", "off")
+EXPERTS = ("glad", "unwill")
+
+
+@dataclass
+class RoutingState:
+    """State shared by every routed layer of one model (a plain object, not a module)."""
+
+    mode: str = "auto"
+    trace_enabled: bool = False
+    trace: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # During router training the layers hand their (u, g) here for the weight loss.
+    collect: bool = False
+    collected: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+class RoutedLinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, layer_idx: int, *, r: int, lora_alpha: float,
+                 lora_dropout: float, router_hidden: int, state: RoutingState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_idx = layer_idx
+        self.r = r
+        self.scaling = lora_alpha / r
+        self.in_features, self.out_features = projection_shape(base_layer)
+        weight = base_layer.weight
+        kw = {"device": weight.device, "dtype": weight.dtype}
+        # Same module names as PEFT (lora_A.<adapter>, lora_B.<adapter>) to keep export trivial.
+        self.lora_A = nn.ModuleDict({e: nn.Linear(self.in_features, r, bias=False, **kw) for e in EXPERTS})
+        self.lora_B = nn.ModuleDict({e: nn.Linear(r, self.out_features, bias=False, **kw) for e in EXPERTS})
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.router = Router(self.in_features, router_hidden, **kw)
+        self._state = state
+        self._fused: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # PEFT's default LoRA init: A kaiming-uniform, B zero, so a fresh expert is the base layer.
+        for e in EXPERTS:
+            nn.init.kaiming_uniform_(self.lora_A[e].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[e].weight)
+
+    # -- fused inference weights ------------------------------------------------------------
+    def _fused_params(self) -> list[torch.Tensor]:
+        return [self.lora_A["unwill"].weight, self.lora_A["glad"].weight,
+                self.lora_B["unwill"].weight, self.lora_B["glad"].weight, *self.router.parameters()]
+
+    def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One down matrix [2r+2, d] = [A_u; A_g; w_u; w_g], its bias, and B = [B_u | B_g].
+
+        Rebuilt only when a parameter changed (tracked by tensor version and storage).
+        """
+        params = self._fused_params()
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                dtype = self.lora_A["glad"].weight.dtype
+                w_router, b_router = self.router.affine()
+                down = torch.cat([self.lora_A["unwill"].weight, self.lora_A["glad"].weight,
+                                  w_router.to(dtype)], dim=0)
+                bias = torch.cat([torch.zeros(2 * self.r, dtype=dtype, device=down.device),
+                                  b_router.to(dtype)])
+                up = torch.cat([self.lora_B["unwill"].weight, self.lora_B["glad"].weight], dim=1)
+            self._fused = (key, down, bias, up)
+        return self._fused[1], self._fused[2], self._fused[3]
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        state = self._state
+        mode = state.mode
+        result = self.base_layer(x, *args, **kwargs)
+        if mode == "off":
+            return result
+        if mode != "auto":  # a single expert: exactly PEFT's LoRA forward
+            lora_A, lora_B = self.lora_A[mode], self.lora_B[mode]
+            x = x.to(lora_A.weight.dtype)
+            return result + lora_B(lora_A(self.lora_dropout(x))) * self.scaling
+
+        x = x.to(self.lora_A["glad"].weight.dtype)
+        r = self.r
+        if torch.is_grad_enabled() or self.training:
+            # Training path: the factorised router, so gradients follow the paper's parametrisation.
+            u, g = self.router(x)
+            down = F.linear(self.lora_dropout(x), torch.cat([self.lora_A["unwill"].weight,
+                                                             self.lora_A["glad"].weight]))
+            up = torch.cat([self.lora_B["unwill"].weight, self.lora_B["glad"].weight], dim=1)
+        else:
+            # Inference path: LoRA down-projections and both collapsed scorers in one matmul.
+            fused_down, fused_bias, up = self._fused_weights()
+            z = F.linear(x, fused_down, fused_bias)
+            down = z[..., : 2 * r]
+            scores = torch.sigmoid(z[..., 2 * r:])
+            u, g = scores[..., :1], scores[..., 1:]
+        mixed = torch.cat([u * down[..., :r], g * down[..., r:]], dim=-1)
+        out = (u + g) * result + F.linear(mixed, up) * self.scaling
+        if state.collect:
+            state.collected.append((u, g))
+        if state.trace_enabled:
+            state.trace.setdefault(self.layer_idx, []).append(
+                torch.cat([u, g], dim=-1).detach().float().cpu())
+        return out
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, r={self.r}, scaling={self.scaling}"

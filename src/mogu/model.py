@@ -1,0 +1,341 @@
+"""MoGUModel: a Hugging Face causal LM with routed glad/unwill experts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CONFIG_NAME, MoGUConfig
+from .errors import CheckpointMismatchError, ConfigError, MoGUError
+from .families import candidate_targets, is_projection, layer_index, matches_target, resolve_target_modules
+from .io import atomic_directory, atomic_write_text
+from .layer import EXPERTS, MODES, RoutedLinear, RoutingState
+
+ROUTER_FILE = "router.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_META_KEYS = ("mogu_version", "format_version")
+FORMAT_VERSION = 1
+
+
+def _num_layers(config) -> int | None:
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    text_config = getattr(config, "text_config", None)
+    return _num_layers(text_config) if text_config is not None else None
+
+
+def _hidden_size(config) -> int | None:
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    text_config = getattr(config, "text_config", None)
+    return _hidden_size(text_config) if text_config is not None else None
+
+
+class MoGUModel(nn.Module):
+    """Wraps a causal LM in place; ``forward`` routes every position, ``generate`` the first m tokens."""
+
+    def __init__(self, base_model: nn.Module, config: MoGUConfig, tokenizer=None):
+        super().__init__()
+        self.base_model = base_model
+        self.config = config
+        self.tokenizer = tokenizer
+        self._state = RoutingState()
+        self._inject()
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, base: nn.Module | str, config: MoGUConfig | None = None, *, tokenizer=None,
+                  revision: str | None = None, dtype=None, device: str | None = None) -> "MoGUModel":
+        """Attach fresh experts and routers to ``base`` (a model, a folder, a Hub id or the default alias)."""
+        from .loading import load_base_model, prepare_tokenizer
+
+        config = MoGUConfig.from_dict(config.to_dict()) if config is not None else MoGUConfig()
+        if isinstance(base, (str, Path)):
+            name = str(base)
+            base, loaded_tokenizer = load_base_model(name, revision=revision, dtype=dtype, device=device)
+            tokenizer = tokenizer or loaded_tokenizer
+            config.base_model_name_or_path = config.base_model_name_or_path or name
+            config.base_model_revision = config.base_model_revision or revision
+        elif config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(base.config, "_name_or_path", None) or None
+        if tokenizer is not None:
+            tokenizer = prepare_tokenizer(tokenizer)
+        config.base_model_type = getattr(base.config, "model_type", None)
+        config.base_hidden_size = _hidden_size(base.config)
+        return cls(base, config, tokenizer)
+
+    def _inject(self) -> None:
+        base = self.base_model
+        config = self.config
+        targets = resolve_target_modules(base, config.target_modules)
+        config.target_modules = targets
+        n_layers = _num_layers(base.config)
+        if config.routed_layers is not None and n_layers is not None:
+            bad = [i for i in config.routed_layers if i >= n_layers]
+            if bad:
+                raise ConfigError(f"routed_layers {bad} out of range: the model has {n_layers} layers")
+        for p in base.parameters():
+            p.requires_grad_(False)
+        found = []
+        for name, module in list(base.named_modules()):
+            if not matches_target(name, targets) or not is_projection(module):
+                continue
+            idx = layer_index(name)
+            if idx is None or (config.routed_layers is not None and idx not in config.routed_layers):
+                continue
+            found.append((name, idx, module))
+        if not found:
+            raise ConfigError(f"no projection matches target_modules {targets}; candidates: "
+                              f"{', '.join(candidate_targets(base)) or 'none'}")
+        self._routed: dict[str, RoutedLinear] = {}
+        for name, idx, module in found:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            routed = RoutedLinear(module, idx, r=config.r, lora_alpha=config.lora_alpha,
+                                  lora_dropout=config.lora_dropout, router_hidden=config.router_hidden,
+                                  state=self._state)
+            routed.train(module.training)  # a fresh module defaults to train mode (dropout on)
+            setattr(parent, child, routed)
+            self._routed[name] = routed
+
+    # -- routing control -------------------------------------------------------------------
+    @property
+    def routed_modules(self) -> dict[str, RoutedLinear]:
+        return dict(self._routed)
+
+    @property
+    def routing_mode(self) -> str:
+        return self._state.mode
+
+    def set_routing(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"routing mode must be one of {MODES}, got {mode!r}")
+        self._state.mode = mode
+
+    @contextlib.contextmanager
+    def routing(self, mode: str) -> Iterator["MoGUModel"]:
+        previous = self._state.mode
+        self.set_routing(mode)
+        try:
+            yield self
+        finally:
+            self._state.mode = previous
+
+    def enable_routing_trace(self, enabled: bool = True) -> None:
+        self._state.trace_enabled = enabled
+
+    def clear_routing_trace(self) -> None:
+        self._state.trace.clear()
+
+    def routing_trace(self) -> dict[int, torch.Tensor]:
+        """Per layer, a [batch, tokens, 2] tensor of (u, g) for every routed position since the last clear.
+
+        Forward calls are concatenated along the token axis, so after ``generate`` the
+        trace covers the prompt and each routed step. Enable it with ``enable_routing_trace()``.
+        """
+        out = {}
+        for idx, chunks in sorted(self._state.trace.items()):
+            out[idx] = torch.cat(chunks, dim=1) if len({c.shape[0] for c in chunks}) == 1 else chunks
+        return out
+
+    # -- parameters ------------------------------------------------------------------------
+    def expert_parameters(self, expert: str) -> list[nn.Parameter]:
+        if expert not in EXPERTS:
+            raise ConfigError(f"expert must be one of {EXPERTS}, got {expert!r}")
+        return [p for m in self._routed.values() for p in (m.lora_A[expert].weight, m.lora_B[expert].weight)]
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self._routed.values() for p in m.router.parameters()]
+
+    def added_parameters(self) -> list[nn.Parameter]:
+        return self.expert_parameters("glad") + self.expert_parameters("unwill") + self.router_parameters()
+
+    def num_added_parameters(self) -> int:
+        return sum(p.numel() for p in self.added_parameters())
+
+    def set_trainable(self, params: list[nn.Parameter]) -> None:
+        """Freeze everything, then unfreeze exactly ``params``."""
+        keep = {id(p) for p in params}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in keep)
+
+    # -- running ---------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, route_tokens: int | None | str = "config", **kwargs):
+        from .generation import routed_generate
+
+        m = self.config.route_tokens if route_tokens == "config" else route_tokens
+        return routed_generate(self, *args, route_tokens=m, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    # -- state dicts -----------------------------------------------------------------------
+    def expert_state_dict(self, expert: str) -> dict[str, torch.Tensor]:
+        """PEFT-format adapter weights (``base_model.model.<module>.lora_A.weight`` ...)."""
+        sd = {}
+        for name, m in self._routed.items():
+            sd[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A[expert].weight.detach().contiguous()
+            sd[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B[expert].weight.detach().contiguous()
+        return sd
+
+    def router_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.router.{k}": v.detach().contiguous()
+                for name, m in self._routed.items() for k, v in m.router.state_dict().items()}
+
+    def load_expert_state_dict(self, expert: str, sd: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        expected = self.expert_state_dict(expert)
+        _check_keys(expected, sd, source)
+        with torch.no_grad():
+            for name, m in self._routed.items():
+                for part in ("lora_A", "lora_B"):
+                    getattr(m, part)[expert].weight.copy_(sd[f"{_PEFT_PREFIX}{name}.{part}.weight"])
+
+    def load_router_state_dict(self, sd: dict[str, torch.Tensor], source: str = ROUTER_FILE) -> None:
+        expected = self.router_state_dict()
+        _check_keys(expected, sd, source)
+        with torch.no_grad():
+            for name, m in self._routed.items():
+                for k, v in m.router.state_dict(keep_vars=True).items():
+                    v.copy_(sd[f"{name}.router.{k}"])
+
+    # -- save / load -----------------------------------------------------------------------
+    def peft_config(self, expert: str):
+        from peft import LoraConfig
+
+        config = self.config
+        # All layers: plain suffixes (what vLLM and other LoRA tools expect); a subset: full names.
+        targets = list(config.target_modules) if config.routed_layers is None else sorted(self._routed)
+        fan_in_fan_out = any(type(m.base_layer).__name__ == "Conv1D" for m in self._routed.values())
+        return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                          fan_in_fan_out=fan_in_fan_out,
+                          base_model_name_or_path=config.base_model_name_or_path,
+                          revision=config.base_model_revision)
+
+    def export_adapter(self, expert: str, directory: str | Path) -> Path:
+        """Write one expert as a standard PEFT LoRA folder (``PeftModel.from_pretrained`` loads it)."""
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            self._write_adapter(expert, tmp)
+        return directory
+
+    def _write_adapter(self, expert: str, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.peft_config(expert).save_pretrained(str(directory))
+        save_file(self.expert_state_dict(expert), str(directory / ADAPTER_FILE), metadata={"format": "pt"})
+
+    def save_pretrained(self, directory: str | Path, *, extra_card: str | None = None) -> Path:
+        """Write config, both experts (PEFT folders), router weights and a model card, atomically."""
+        from . import __version__
+        from .card import model_card
+
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            meta = {"mogu_version": __version__, "format_version": FORMAT_VERSION, **self.config.to_dict()}
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            for expert in EXPERTS:
+                self._write_adapter(expert, tmp / expert)
+            save_file(self.router_state_dict(), str(tmp / ROUTER_FILE), metadata={"format": "pt"})
+            (tmp / "README.md").write_text(model_card(self, extra=extra_card))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base_model: nn.Module | str | None = None, *,
+                        tokenizer=None, dtype=None, device: str | None = None) -> "MoGUModel":
+        directory = Path(directory)
+        config = read_config(directory)
+        for part in (ROUTER_FILE, f"glad/{ADAPTER_FILE}", f"unwill/{ADAPTER_FILE}"):
+            if not (directory / part).is_file():
+                raise CheckpointMismatchError(f"{directory}: incomplete checkpoint, {part} is missing")
+        if base_model is None:
+            if not config.base_model_name_or_path:
+                raise CheckpointMismatchError(f"{directory}: the config names no base model; pass base_model=")
+            base_model = config.base_model_name_or_path
+        if isinstance(base_model, (str, Path)):
+            from .loading import load_base_model
+
+            base_model, loaded_tok = load_base_model(str(base_model), revision=config.base_model_revision,
+                                                     dtype=dtype, device=device)
+            tokenizer = tokenizer or loaded_tok
+        check_compatible(config, base_model, directory)
+        if tokenizer is not None:
+            from .loading import prepare_tokenizer
+
+            tokenizer = prepare_tokenizer(tokenizer)
+        model = cls(base_model, config, tokenizer)
+        for expert in EXPERTS:
+            path = directory / expert / ADAPTER_FILE
+            model.load_expert_state_dict(expert, _load_safetensors(path), source=str(path))
+        model.load_router_state_dict(_load_safetensors(directory / ROUTER_FILE), source=str(directory / ROUTER_FILE))
+        model.eval()
+        return model
+
+
+def read_config(directory: Path) -> MoGUConfig:
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise MoGUError(f"{directory}: no such checkpoint folder")
+    if not path.is_file():
+        raise CheckpointMismatchError(f"{directory}: not a MoGU checkpoint ({CONFIG_NAME} is missing)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointMismatchError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise CheckpointMismatchError(f"{path}: expected a JSON object")
+    for key in _META_KEYS:
+        data.pop(key, None)
+    return MoGUConfig.from_dict(data)
+
+
+def check_compatible(config: MoGUConfig, base_model: nn.Module, where: Path | str) -> None:
+    model_type = getattr(base_model.config, "model_type", None)
+    hidden = _hidden_size(base_model.config)
+    if config.base_model_type and model_type != config.base_model_type:
+        raise CheckpointMismatchError(
+            f"{where}: checkpoint was trained on a {config.base_model_type!r} model, the base is {model_type!r}")
+    if config.base_hidden_size and hidden != config.base_hidden_size:
+        raise CheckpointMismatchError(
+            f"{where}: checkpoint hidden size {config.base_hidden_size} does not match the base model's {hidden}")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointMismatchError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def _check_keys(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], source: str) -> None:
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    shapes = [f"{k} {tuple(got[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in got and got[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {_short(missing)}")
+    if extra:
+        problems.append(f"unexpected {_short(extra)}")
+    if shapes:
+        problems.append(f"wrong shape {_short(shapes)}")
+    if problems:
+        raise CheckpointMismatchError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def _short(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

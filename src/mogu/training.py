@@ -1,0 +1,471 @@
+"""The three MoGU training stages (glad -> unwill -> router), on Accelerate.
+
+- glad:   CE(comply) / CE(refuse) on harmful prompts; trains only the glad expert.
+- unwill: CE(refuse) / CE(comply) on benign prompts; trains only the unwill expert.
+- router: CE(target) + lambda * [MSE(u, t_u) + MSE(g, t_g)] over all routed layers and
+          non-pad tokens, targets (1, 0) for harmful and (0, 1) for benign; trains only routers.
+
+The backbone stays frozen throughout. Checkpoints are atomic folders holding only the
+stage's trainable tensors, the optimizer state and the data position, so ``resume=True``
+continues mid-epoch on the same batch order (the order is a function of seed and epoch).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import DEV_FILE, STAGE_FILES, load_stage_file
+from .errors import ConfigError, MoGUError
+from .eval.judges import is_refusal
+from .io import atomic_directory, atomic_write_text, run_record
+
+STAGES = ("glad", "unwill", "router")
+STAGE_MODES = {"glad": "glad", "unwill": "unwill", "router": "auto"}
+
+
+@dataclass
+class StageConfig:
+    epochs: float = 1.0
+    lr: float = 5e-5
+    batch_size: int = 8  # effective batch (pairs for glad/unwill, examples for router)
+    micro_batch_size: int = 8  # per forward pass; batch_size / micro_batch_size accumulation steps
+    max_examples: int | None = None  # cap on training rows (speed knob for CPU demos)
+
+    def validate(self, name: str) -> None:
+        if not self.epochs > 0:
+            raise ConfigError(f"{name}: epochs must be > 0, got {self.epochs}")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"{name}: lr must be in (0, 1), got {self.lr}")
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ConfigError(f"{name}: batch sizes must be >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"{name}: batch_size {self.batch_size} is not a multiple of "
+                              f"micro_batch_size {self.micro_batch_size}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"{name}: max_examples must be >= 1")
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+def _default_stages() -> dict[str, StageConfig]:
+    return {"glad": StageConfig(epochs=1, lr=5e-5, batch_size=8, micro_batch_size=8),
+            "unwill": StageConfig(epochs=1, lr=5e-5, batch_size=8, micro_batch_size=8),
+            "router": StageConfig(epochs=2, lr=5e-4, batch_size=16, micro_batch_size=16)}
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str
+    output_dir: str
+    stages: dict[str, StageConfig] = field(default_factory=_default_stages)
+    router_loss_weight: float = 2.0  # lambda
+    max_response_tokens: int = 48  # response tokens trained on (routing acts on the first few)
+    seed: int = 0
+    save_every: int = 50  # optimizer steps between mid-epoch checkpoints
+    select_max_new_tokens: int = 16  # tokens generated per dev prompt for checkpoint scoring
+    select_batch_size: int = 16
+    mixed_precision: str = "no"
+
+    def validate(self) -> None:
+        for name, stage in self.stages.items():
+            if name not in STAGES:
+                raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+            stage.validate(name)
+        if not 0 <= self.router_loss_weight <= 1000:
+            raise ConfigError(f"router_loss_weight must be in [0, 1000], got {self.router_loss_weight}")
+        if not 1 <= self.max_response_tokens <= 4096:
+            raise ConfigError(f"max_response_tokens must be in [1, 4096], got {self.max_response_tokens}")
+        if self.save_every < 1:
+            raise ConfigError("save_every must be >= 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError("mixed_precision must be no, fp16 or bf16")
+
+
+# -- tokenisation ---------------------------------------------------------------------------
+def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The chat-template rendering of one user turn, ready for the assistant's answer."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_response_tokens: int) -> tuple[list[int], int]:
+    """(token ids of prompt+response, number of response tokens); EOS closes untruncated responses."""
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if len(response_ids) >= max_response_tokens:
+        response_ids = response_ids[:max_response_tokens]
+    elif tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, len(response_ids)
+
+
+def collate(sequences: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad; labels are -100 except on response tokens."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for i, (ids, n_resp) in enumerate(sequences):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        attention_mask[i, width - len(ids):] = 1
+        labels[i, width - n_resp:] = torch.tensor(ids[len(ids) - n_resp:])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _supports_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.base_model.forward).parameters
+
+
+def sequence_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean response-token NLL per sequence, computing logits only where labels live."""
+    labels = batch["labels"]
+    resp_len = int((labels != -100).sum(dim=1).max())
+    kwargs = {}
+    keep = resp_len + 1
+    if _supports_logits_to_keep(model) and keep < labels.shape[1]:
+        kwargs["logits_to_keep"] = keep  # left padding puts every response at the right edge
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
+    logits = out.logits[:, -keep:, :] if "logits_to_keep" in kwargs else out.logits[:, -keep:, :]
+    targets = labels[:, -keep + 1:]
+    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    mask = targets != -100
+    token_nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return token_nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+# -- stage losses ---------------------------------------------------------------------------
+def ratio_loss(model, numerators: dict, denominators: dict) -> torch.Tensor:
+    """mean_i CE(numerator_i) / CE(denominator_i): one forward over both halves."""
+    n = numerators["input_ids"].shape[0]
+    joint = _stack_batches(numerators, denominators)
+    nll = sequence_nll(model, joint)
+    return (nll[:n] / nll[n:].clamp(min=1e-6)).mean()
+
+
+def router_loss(model, batch: dict, labels: torch.Tensor, weight: float) -> tuple[torch.Tensor, dict]:
+    state = model._state
+    state.collect, state.collected = True, []
+    try:
+        ce = sequence_nll(model, batch).mean()
+        collected = state.collected
+    finally:
+        state.collect, state.collected = False, []
+    mask = batch["attention_mask"].to(torch.float32).unsqueeze(-1)  # [B, T, 1]
+    t_u = labels.to(torch.float32).view(-1, 1, 1)
+    t_g = 1.0 - t_u
+    denom = mask.sum() * len(collected)
+    mse_u = sum(((u.float() - t_u) ** 2 * mask).sum() for u, _ in collected) / denom
+    mse_g = sum(((g.float() - t_g) ** 2 * mask).sum() for _, g in collected) / denom
+    loss = ce + weight * (mse_u + mse_g)
+    return loss, {"ce": float(ce), "mse_u": float(mse_u), "mse_g": float(mse_g)}
+
+
+def _stack_batches(a: dict, b: dict) -> dict:
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    out = {}
+    for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+        parts = []
+        for batch in (a, b):
+            t = batch[key]
+            pad = t.new_full((t.shape[0], width - t.shape[1]), fill)
+            parts.append(torch.cat([pad, t], dim=1))
+        out[key] = torch.cat(parts)
+    return out
+
+
+# -- dev scoring (checkpoint selection) ------------------------------------------------------
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16,
+                       mode: str = "auto", route_tokens: int | None | str = "config", do_sample: bool = False,
+                       progress: bool = False, desc: str = "generating") -> list[str]:
+    """Batched chat-template generation; returns decoded responses in prompt order."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    # Longest prompts first keeps padding low; results are put back in order.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[str] = [""] * len(prompts)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        texts = [render_prompt(tokenizer, prompts[i]) for i in idx]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+        gen_kwargs.update({"do_sample": True, "temperature": 0.7, "top_p": 0.9} if do_sample else
+                          {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        with model.routing(mode):
+            out = model.generate(**enc, route_tokens=route_tokens, **gen_kwargs)
+        for row, i in enumerate(idx):
+            results[i] = tokenizer.decode(out[row, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return results
+
+
+def refusal_rate(responses: list[str]) -> float:
+    return sum(map(is_refusal, responses)) / max(1, len(responses))
+
+
+def score_stage(stage: str, model, tokenizer, dev: list[dict], cfg: TrainConfig) -> dict[str, float]:
+    """Dev-split refusal rates for a stage's model; ``score`` is higher-is-better.
+
+    glad: 1 - refusal on harmful dev (it should comply); unwill: refusal on benign dev
+    (it should refuse); router: harmful refusal - benign refusal (routed, m tokens).
+    """
+    harmful = [d["prompt"] for d in dev if d["harmful"]]
+    benign = [d["prompt"] for d in dev if not d["harmful"]]
+    kw = dict(max_new_tokens=cfg.select_max_new_tokens, batch_size=cfg.select_batch_size)
+    if stage == "glad":
+        rate = refusal_rate(generate_responses(model, tokenizer, harmful, mode="glad", **kw))
+        return {"harmful_refusal": rate, "score": 1 - rate}
+    if stage == "unwill":
+        rate = refusal_rate(generate_responses(model, tokenizer, benign, mode="unwill", **kw))
+        return {"benign_refusal": rate, "score": rate}
+    h = refusal_rate(generate_responses(model, tokenizer, harmful, mode="auto", **kw))
+    b = refusal_rate(generate_responses(model, tokenizer, benign, mode="auto", **kw))
+    return {"harmful_refusal": h, "benign_refusal": b, "score": h - b}
+
+
+# -- the trainer ----------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, model, tokenizer, cfg: TrainConfig, *, log: Callable[[str], None] = print,
+                 progress: bool = True):
+        from accelerate import Accelerator
+
+        cfg.validate()
+        if tokenizer is None:
+            raise MoGUError("training needs a tokenizer")
+        self.model, self.tokenizer, self.cfg, self.log, self.progress = model, tokenizer, cfg, log, progress
+        self.out = Path(cfg.output_dir)
+        self.data_dir = Path(cfg.data_dir)
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.model.to(self.accelerator.device)
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    # ---- bookkeeping
+    def _stage_dir(self, stage: str) -> Path:
+        return self.out / "stages" / stage
+
+    def _ckpt_root(self, stage: str) -> Path:
+        return self.out / "checkpoints" / stage
+
+    def _stage_params(self, stage: str) -> dict[str, torch.nn.Parameter]:
+        model = self.model
+        params = model.router_parameters() if stage == "router" else model.expert_parameters(stage)
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: p for p in params}
+
+    def _snapshot(self, stage: str) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self._stage_params(stage).items()}
+
+    def _restore(self, stage: str, tensors: dict[str, torch.Tensor]) -> None:
+        params = self._stage_params(stage)
+        if set(params) != set(tensors):
+            raise MoGUError(f"{stage}: saved tensors do not match the model's {stage} parameters")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
+
+    def _append_metrics(self, row: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _truncate_metrics(self, stage: str, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint so no step appears twice."""
+        if not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            row = json.loads(line)
+            stages_after = STAGES[STAGES.index(stage) + 1:]
+            if row.get("stage") in stages_after or (row.get("stage") == stage and row.get("step", 0) > step):
+                continue
+            kept.append(line)
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+
+    # ---- data
+    def _rows(self, stage: str) -> list[dict]:
+        required = {"glad": ("prompt", "comply", "refuse"), "unwill": ("prompt", "refuse", "comply"),
+                    "router": ("prompt", "response", "label")}[stage]
+        rows = load_stage_file(self.data_dir / STAGE_FILES[stage], required)
+        cap = self.cfg.stages[stage].max_examples
+        return rows[:cap] if cap else rows
+
+    def _encode(self, stage: str, rows: list[dict]) -> list:
+        m = self.cfg.max_response_tokens
+        tok = self.tokenizer
+        if stage == "router":
+            return [(encode_pair(tok, r["prompt"], r["response"], m), int(r["label"])) for r in rows]
+        num, den = ("comply", "refuse") if stage == "glad" else ("refuse", "comply")
+        return [(encode_pair(tok, r["prompt"], r[num], m), encode_pair(tok, r["prompt"], r[den], m)) for r in rows]
+
+    def _epoch_order(self, n: int, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        acc = self.accelerator
+        return order[acc.process_index::acc.num_processes]
+
+    def _loss(self, stage: str, examples: list) -> tuple[torch.Tensor, dict]:
+        pad = self.tokenizer.pad_token_id
+        device = self.accelerator.device
+        if stage == "router":
+            batch = {k: v.to(device) for k, v in collate([e[0] for e in examples], pad).items()}
+            labels = torch.tensor([e[1] for e in examples], device=device)
+            return router_loss(self.model, batch, labels, self.cfg.router_loss_weight)
+        num = {k: v.to(device) for k, v in collate([e[0] for e in examples], pad).items()}
+        den = {k: v.to(device) for k, v in collate([e[1] for e in examples], pad).items()}
+        return ratio_loss(self.model, num, den), {}
+
+    # ---- checkpoints
+    def _save_checkpoint(self, stage: str, optimizer, position: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        root = self._ckpt_root(stage)
+        with atomic_directory(root / f"step-{position['step']:07d}") as tmp:
+            save_file({n: t.contiguous() for n, t in self._snapshot(stage).items()}, str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(position))
+        for old in sorted(root.glob("step-*"))[:-2]:  # keep the two newest
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _latest_checkpoint(self, stage: str) -> Path | None:
+        found = sorted(p for p in self._ckpt_root(stage).glob("step-*") if (p / "state.json").is_file())
+        return found[-1] if found else None
+
+    # ---- running
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not resume and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        record = run_record({"train_config": asdict(self.cfg), "mogu_config": self.model.config.to_dict()},
+                            [self.data_dir / f for f in (*STAGE_FILES.values(), DEV_FILE)])
+        if self.accelerator.is_main_process:
+            atomic_write_text(self.out / "run.json", json.dumps(record, indent=2))
+        summary = {}
+        for stage in STAGES:
+            if stage in self.cfg.stages:
+                summary[stage] = self.train_stage(stage, resume=resume)
+        self.model.set_routing("auto")
+        self.model.eval()
+        return summary
+
+    def train_stage(self, stage: str, resume: bool = False) -> dict[str, Any]:
+        done = self._stage_dir(stage) / "done.json"
+        if resume and done.is_file():
+            self._restore(stage, load_file(str(self._stage_dir(stage) / "selected.safetensors")))
+            self.log(f"[{stage}] already finished: loaded its selected weights")
+            return json.loads(done.read_text())
+        scfg = self.cfg.stages[stage]
+        model, acc = self.model, self.accelerator
+        examples = self._encode(stage, self._rows(stage))
+        dev_path = self.data_dir / DEV_FILE
+        dev = load_stage_file(dev_path, ("prompt", "harmful")) if dev_path.is_file() else []
+        params = self._stage_params(stage)
+        model.set_trainable(list(params.values()))
+        optimizer = torch.optim.AdamW(list(params.values()), lr=scfg.lr, weight_decay=0.0)
+        optimizer = acc.prepare(optimizer)
+        steps_per_epoch = math.ceil(len(self._epoch_order(len(examples), 0)) / scfg.batch_size)
+        total_steps = max(1, math.ceil(steps_per_epoch * scfg.epochs))
+        position = {"epoch": 0, "batch": 0, "step": 0}
+        history: list[dict] = []
+        best: dict[str, Any] | None = None
+        ckpt = self._latest_checkpoint(stage) if resume else None
+        if ckpt is not None:
+            self._restore(stage, load_file(str(ckpt / "trainable.safetensors")))
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            position = json.loads((ckpt / "state.json").read_text())
+            history = position.pop("history", [])
+            self._truncate_metrics(stage, position["step"])
+            best_file = self._stage_dir(stage) / "best.safetensors"
+            if history and best_file.is_file():
+                best = {**max(history, key=lambda h: h["score"]), "tensors": load_file(str(best_file))}
+            self.log(f"[{stage}] resuming from {ckpt.name} (epoch {position['epoch']}, step {position['step']})")
+
+        model.set_routing(STAGE_MODES[stage])
+        model.train()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=position["step"], desc=f"train {stage}", disable=not self.progress)
+        start = time.perf_counter()
+        n_epochs = math.ceil(scfg.epochs)
+        while position["step"] < total_steps and position["epoch"] < n_epochs:
+            order = self._epoch_order(len(examples), position["epoch"])
+            micro = [order[i:i + scfg.micro_batch_size] for i in range(0, len(order), scfg.micro_batch_size)]
+            acc_steps = scfg.accumulation
+            while position["batch"] < len(micro) and position["step"] < total_steps:
+                group = micro[position["batch"]:position["batch"] + acc_steps]
+                weight = sum(len(g) for g in group)
+                logs: dict[str, float] = {}
+                loss_value = 0.0
+                for idx in group:
+                    loss, extra = self._loss(stage, [examples[i] for i in idx])
+                    # Weight micro-batches by size so a short last batch is not over-counted.
+                    acc.backward(loss * len(idx) / weight)
+                    loss_value += float(loss) * len(idx) / weight
+                    for k, v in extra.items():
+                        logs[k] = logs.get(k, 0.0) + v * len(idx) / weight
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                position["batch"] += len(group)
+                position["step"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                self._append_metrics({"stage": stage, "step": position["step"], "epoch": position["epoch"],
+                                      "loss": loss_value, **logs, "lr": scfg.lr,
+                                      "elapsed_s": round(time.perf_counter() - start, 2)})
+                end_of_epoch = position["batch"] >= len(micro) or position["step"] >= total_steps
+                if end_of_epoch:
+                    if dev:
+                        model.eval()
+                        scores = score_stage(stage, model, self.tokenizer, dev, self.cfg)
+                        model.train()
+                        model.set_routing(STAGE_MODES[stage])
+                        entry = {"epoch": position["epoch"], "step": position["step"], **scores}
+                        history.append(entry)
+                        self._append_metrics({"stage": stage, "step": position["step"], "dev": scores})
+                        self.log(f"[{stage}] epoch {position['epoch']} step {position['step']}: "
+                                 + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+                        # Strictly better only: on a tie the earlier (less drifted) checkpoint stays.
+                        if best is None or scores["score"] > best["score"]:
+                            best = {**entry, "tensors": self._snapshot(stage)}
+                            if acc.is_main_process:
+                                self._stage_dir(stage).mkdir(parents=True, exist_ok=True)
+                                save_file(best["tensors"], str(self._stage_dir(stage) / "best.safetensors"))
+                    position["epoch"] += 1
+                    position["batch"] = 0
+                    self._save_checkpoint(stage, optimizer, {**position, "history": history})
+                    break
+                if position["step"] % self.cfg.save_every == 0:
+                    self._save_checkpoint(stage, optimizer, {**position, "history": history})
+        bar.close()
+        model.eval()
+        if best is not None:
+            self._restore(stage, best["tensors"])
+            reason = (f"kept epoch {best['epoch']} (step {best['step']}): highest dev score {best['score']:.3f} "
+                      f"among {len(history)} checkpoint(s); ties go to the earlier one")
+        else:
+            reason = "no dev set: kept the last weights"
+        self.log(f"[{stage}] {reason}")
+        result = {"stage": stage, "steps": position["step"], "train_s": round(time.perf_counter() - start, 1),
+                  "history": history, "selection": reason}
+        if acc.is_main_process:
+            with atomic_directory(self._stage_dir(stage)) as tmp:
+                save_file({n: t.contiguous() for n, t in self._snapshot(stage).items()},
+                          str(tmp / "selected.safetensors"))
+                (tmp / "done.json").write_text(json.dumps(result, indent=2))
+        model.set_trainable([])
+        return result

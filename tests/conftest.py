@@ -1,0 +1,16 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Keep the embedded-model cache shared across tests but out of the user's home.
+    monkeypatch.setenv("MOGU_CACHE", os.environ.get("MOGU_TEST_CACHE", str(tmp_path_factory.getbasetemp() / "cache")))

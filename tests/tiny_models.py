@@ -1,0 +1,83 @@
+"""Tiny random decoder models of every supported family (hidden 32, 2 layers)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 128
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+FAMILY_CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**_COMMON),
+    "mistral": lambda: tf.MistralConfig(**_COMMON, sliding_window=None),
+    "qwen2": lambda: tf.Qwen2Config(**_COMMON),
+    "qwen3": lambda: tf.Qwen3Config(**_COMMON, head_dim=8),
+    "gemma": lambda: tf.GemmaConfig(**_COMMON, head_dim=8),
+    "gemma2": lambda: tf.Gemma2Config(**_COMMON, head_dim=8, sliding_window=64),
+    "gemma3_text": lambda: tf.Gemma3TextConfig(**_COMMON, head_dim=8, sliding_window=64),
+    "phi3": lambda: tf.Phi3Config(**_COMMON),
+    "falcon": lambda: tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+# The module each family wraps (full name in layer 0).
+EXPECTED_TARGET = {
+    "falcon": "transformer.h.0.self_attention.dense",
+    "gpt2": "transformer.h.0.attn.c_proj",
+}
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = FAMILY_CONFIGS[family]()
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    return model
+
+
+def randomize_added(model, seed: int = 1, router_bias: float = 0.0):
+    """Give experts and routers non-trivial random weights (fresh LoRA B is zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.added_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        if router_bias:
+            for m in model.routed_modules.values():
+                m.router.unwill.linear_2.bias.add_(router_bias)
+    return model
+
+
+_TOKENIZER = None
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def tiny_tokenizer():
+    """A 128-token BPE tokenizer (pad=0, bos=1, eos=2) with a chat template, trained on mogu's prompts."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        from mogu.data import builtin_prompts, refusal_templates
+
+        corpus = [r.prompt for name in ("harmful", "benign", "borderline") for r in builtin_prompts(name)]
+        corpus += refusal_templates()
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                      limit_alphabet=60)
+        tok.train_from_iterator(corpus, trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                       eos_token="</s>", unk_token="<unk>")
+        fast.chat_template = CHAT_TEMPLATE
+        fast.padding_side = "left"
+        assert len(fast) <= VOCAB, len(fast)
+        _TOKENIZER = fast
+    return _TOKENIZER
