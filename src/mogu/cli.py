@@ -131,18 +131,26 @@ def _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, rou
 
 
 def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_overrides: dict,
-                resume: bool = False, model=None, tokenizer=None, progress: bool = True):
+                preset_name: str = "paper", resume: bool = False, model=None, tokenizer=None,
+                progress: bool = True):
     from .model import MoGUModel
-    from .training import StageConfig, TrainConfig, _default_stages
+    from .training import TrainConfig, preset
 
-    stages = _default_stages()
+    schedule = preset(preset_name)
+    stages = schedule.pop("stages")
+    top = dict(schedule)
     for key, value in train_overrides.items():
         if value is None:
             continue
         stage, _, attr = key.partition(".")
-        if stage in stages:
-            setattr(stages[stage], attr, value)
-    top = {k: v for k, v in train_overrides.items() if "." not in k and v is not None}
+        if attr:
+            if stage in stages:
+                setattr(stages[stage], attr, value)
+        else:
+            top[key] = value
+    only = top.pop("stages", None)
+    if only:
+        stages = {k: v for k, v in stages.items() if k in only}
     cfg = TrainConfig(data_dir=str(data), output_dir=str(out), stages=stages, **top)
     cfg.validate()
     if model is None:
@@ -171,6 +179,10 @@ def train(
     out: Path = typer.Option(..., help="Run folder: checkpoints, metrics.jsonl, run.json and model/."),
     model: str = typer.Option("smollm2-135m-instruct", help="Base model: folder, Hub id or the embedded default."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
+    preset: str = typer.Option("paper", help="Training schedule: 'paper' (reference recipe, GPU) or 'cpu-fast' (the demo's)."),
+    stages: Optional[str] = typer.Option(None, help="Comma-separated subset of glad,unwill,router (others load from --resume)."),
+    responder_loss: Optional[str] = typer.Option(None, help="'ratio' (paper) or 'sft' (CE on the target)."),
+    router_init: Optional[str] = typer.Option(None, help="'default' (paper) or 'probe' (start from per-layer linear probes)."),
     target_modules: Optional[str] = typer.Option(None, help="Comma-separated module suffixes to wrap (default: per family)."),
     routed_layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices (default: all)."),
     r: int = typer.Option(8), lora_alpha: float = typer.Option(16.0), lora_dropout: float = typer.Option(0.05),
@@ -191,8 +203,9 @@ def train(
     overrides = {"glad.epochs": glad_epochs, "unwill.epochs": unwill_epochs, "router.epochs": router_epochs,
                  "glad.lr": glad_lr, "unwill.lr": unwill_lr, "router.lr": router_lr,
                  "router_loss_weight": router_loss_weight, "max_response_tokens": max_response_tokens,
-                 "save_every": save_every, "seed": seed}
-    train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, resume=resume)
+                 "save_every": save_every, "seed": seed, "responder_loss": responder_loss, "router_init": router_init,
+                 "stages": stages.split(",") if stages else None}
+    train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume)
 
 
 def _gen_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
@@ -296,7 +309,7 @@ def demo(
     base, tok = load_base_model(model)
     data_dir = out / "data"
     if not (resume and (data_dir / "data_stats.json").is_file()):
-        build_data(model, data_dir, model=base, tokenizer=tok)
+        build_data(model, data_dir, model=base, tokenizer=tok, max_new_tokens=40)
     dev = load_stage_file(data_dir / DEV_FILE, ("prompt", "harmful"))
     harmful = [d["prompt"] for d in dev if d["harmful"]]
     benign = [d["prompt"] for d in dev if not d["harmful"]]
@@ -306,7 +319,8 @@ def demo(
     before_h = generate_responses(plain, tok, harmful, max_new_tokens=eval_tokens, progress=True, desc="before: harmful dev")
     before_b = generate_responses(plain, tok, benign, max_new_tokens=eval_tokens, progress=True, desc="before: benign dev")
     mogu_model, summary = train_model(model, data_dir, out / "train", mogu_config=_mogu_config(None, None, 8, 16.0, 0.05, 512, 5),
-                                      train_overrides={}, resume=resume, model=base, tokenizer=tok)
+                                      train_overrides={}, preset_name="cpu-fast", resume=resume, model=base,
+                                      tokenizer=tok)
     after_h = generate_responses(mogu_model, tok, harmful, max_new_tokens=eval_tokens, progress=True, desc="after: harmful dev")
     after_b = generate_responses(mogu_model, tok, benign, max_new_tokens=eval_tokens, progress=True, desc="after: benign dev")
     wall = time.perf_counter() - t0

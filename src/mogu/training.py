@@ -60,9 +60,32 @@ class StageConfig:
 
 
 def _default_stages() -> dict[str, StageConfig]:
-    return {"glad": StageConfig(epochs=1, lr=5e-5, batch_size=8, micro_batch_size=8),
-            "unwill": StageConfig(epochs=1, lr=5e-5, batch_size=8, micro_batch_size=8),
-            "router": StageConfig(epochs=2, lr=5e-4, batch_size=16, micro_batch_size=16)}
+    return preset("paper")["stages"]
+
+
+def preset(name: str) -> dict[str, Any]:
+    """Named training schedules: ``stages`` plus top-level TrainConfig fields.
+
+    - ``paper``: the reference recipe (ratio losses; lr 5e-5 / 5e-4; batch 8 / 16; 10 epochs each, the
+      responder checkpoint chosen per epoch on the dev split). Meant for a GPU.
+    - ``cpu-fast``: what ``mogu demo`` runs in ~20 minutes on 2 CPU cores: CE on the target response
+      for the responders, higher learning rates, capped responder data, 2 router epochs, 32-token targets.
+    """
+    if name == "paper":
+        return {"stages": {"glad": StageConfig(epochs=10, lr=5e-5, batch_size=8, micro_batch_size=8),
+                           "unwill": StageConfig(epochs=10, lr=5e-5, batch_size=8, micro_batch_size=8),
+                           "router": StageConfig(epochs=10, lr=5e-4, batch_size=16, micro_batch_size=16)},
+                "responder_loss": "ratio", "max_response_tokens": 256}
+    if name == "cpu-fast":
+        return {"stages": {"glad": StageConfig(epochs=1, lr=1e-3, batch_size=8, micro_batch_size=8, max_examples=64),
+                           "unwill": StageConfig(epochs=1, lr=2e-3, batch_size=8, micro_batch_size=8,
+                                                 max_examples=128),
+                           "router": StageConfig(epochs=2, lr=1e-3, batch_size=16, micro_batch_size=16)},
+                "responder_loss": "sft", "max_response_tokens": 32, "router_init": "probe"}
+    raise ConfigError(f"unknown preset {name!r}; known: paper, cpu-fast")
+
+
+PRESETS = ("paper", "cpu-fast")
 
 
 @dataclass
@@ -71,6 +94,14 @@ class TrainConfig:
     output_dir: str
     stages: dict[str, StageConfig] = field(default_factory=_default_stages)
     router_loss_weight: float = 2.0  # lambda
+    # "ratio" is the paper's CE(target)/CE(opposite). "sft" is CE(target) alone: in short CPU runs the
+    # ratio mostly raises CE(opposite) (its gradient weight is CE(target)/CE(opposite) times larger),
+    # so the expert stops answering before it learns to refuse; see docs/RESULTS.md.
+    responder_loss: str = "ratio"
+    # "default" (PyTorch init, as the reference) or "probe" (router_init.py: start from per-layer
+    # linear probes fitted on the router set; same shapes, far fewer steps needed).
+    router_init: str = "default"
+    router_init_examples: int = 128
     max_response_tokens: int = 48  # response tokens trained on (routing acts on the first few)
     seed: int = 0
     save_every: int = 50  # optimizer steps between mid-epoch checkpoints
@@ -89,6 +120,10 @@ class TrainConfig:
             raise ConfigError(f"max_response_tokens must be in [1, 4096], got {self.max_response_tokens}")
         if self.save_every < 1:
             raise ConfigError("save_every must be >= 1")
+        if self.router_init not in ("default", "probe"):
+            raise ConfigError(f"router_init must be 'default' or 'probe', got {self.router_init!r}")
+        if self.responder_loss not in ("ratio", "sft"):
+            raise ConfigError(f"responder_loss must be 'ratio' or 'sft', got {self.responder_loss!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError("mixed_precision must be no, fp16 or bf16")
 
@@ -139,7 +174,7 @@ def sequence_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if _supports_logits_to_keep(model) and keep < labels.shape[1]:
         kwargs["logits_to_keep"] = keep  # left padding puts every response at the right edge
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
-    logits = out.logits[:, -keep:, :] if "logits_to_keep" in kwargs else out.logits[:, -keep:, :]
+    logits = out.logits[:, -keep:, :]
     targets = labels[:, -keep + 1:]
     logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
     mask = targets != -100
@@ -148,12 +183,13 @@ def sequence_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # -- stage losses ---------------------------------------------------------------------------
-def ratio_loss(model, numerators: dict, denominators: dict) -> torch.Tensor:
+def ratio_loss(model, numerators: dict, denominators: dict) -> tuple[torch.Tensor, dict]:
     """mean_i CE(numerator_i) / CE(denominator_i): one forward over both halves."""
     n = numerators["input_ids"].shape[0]
     joint = _stack_batches(numerators, denominators)
     nll = sequence_nll(model, joint)
-    return (nll[:n] / nll[n:].clamp(min=1e-6)).mean()
+    loss = (nll[:n] / nll[n:].clamp(min=1e-6)).mean()
+    return loss, {"ce_num": nll[:n].mean().item(), "ce_den": nll[n:].mean().item()}
 
 
 def router_loss(model, batch: dict, labels: torch.Tensor, weight: float) -> tuple[torch.Tensor, dict]:
@@ -171,7 +207,7 @@ def router_loss(model, batch: dict, labels: torch.Tensor, weight: float) -> tupl
     mse_u = sum(((u.float() - t_u) ** 2 * mask).sum() for u, _ in collected) / denom
     mse_g = sum(((g.float() - t_g) ** 2 * mask).sum() for _, g in collected) / denom
     loss = ce + weight * (mse_u + mse_g)
-    return loss, {"ce": float(ce), "mse_u": float(mse_u), "mse_g": float(mse_g)}
+    return loss, {"ce": ce.item(), "mse_u": mse_u.item(), "mse_g": mse_g.item()}
 
 
 def _stack_batches(a: dict, b: dict) -> dict:
@@ -327,8 +363,11 @@ class Trainer:
             labels = torch.tensor([e[1] for e in examples], device=device)
             return router_loss(self.model, batch, labels, self.cfg.router_loss_weight)
         num = {k: v.to(device) for k, v in collate([e[0] for e in examples], pad).items()}
+        if self.cfg.responder_loss == "sft":
+            ce = sequence_nll(self.model, num).mean()
+            return ce, {"ce_num": ce.item()}
         den = {k: v.to(device) for k, v in collate([e[1] for e in examples], pad).items()}
-        return ratio_loss(self.model, num, den), {}
+        return ratio_loss(self.model, num, den)
 
     # ---- checkpoints
     def _save_checkpoint(self, stage: str, optimizer, position: dict) -> None:
@@ -338,6 +377,7 @@ class Trainer:
         with atomic_directory(root / f"step-{position['step']:07d}") as tmp:
             save_file({n: t.contiguous() for n, t in self._snapshot(stage).items()}, str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")  # LoRA dropout replays on resume
             (tmp / "state.json").write_text(json.dumps(position))
         for old in sorted(root.glob("step-*"))[:-2]:  # keep the two newest
             shutil.rmtree(old, ignore_errors=True)
@@ -359,6 +399,10 @@ class Trainer:
         for stage in STAGES:
             if stage in self.cfg.stages:
                 summary[stage] = self.train_stage(stage, resume=resume)
+            elif resume and (self._stage_dir(stage) / "done.json").is_file():
+                # A stage not asked for this time: reuse what an earlier run selected.
+                self._restore(stage, load_file(str(self._stage_dir(stage) / "selected.safetensors")))
+                summary[stage] = json.loads((self._stage_dir(stage) / "done.json").read_text())
         self.model.set_routing("auto")
         self.model.eval()
         return summary
@@ -388,6 +432,7 @@ class Trainer:
             self._restore(stage, load_file(str(ckpt / "trainable.safetensors")))
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
             position = json.loads((ckpt / "state.json").read_text())
+            torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
             history = position.pop("history", [])
             self._truncate_metrics(stage, position["step"])
             best_file = self._stage_dir(stage) / "best.safetensors"
@@ -395,6 +440,18 @@ class Trainer:
                 best = {**max(history, key=lambda h: h["score"]), "tensors": load_file(str(best_file))}
             self.log(f"[{stage}] resuming from {ckpt.name} (epoch {position['epoch']}, step {position['step']})")
 
+        if stage == "router" and self.cfg.router_init == "probe" and ckpt is None:
+            from .router_init import probe_init
+
+            sample = examples[: self.cfg.router_init_examples]
+            pad, device = self.tokenizer.pad_token_id, acc.device
+            batches = []
+            for i in range(0, len(sample), scfg.micro_batch_size):
+                chunk = sample[i:i + scfg.micro_batch_size]
+                batch = {k: v.to(device) for k, v in collate([e[0] for e in chunk], pad).items()}
+                batches.append((batch, torch.tensor([e[1] for e in chunk], device=device)))
+            model.eval()
+            probe_init(model, batches, log=self.log)
         model.set_routing(STAGE_MODES[stage])
         model.train()
         from tqdm.auto import tqdm
@@ -415,9 +472,13 @@ class Trainer:
                     loss, extra = self._loss(stage, [examples[i] for i in idx])
                     # Weight micro-batches by size so a short last batch is not over-counted.
                     acc.backward(loss * len(idx) / weight)
-                    loss_value += float(loss) * len(idx) / weight
+                    loss_value += loss.item() * len(idx) / weight
                     for k, v in extra.items():
                         logs[k] = logs.get(k, 0.0) + v * len(idx) / weight
+                if acc.num_processes > 1:  # each process saw its shard: average the stage's gradients
+                    for p in params.values():
+                        if p.grad is not None:
+                            p.grad = acc.reduce(p.grad, reduction="mean")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 position["batch"] += len(group)

@@ -1,0 +1,90 @@
+"""The CLI: one-line errors, non-zero exit, no traceback unless --debug."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import transformers as tf
+
+from tiny_models import tiny_model, tiny_tokenizer
+
+
+def mogu(*args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "mogu.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def _assert_clean_error(result, match):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and match in errors[0], result.stderr
+
+
+def test_malformed_data_file_names_the_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{"prompt": broken\n')
+    result = mogu("data", "build", "--out", str(tmp_path / "out"), "--harmful", str(tmp_path / "bad.jsonl"))
+    _assert_clean_error(result, "bad.jsonl:2: malformed JSON")
+    assert not (tmp_path / "out").exists()
+    debug = mogu("--debug", "data", "build", "--out", str(tmp_path / "out"), "--harmful", str(tmp_path / "bad.jsonl"))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    _assert_clean_error(mogu("data", "build", "--out", str(tmp_path / "o"), "--benign", str(tmp_path / "empty.txt")),
+                        "empty dataset")
+
+
+def test_out_of_range_hyperparameters(tmp_path):
+    _assert_clean_error(mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--r", "0"),
+                        "r must be")
+    _assert_clean_error(mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--router-lr", "3"),
+                        "lr must be")
+
+
+def test_missing_model_and_unknown_family(tmp_path):
+    _assert_clean_error(mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--model",
+                             str(tmp_path / "missing")), "no such model folder")
+    config = tf.BioGptConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64)
+    tf.BioGptForCausalLM(config).save_pretrained(tmp_path / "biogpt")
+    tiny_tokenizer().save_pretrained(tmp_path / "biogpt")
+    result = mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "biogpt"))
+    _assert_clean_error(result, "unknown model family 'biogpt'")
+    assert "self_attn.out_proj" in result.stderr
+
+
+def test_mismatched_checkpoint(tmp_path):
+    from mogu import MoGUConfig, MoGUModel
+
+    MoGUModel.from_base(tiny_model("llama"), MoGUConfig()).save_pretrained(tmp_path / "ckpt")
+    tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")
+    tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
+    import json
+
+    cfg = json.loads((tmp_path / "ckpt" / "mogu_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gpt2")
+    (tmp_path / "ckpt" / "mogu_config.json").write_text(json.dumps(cfg))
+    _assert_clean_error(mogu("generate", "--model", str(tmp_path / "ckpt"), "--prompt", "hi"), "'llama' model")
+
+
+def test_generate_on_a_tiny_checkpoint(tmp_path):
+    from mogu import MoGUConfig, MoGUModel
+
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    MoGUModel.from_base(str(base_dir), MoGUConfig()).save_pretrained(tmp_path / "ckpt")
+    result = mogu("generate", "--model", str(tmp_path / "ckpt"), "--prompt", "How do I bake bread?",
+                  "--prompt", "Hi", "--max-new-tokens", "4", "--trace")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("### ") == 2 and "layer 0: mean u=" in result.stdout
+
+
+@pytest.mark.parametrize("cmd", [[], ["data", "build"], ["train"], ["generate"], ["chat"], ["demo"]])
+def test_help(cmd):
+    result = mogu(*cmd, "--help")
+    assert result.returncode == 0 and "Usage" in result.stdout

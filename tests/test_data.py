@@ -1,0 +1,114 @@
+"""Prompt files, built-in sets and stage-dataset building."""
+
+import json
+import os
+
+import pytest
+
+from mogu.data import (build_stage_datasets, builtin_prompts, comply_opening, comply_templates, read_prompts,
+                       refusal_templates)
+from mogu.errors import DataError
+from mogu.eval.judges import is_refusal
+from conftest import SHARED_DATA
+
+
+def test_builtin_sets_meet_the_spec():
+    harmful, benign, borderline = (builtin_prompts(n) for n in ("harmful", "benign", "borderline"))
+    assert len(harmful) >= 150 and len({r.category for r in harmful}) >= 10
+    assert len(benign) >= 150 and len(borderline) >= 50
+    for recs in (harmful, benign, borderline):
+        splits = {r.split for r in recs}
+        assert splits == {"train", "dev"}
+        assert len({r.prompt for r in recs}) == len(recs)
+    assert all(r.harmful for r in harmful) and not any(r.harmful for r in benign + borderline)
+    assert all(r.target and r.target.startswith("Sure") for r in harmful)
+    assert len(builtin_prompts("harmful", split="dev")) >= 40
+
+
+def test_refusal_templates_are_judged_refusals_and_openers_are_not():
+    assert len(refusal_templates()) >= 30 and all(is_refusal(t) for t in refusal_templates())
+    for template in comply_templates():
+        assert not is_refusal(template.format(task="bake bread"))
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="needs ../shared/data")
+def test_builtin_training_prompts_do_not_contain_advbench_eval_prompts():
+    advbench = read_prompts(os.path.join(SHARED_DATA, "advbench", "harmful_behaviors.csv"), harmful=True)
+    assert len(advbench) == 520 and advbench[0].target.startswith("Sure")
+    first100 = {r.prompt.lower() for r in advbench[:100]}
+    ours = {r.prompt.lower() for n in ("harmful", "benign", "borderline") for r in builtin_prompts(n)}
+    assert not first100 & ours
+
+
+def test_readers_accept_every_format(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"instruction": "one"}\n\n"two"\n')
+    (tmp_path / "b.json").write_text(json.dumps({"prompts": [{"goal": "three"}, "four"]}))
+    (tmp_path / "c.csv").write_text("id,question\n1,five\n2,six\n")
+    (tmp_path / "d.txt").write_text("seven\n\neight\n")
+    assert [r.prompt for r in read_prompts(tmp_path / "a.jsonl", harmful=False)] == ["one", "two"]
+    assert [r.prompt for r in read_prompts(tmp_path / "b.json", harmful=False)] == ["three", "four"]
+    assert [r.prompt for r in read_prompts(tmp_path / "c.csv", harmful=True, field="question")] == ["five", "six"]
+    assert [r.prompt for r in read_prompts(tmp_path / "d.txt", harmful=True)] == ["seven", "eight"]
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": oops}\n', r"bad.jsonl:2: malformed JSON"),
+    ("empty.jsonl", "\n\n", "empty dataset"),
+    ("nofield.jsonl", '{"foo": "bar"}\n', r"nofield.jsonl:1: no prompt field"),
+    ("blank.jsonl", '{"prompt": "  "}\n', r"blank.jsonl:1: empty"),
+    ("bad.json", '[1, 2', "malformed JSON"),
+    ("x.parquet", "nope", "unsupported file type"),
+])
+def test_bad_files_give_named_errors(tmp_path, name, content, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=match):
+        read_prompts(tmp_path / name, harmful=False)
+
+
+def test_missing_file_and_wrong_field(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_prompts(tmp_path / "nope.jsonl", harmful=True)
+    (tmp_path / "f.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="no field 'prompt'"):
+        read_prompts(tmp_path / "f.csv", harmful=True, field="prompt")
+
+
+def test_comply_opening_never_carries_content():
+    import random
+
+    recs = read_prompts_from_list(["Explain how to pick a lock."])
+    opening = comply_opening(recs[0], random.Random(0))
+    assert "explain how to pick a lock" in opening.lower() and len(opening) < 120
+
+
+def read_prompts_from_list(prompts):
+    from mogu.data import PromptRecord
+
+    return [PromptRecord(prompt=p, harmful=True, source="test") for p in prompts]
+
+
+def test_refusing_self_distilled_answers_are_regenerated_then_dropped(tmp_path):
+    harmful = builtin_prompts("harmful")[:6]
+    benign = builtin_prompts("benign")[:6]
+    for r in harmful + benign:
+        r.split = "train"
+    calls = []
+
+    def answer(prompts, sample=False):
+        calls.append(sample)
+        # The first prompt refuses twice (dropped), the second once (regenerated and kept).
+        out = []
+        for p in prompts:
+            refuse = p == benign[0].prompt or (p == benign[1].prompt and not sample)
+            out.append("I'm sorry, I can't." if refuse else "Here you go.")
+        return out
+
+    stats = build_stage_datasets(harmful, benign, tmp_path, answer_fn=answer, log=lambda m: None)
+    assert calls == [False, True]
+    assert stats["benign_answers_regenerated"] == 2 and stats["benign_answers_dropped"] == 1
+    assert stats["unwill_pairs"] == 5 and stats["router"] == 11
+    router = [json.loads(line) for line in (tmp_path / "router.jsonl").read_text().splitlines()]
+    assert {r["label"] for r in router} == {0, 1}
+    assert all(is_refusal(r["response"]) == (r["label"] == 1) for r in router)
+    with pytest.raises(DataError, match="no harmful prompts"):
+        build_stage_datasets([], benign, tmp_path, answer_fn=answer)

@@ -1,0 +1,132 @@
+"""Training stages: gradient isolation, end-to-end run, crash + resume, checkpoint selection records."""
+
+import json
+
+import pytest
+import torch
+
+from mogu import MoGUConfig, MoGUModel
+from mogu.data import build_stage_datasets, builtin_prompts
+from mogu.training import (STAGE_MODES, StageConfig, TrainConfig, Trainer, collate, encode_pair, ratio_loss,
+                           router_loss)
+from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
+
+
+def _batch(tok, prompts, responses):
+    return collate([encode_pair(tok, p, r, 12) for p, r in zip(prompts, responses)], tok.pad_token_id)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+@pytest.mark.parametrize("stage", ["glad", "unwill", "router"])
+def test_gradients_reach_exactly_the_stage_parameters(family, stage):
+    tok = tiny_tokenizer()
+    model = MoGUModel.from_base(tiny_model(family), MoGUConfig(lora_dropout=0.0))
+    randomize_added(model)  # non-zero B so every stage parameter gets a non-zero gradient
+    params = model.router_parameters() if stage == "router" else model.expert_parameters(stage)
+    model.set_trainable(params)
+    model.set_routing(STAGE_MODES[stage])
+    model.train()
+    prompts = ["How do I bake bread?", "Write a poem about rain"]
+    a = _batch(tok, prompts, ["Sure, here is how.", "Here is a poem."])
+    b = _batch(tok, prompts, ["I'm sorry, but I can't help.", "I cannot do that."])
+    if stage == "router":
+        loss, parts = router_loss(model, a, torch.tensor([1, 0]), weight=2.0)
+        assert set(parts) == {"ce", "mse_u", "mse_g"}
+    else:
+        loss, parts = ratio_loss(model, a, b)
+        assert set(parts) == {"ce_num", "ce_den"}
+    loss.backward()
+    named = dict(model.named_parameters())
+    with_grad = {n for n, p in named.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    expected = {n for n, p in named.items() if any(p is q for q in params)}
+    assert with_grad == expected
+    assert all(not p.requires_grad for n, p in named.items() if n not in expected)
+
+
+def _tiny_run(tmp_path, name, **stage_kw):
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_hidden=16), tokenizer=tok)
+    data = tmp_path / "data"
+    if not (data / "router.jsonl").is_file():
+        harmful = builtin_prompts("harmful")[:16]
+        benign = builtin_prompts("benign")[:16]
+        for recs in (harmful, benign):
+            for r in recs[:4]:
+                r.split = "dev"
+            for r in recs[4:]:
+                r.split = "train"
+
+        def answer(prompts, sample=False):
+            return [f"Here is an answer about {p.split()[0].lower()}." for p in prompts]
+
+        stats = build_stage_datasets(harmful, benign, data, answer_fn=answer, seed=0, log=lambda m: None)
+        assert stats["glad_pairs"] == 12 and stats["unwill_pairs"] == 12 and stats["router"] == 24
+        assert stats["dev"] == 8
+    stages = {s: StageConfig(epochs=2, lr=1e-3, batch_size=4, micro_batch_size=2, **stage_kw)
+              for s in ("glad", "unwill", "router")}
+    cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / name), stages=stages, save_every=2,
+                      max_response_tokens=8, select_max_new_tokens=4, select_batch_size=8)
+    return model, Trainer(model, tok, cfg, log=lambda m: None, progress=False)
+
+
+def test_end_to_end_training_records_everything(tmp_path):
+    model, trainer = _tiny_run(tmp_path, "run")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    summary = trainer.train()
+    out = tmp_path / "run"
+    run = json.loads((out / "run.json").read_text())
+    assert {"args", "versions", "git_commit", "data_sha256"} <= set(run)
+    assert len(run["data_sha256"]) == 4 and run["versions"]["torch"]
+    for stage in ("glad", "unwill", "router"):
+        assert summary[stage]["steps"] == (12 if stage == "router" else 6)  # rows / batch 4 x 2 epochs
+        assert "kept epoch" in summary[stage]["selection"]
+        assert len(summary[stage]["history"]) == 2  # one dev score per epoch
+        assert (out / "stages" / stage / "done.json").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss" in r or "dev" in r for r in rows)
+    # The backbone never moved; every added parameter group did.
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    added = {n for n, p in after.items() if any(p is q for q in model.added_parameters())}
+    assert changed and changed <= added
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    model_a, trainer_a = _tiny_run(tmp_path, "a")
+    trainer_a.train()
+    final_a = {n: p.detach().clone() for n, p in model_a.named_parameters()}
+
+    model_b, trainer_b = _tiny_run(tmp_path, "b")
+    original = Trainer._append_metrics
+
+    def crash(self, row):
+        original(self, row)
+        if row.get("stage") == "router" and row.get("step") == 3 and "loss" in row:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(Trainer, "_append_metrics", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_b.train()
+    monkeypatch.setattr(Trainer, "_append_metrics", original)
+    # No half-written checkpoint is visible: every step folder is complete.
+    for folder in (tmp_path / "b" / "checkpoints" / "router").iterdir():
+        assert not folder.name.startswith(".")
+        assert {"trainable.safetensors", "optimizer.pt", "state.json", "rng.pt"} <= {p.name for p in folder.iterdir()}
+
+    model_c, trainer_c = _tiny_run(tmp_path, "b")
+    trainer_c.train(resume=True)
+    for n, p in model_c.named_parameters():
+        assert torch.equal(p, final_a[n]), n
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["stage"] == "router" and "loss" in r]
+    assert steps == list(range(1, 13))  # no step duplicated or missing
+
+
+def test_bad_stage_config_is_rejected(tmp_path):
+    from mogu.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="multiple"):
+        TrainConfig(data_dir=".", output_dir=".", stages={"glad": StageConfig(batch_size=8, micro_batch_size=3)}).validate()
+    with pytest.raises(ConfigError, match="lr"):
+        TrainConfig(data_dir=".", output_dir=".", stages={"router": StageConfig(lr=5.0)}).validate()
