@@ -88,10 +88,15 @@ class MoGUConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path))
+
+
+def read_json_object(path: Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A JSON object from ``path``; malformed files raise ``error`` naming the line."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CONFIG_NAME, MoGUConfig
+from .config import CONFIG_NAME, MoGUConfig, read_json_object
 from .errors import CheckpointMismatchError, ConfigError, MoGUError
 from .families import candidate_targets, is_projection, layer_index, matches_target, resolve_target_modules
 from .io import atomic_directory, atomic_write_text
@@ -292,12 +292,7 @@ def read_config(directory: Path) -> MoGUConfig:
         raise MoGUError(f"{directory}: no such checkpoint folder")
     if not path.is_file():
         raise CheckpointMismatchError(f"{directory}: not a MoGU checkpoint ({CONFIG_NAME} is missing)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointMismatchError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise CheckpointMismatchError(f"{path}: expected a JSON object")
+    data = read_json_object(path, CheckpointMismatchError)
     for key in _META_KEYS:
         data.pop(key, None)
     return MoGUConfig.from_dict(data)

@@ -69,7 +69,8 @@ def preset(name: str) -> dict[str, Any]:
     - ``paper``: the reference recipe (ratio losses; lr 5e-5 / 5e-4; batch 8 / 16; 10 epochs each, the
       responder checkpoint chosen per epoch on the dev split). Meant for a GPU.
     - ``cpu-fast``: what ``mogu demo`` runs in ~20 minutes on 2 CPU cores: CE on the target response
-      for the responders, higher learning rates, capped responder data, 2 router epochs, 32-token targets.
+      for the responders, higher learning rates, capped responder data, probe-initialised routers and
+      one router epoch, 32-token targets (docs/RESULTS.md has the measurements behind each choice).
     """
     if name == "paper":
         return {"stages": {"glad": StageConfig(epochs=10, lr=5e-5, batch_size=8, micro_batch_size=8),
@@ -80,7 +81,7 @@ def preset(name: str) -> dict[str, Any]:
         return {"stages": {"glad": StageConfig(epochs=1, lr=1e-3, batch_size=8, micro_batch_size=8, max_examples=64),
                            "unwill": StageConfig(epochs=1, lr=2e-3, batch_size=8, micro_batch_size=8,
                                                  max_examples=128),
-                           "router": StageConfig(epochs=2, lr=1e-3, batch_size=16, micro_batch_size=16)},
+                           "router": StageConfig(epochs=1, lr=5e-4, batch_size=16, micro_batch_size=16)},
                 "responder_loss": "sft", "max_response_tokens": 32, "router_init": "probe"}
     raise ConfigError(f"unknown preset {name!r}; known: paper, cpu-fast")
 
