@@ -31,7 +31,8 @@ def test_refusal_templates_are_judged_refusals_and_openers_are_not():
         assert not is_refusal(template.format(task="bake bread"))
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="needs ../shared/data")
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA) and not os.environ.get("CI"),
+                    reason="needs ../shared/data (always present, and required, in CI)")
 def test_builtin_training_prompts_do_not_contain_advbench_eval_prompts():
     advbench = read_prompts(os.path.join(SHARED_DATA, "advbench", "harmful_behaviors.csv"), harmful=True)
     assert len(advbench) == 520 and advbench[0].target.startswith("Sure")
