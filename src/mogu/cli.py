@@ -291,6 +291,73 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., help="MoGU checkpoint folder (enables the 'mogu' defense), base folder, Hub id or the embedded default."),
+    out: Path = typer.Option(..., help="Output folder: generations.jsonl, judgements.jsonl, metrics.json, report.md, pareto.png, routing.png, run.json."),
+    defenses: str = typer.Option("none,mogu", help="Comma-separated: none,self_reminder,icd,self_examination,retokenization,safedecoding,sft,mogu."),
+    benchmarks: str = typer.Option("advbench,just_eval", help="Comma-separated registered names (see --list) or jsonl/csv/json/txt files."),
+    judge: str = typer.Option("keyword", help="keyword (offline), openai (any OpenAI-compatible endpoint) or hf-classifier."),
+    judge_model: Optional[str] = typer.Option(None, help="Judge model name (openai) or path/Hub id (hf-classifier)."),
+    judge_base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL for the openai judge."),
+    judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the judge's API key."),
+    judge_rubric: str = typer.Option("harm", help="openai judge: harm, usability or both."),
+    limit: Optional[int] = typer.Option(50, min=1, help="Prompts per benchmark (first N)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with the public benchmark files (default: $MOGU_DATA_DIR)."),
+    prompt_field: Optional[str] = typer.Option(None, help="Prompt field for benchmark files given by path."),
+    harmful_files: bool = typer.Option(True, help="Label for benchmark files given by path: harmful (default) or --no-harmful-files."),
+    max_new_tokens: int = typer.Option(64, min=1, max=4096),
+    batch_size: int = typer.Option(8, min=1, max=1024),
+    defense_option: Optional[list[str]] = typer.Option(None, help="NAME.KEY=VALUE, e.g. safedecoding.alpha=3 or sft.data=runs/demo/data/router.jsonl (repeatable)."),
+    benchmark_option: Optional[list[str]] = typer.Option(None, help="NAME.KEY=VALUE, e.g. harmbench.split=val (repeatable)."),
+    seed: int = typer.Option(0),
+    list_all: bool = typer.Option(False, "--list", help="List the benchmarks, defenses and judges, then exit."),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Compare defenses on benchmarks: refusal / attack-success with 95% CIs, judge scores, Pareto plot.
+
+    Reruns with the same --out skip finished generations and judgements.
+    """
+    from .eval.benchmarks import get_benchmark, list_benchmarks
+    from .eval.defenses import DEFENSES
+    from .eval.judges import JUDGES
+    from .eval.runner import EvalConfig, EvalRunner, parse_options
+
+    if list_all:
+        typer.echo("benchmarks:\n" + "\n".join(f"  {n}: {d}" for n, d in list_benchmarks()))
+        typer.echo("defenses: " + ", ".join(DEFENSES))
+        typer.echo("judges: " + ", ".join(JUDGES))
+        return
+    _setup_torch(threads)
+    defense_names, bench_names = _csv(defenses), _csv(benchmarks)
+    for d in defense_names:
+        if d not in DEFENSES:
+            raise MoGUError(f"unknown defense {d!r}; known: {', '.join(DEFENSES)}")
+    bench_opts = parse_options(benchmark_option, set(bench_names), "benchmark option")
+    for b in bench_names:
+        if get_benchmark(b) is None:
+            bench_opts.setdefault(b, {}).update({"prompt_field": prompt_field, "harmful": harmful_files})
+    judge_options: dict = {}
+    if judge == "openai":
+        judge_options = {"model": judge_model, "base_url": judge_base_url, "api_key_env": judge_api_key_env,
+                         "rubric": judge_rubric}
+    elif judge == "hf-classifier":
+        judge_options = {"model": judge_model}
+    cfg = EvalConfig(model=model, out=out, defenses=defense_names, benchmarks=bench_names, judge=judge,
+                     judge_options=judge_options,
+                     defense_options=parse_options(defense_option, set(defense_names), "defense option"),
+                     benchmark_options=bench_opts, data_dir=str(data_dir) if data_dir else None, limit=limit,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    metrics = EvalRunner(cfg, log=_echo).run()
+    typer.echo((out / "report.md").read_text())
+    front = ", ".join(metrics["pareto_front"])
+    typer.echo(f"Pareto front: {front}. Wrote {out}/report.md, metrics.json, pareto.png.")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run folder."),

@@ -1,5 +1,8 @@
-"""Evaluation: judges (and, later, benchmarks, defenses and reports)."""
+"""Evaluation: benchmark, judge and defense registries, the `mogu eval` runner and its report."""
 
+from .benchmarks import BENCHMARKS, EvalPrompt, list_benchmarks, load_benchmark
+from .defenses import DEFENSES, build_defense
 from .judges import JUDGES, KeywordJudge, get_judge, is_refusal
 
-__all__ = ["JUDGES", "KeywordJudge", "get_judge", "is_refusal"]
+__all__ = ["BENCHMARKS", "DEFENSES", "JUDGES", "EvalPrompt", "KeywordJudge", "build_defense", "get_judge",
+           "is_refusal", "list_benchmarks", "load_benchmark"]

@@ -1,0 +1,292 @@
+"""`mogu eval`: defenses x benchmarks -> generations, judgements, metrics, report and plots.
+
+Work is keyed by (defense, benchmark, prompt id) and appended to ``generations.jsonl`` one
+chunk at a time, so an interrupted run resumes where it stopped; judgements are cached the
+same way in ``judgements.jsonl`` per judge. A corrupt trailing line (a crash mid-write) is
+dropped and counted rather than failing the rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigError, DataError
+from ..io import atomic_write_text, run_record
+
+GENERATIONS_FILE = "generations.jsonl"
+JUDGEMENTS_FILE = "judgements.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    out: Path
+    defenses: list[str] = field(default_factory=lambda: ["none", "mogu"])
+    benchmarks: list[str] = field(default_factory=lambda: ["advbench", "just_eval"])
+    judge: str = "keyword"
+    judge_options: dict[str, Any] = field(default_factory=dict)
+    defense_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    benchmark_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data_dir: str | None = None
+    limit: int | None = 50
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    chunk_size: int = 32  # prompts per appended chunk: the resume granularity
+    seed: int = 0
+    routing_examples: int = 3  # per class, for routing.png
+
+    def validate(self) -> None:
+        if not self.defenses:
+            raise ConfigError("no defenses given")
+        if not self.benchmarks:
+            raise ConfigError("no benchmarks given")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise ConfigError(f"--max-new-tokens must be in [1, 4096], got {self.max_new_tokens}")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ConfigError("batch and chunk sizes must be >= 1")
+        if len(set(self.defenses)) != len(self.defenses) or len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ConfigError("defenses and benchmarks must not repeat")
+
+
+def parse_options(specs: list[str] | None, known: set[str] | None = None, what: str = "option") -> dict[str, dict]:
+    """``["safedecoding.alpha=2", "sft.steps=20"]`` -> ``{"safedecoding": {"alpha": 2.0}, ...}``.
+
+    Values are parsed as JSON when they parse (numbers, booleans, lists), else kept as strings.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs or []:
+        key, sep, value = spec.partition("=")
+        owner, dot, name = key.partition(".")
+        if not sep or not dot or not owner or not name:
+            raise ConfigError(f"bad {what} {spec!r}: expected NAME.KEY=VALUE")
+        if known is not None and owner not in known:
+            raise ConfigError(f"{what} {spec!r} names {owner!r}, which is not selected ({', '.join(sorted(known))})")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(owner, {})[name] = parsed
+    return out
+
+
+def read_jsonl_tolerant(path: Path) -> tuple[list[dict], int]:
+    """Rows of a jsonl file written by this module; unreadable lines are counted, not fatal."""
+    rows, bad = [], 0
+    if not path.is_file():
+        return rows, bad
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+    return rows, bad
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    import os
+
+    with open(path, "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a trailing partial line left by a crash, so appends start on a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion: well-behaved at 0% and 100%, unlike the normal one."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _key(row: dict) -> tuple[str, str, str]:
+    return (row["defense"], row["benchmark"], row["id"])
+
+
+class EvalRunner:
+    def __init__(self, cfg: EvalConfig, *, log: Callable[[str], None] = print,
+                 model=None, tokenizer=None):
+        cfg.validate()
+        self.cfg = cfg
+        self.log = log
+        self.out = Path(cfg.out)
+        self._model, self._tokenizer = model, tokenizer
+        self.mogu = None
+
+    # -- inputs ---------------------------------------------------------------------------
+    def load_prompts(self) -> dict[str, list]:
+        from .benchmarks import load_benchmark
+
+        sets = {}
+        for name in self.cfg.benchmarks:
+            opts = dict(self.cfg.benchmark_options.get(name, {}))
+            sets[name] = load_benchmark(name, data_dir=self.cfg.data_dir, limit=self.cfg.limit,
+                                        seed=self.cfg.seed, **opts)
+            harmful = sum(p.harmful for p in sets[name])
+            self.log(f"benchmark {name}: {len(sets[name])} prompts ({harmful} harmful)")
+        return sets
+
+    def load_model(self):
+        from ..inference import load_for_inference
+        from ..model import MoGUModel
+
+        if self._model is None:
+            self._model, self._tokenizer, _ = load_for_inference(self.cfg.model)
+        if isinstance(self._model, MoGUModel):
+            self.mogu = self._model
+            self._tokenizer = self._tokenizer or self._model.tokenizer
+        if "mogu" in self.cfg.defenses and self.mogu is None:
+            raise ConfigError(f"defense 'mogu' needs a MoGU checkpoint folder as --model; {self.cfg.model!r} is a base model")
+        return self._model, self._tokenizer
+
+    def build_defense(self, name: str):
+        from .defenses import build_defense
+
+        model, tok = self.load_model()
+        base = self.mogu.base_model if self.mogu is not None else model
+        opts = dict(self.cfg.defense_options.get(name, {}))
+        return build_defense(name, model=base, tokenizer=tok, mogu_model=self.mogu, **opts)
+
+    # -- stages ---------------------------------------------------------------------------
+    def generate(self, sets: dict[str, list]) -> list[dict]:
+        path = self.out / GENERATIONS_FILE
+        _repair_tail(path)
+        done_rows, bad = read_jsonl_tolerant(path)
+        if bad:
+            self.log(f"{GENERATIONS_FILE}: {bad} unreadable line(s) skipped; those prompts are regenerated")
+        done = {_key(r): r for r in done_rows}
+        params: dict[str, dict] = {}
+        for dname in self.cfg.defenses:
+            defense = None
+            for bname, prompts in sets.items():
+                todo = [p for p in prompts if (dname, bname, p.id) not in done]
+                if not todo:
+                    continue
+                if defense is None:
+                    defense = self.build_defense(dname)
+                    params[dname] = defense.params()
+                self.log(f"{dname} x {bname}: {len(todo)} to generate ({len(prompts) - len(todo)} cached)")
+                for i in range(0, len(todo), self.cfg.chunk_size):
+                    chunk = todo[i:i + self.cfg.chunk_size]
+                    start = time.perf_counter()
+                    answers = defense.generate([p.prompt for p in chunk], max_new_tokens=self.cfg.max_new_tokens,
+                                               batch_size=self.cfg.batch_size, progress=True)
+                    per = (time.perf_counter() - start) / len(chunk)
+                    rows = [{"defense": dname, "benchmark": bname, "id": p.id, "prompt": p.prompt,
+                             "category": p.category, "harmful": p.harmful, "response": a,
+                             "seconds": round(per, 3)} for p, a in zip(chunk, answers)]
+                    _append_jsonl(path, rows)
+                    done.update({_key(r): r for r in rows})
+                    self.log(f"  {dname} x {bname}: {min(i + len(chunk), len(todo))}/{len(todo)}")
+            if defense is not None and hasattr(defense, "stats"):
+                params.setdefault(dname, {})["stats"] = getattr(defense, "stats")
+        self.defense_params = params
+        wanted = {(d, b, p.id) for d in self.cfg.defenses for b, ps in sets.items() for p in ps}
+        return [done[k] for k in sorted(wanted, key=lambda k: (self.cfg.defenses.index(k[0]),
+                                                              self.cfg.benchmarks.index(k[1]), k[2]))]
+
+    def judge(self, generations: list[dict]):
+        from .judges import get_judge
+
+        judge = get_judge(self.cfg.judge, **self.cfg.judge_options)
+        path = self.out / JUDGEMENTS_FILE
+        _repair_tail(path)
+        cached_rows, bad = read_jsonl_tolerant(path)
+        if bad:
+            self.log(f"{JUDGEMENTS_FILE}: {bad} unreadable line(s) skipped; those answers are re-judged")
+        # A cached verdict counts only for the same judge, judge parameters and response text.
+        params = judge.params()
+        tag = json.dumps(params, sort_keys=True, default=str)
+        cached = {(_key(r), r.get("response")): r for r in cached_rows if r.get("judge_params") == tag}
+        todo = [g for g in generations if (_key(g), g["response"]) not in cached]
+        if todo:
+            self.log(f"judging {len(todo)} answers with {self.cfg.judge} ({len(generations) - len(todo)} cached)")
+            for i in range(0, len(todo), 64):
+                chunk = todo[i:i + 64]
+                verdicts = judge.judge([g["prompt"] for g in chunk], [g["response"] for g in chunk])
+                rows = [{"defense": g["defense"], "benchmark": g["benchmark"], "id": g["id"],
+                         "response": g["response"], "judge_params": tag, **v} for g, v in zip(chunk, verdicts)]
+                _append_jsonl(path, rows)
+                cached.update({(_key(r), r["response"]): r for r in rows})
+        return [cached[(_key(g), g["response"])] for g in generations], params, dict(getattr(judge, "stats", {}))
+
+    def run(self) -> dict[str, Any]:
+        from .report import compute_metrics, plot_pareto, plot_routing, write_report
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        sets = self.load_prompts()
+        args = asdict(self.cfg)
+        record = run_record(args, data_files=[])
+        record["benchmark_sha256"] = _prompt_hashes(sets)
+        atomic_write_text(self.out / "run.json", json.dumps(record, indent=2, default=str))
+        generations = self.generate(sets)
+        verdicts, judge_params, judge_stats = self.judge(generations)
+        metrics = compute_metrics(generations, verdicts, self.cfg.defenses, self.cfg.benchmarks)
+        metrics["judge"] = {"name": self.cfg.judge, "params": judge_params, "stats": judge_stats}
+        metrics["defense_params"] = getattr(self, "defense_params", {})
+        metrics["wall_s"] = round(time.perf_counter() - t0, 1)
+        atomic_write_text(self.out / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
+        plot_pareto(metrics, self.out / "pareto.png")
+        if self.mogu is not None or "mogu" in self.cfg.defenses:
+            model, tok = self.load_model()
+            if self.mogu is not None:
+                harmful = [p.prompt for ps in sets.values() for p in ps if p.harmful][:self.cfg.routing_examples]
+                benign = [p.prompt for ps in sets.values() for p in ps if not p.harmful][:self.cfg.routing_examples]
+                plot_routing(self.mogu, tok, harmful, benign, self.out / "routing.png")
+        write_report(metrics, self.cfg, self.out / "report.md")
+        record["wall_s"] = metrics["wall_s"]
+        record["defense_params"] = metrics["defense_params"]
+        record["judge"] = metrics["judge"]
+        atomic_write_text(self.out / "run.json", json.dumps(record, indent=2, default=str))
+        return metrics
+
+
+def _prompt_hashes(sets: dict[str, list]) -> dict[str, str]:
+    """sha256 of each benchmark's loaded prompts (ids + text): pins exactly what was evaluated."""
+    import hashlib
+
+    out = {}
+    for name, prompts in sets.items():
+        h = hashlib.sha256()
+        for p in prompts:
+            h.update(p.id.encode() + b"\0" + p.prompt.encode() + b"\0")
+        out[name] = h.hexdigest()
+    return out
+
+
+def load_generations(out: str | Path) -> list[dict]:
+    rows, bad = read_jsonl_tolerant(Path(out) / GENERATIONS_FILE)
+    if not rows and bad:
+        raise DataError(f"{Path(out) / GENERATIONS_FILE}: no readable rows")
+    return rows

@@ -1,0 +1,139 @@
+"""`mogu eval` runner: files written, resume, metrics, Pareto front, CLI errors (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mogu import MoGUConfig, MoGUModel
+from mogu.errors import ConfigError
+from mogu.eval import runner as runner_mod
+from mogu.eval.report import compute_metrics, pareto_front
+from mogu.eval.runner import EvalConfig, EvalRunner, parse_options, wilson_interval
+from tiny_models import randomize_added, tiny_model, tiny_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
+
+
+@pytest.fixture()
+def tiny_mogu():
+    tok = tiny_tokenizer()
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(), tokenizer=tok)
+    randomize_added(model)
+    return model, tok
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="tiny", out=tmp_path / "eval", defenses=["none", "self_reminder", "mogu"],
+                benchmarks=["advbench", "just_eval"], data_dir=str(FIXTURES), limit=3, max_new_tokens=4,
+                batch_size=2, chunk_size=2, routing_examples=1)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_run_writes_every_artifact_and_resumes(tmp_path, tiny_mogu, monkeypatch):
+    model, tok = tiny_mogu
+    cfg = _cfg(tmp_path)
+    metrics = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    out = cfg.out
+    for name in ("generations.jsonl", "judgements.jsonl", "metrics.json", "report.md", "pareto.png",
+                 "routing.png", "run.json"):
+        assert (out / name).is_file(), name
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    n_prompts = {"advbench": 3, "just_eval": 3}
+    assert len(gens) == 3 * sum(n_prompts.values())
+    assert {(g["defense"], g["benchmark"]) for g in gens} == {(d, b) for d in cfg.defenses for b in cfg.benchmarks}
+    assert set(metrics["summary"]) == set(cfg.defenses)
+    cell = metrics["cells"]["none"]["advbench"]
+    assert cell["n"] == 3 and "asr" in cell and cell["asr"]["k"] + cell["refusal"]["k"] == 3
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["benchmark_sha256"]) == {"advbench", "just_eval"} and run["git_commit"] is not None or True
+    assert "mogu" in run["defense_params"]
+    report = (out / "report.md").read_text()
+    assert "| advbench (harmful, n=3)" in report and "Pareto" in report
+
+    # A crash mid-append leaves a partial line: the rerun drops it, regenerates that prompt only,
+    # and never calls generate for finished work.
+    lines = (out / "generations.jsonl").read_text().splitlines(keepends=True)
+    (out / "generations.jsonl").write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    calls = []
+    from mogu.eval import defenses as defenses_mod
+
+    real_build = defenses_mod.build_defense
+
+    def counting_build(name, **kw):
+        d = real_build(name, **kw)
+        real_generate = d.generate
+
+        def generate(prompts, **gkw):
+            calls.append((name, len(prompts)))
+            return real_generate(prompts, **gkw)
+
+        d.generate = generate
+        return d
+
+    monkeypatch.setattr(defenses_mod, "build_defense", counting_build)
+    metrics2 = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    assert calls == [(gens[-1]["defense"], 1)]
+    assert metrics2["summary"] == metrics["summary"]
+    gens2 = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(gens2) == len(gens)
+
+
+def test_mogu_defense_needs_a_mogu_model(tmp_path):
+    tok = tiny_tokenizer()
+    cfg = _cfg(tmp_path, defenses=["none", "mogu"])
+    with pytest.raises(ConfigError, match="MoGU checkpoint"):
+        EvalRunner(cfg, model=tiny_model("llama"), tokenizer=tok, log=lambda m: None).run()
+
+
+def test_config_validation(tmp_path):
+    for bad in (dict(defenses=[]), dict(benchmarks=[]), dict(limit=0), dict(max_new_tokens=0),
+                dict(defenses=["none", "none"])):
+        with pytest.raises(ConfigError):
+            _cfg(tmp_path, **bad).validate()
+
+
+def test_parse_options():
+    assert parse_options(["safedecoding.alpha=2", "sft.data=x.jsonl", "sft.steps=5"]) == {
+        "safedecoding": {"alpha": 2}, "sft": {"data": "x.jsonl", "steps": 5}}
+    with pytest.raises(ConfigError, match="NAME.KEY=VALUE"):
+        parse_options(["alpha=2"])
+    with pytest.raises(ConfigError, match="not selected"):
+        parse_options(["icd.x=1"], known={"none"})
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(0, 50)
+    assert lo == 0.0 and 0.05 < hi < 0.08
+    lo, hi = wilson_interval(25, 50)
+    assert lo < 0.5 < hi and abs((0.5 - lo) - (hi - 0.5)) < 1e-9
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_metrics_and_pareto_front():
+    gens, verdicts = [], []
+    table = {"a": ("I'm sorry", "Sure"), "b": ("Sure", "Sure"), "c": ("I cannot", "I cannot"), "d": ("Sure", "I cannot")}
+    for d, (harm_answer, benign_answer) in table.items():
+        for i in range(4):
+            gens.append({"defense": d, "benchmark": "h", "id": str(i), "harmful": True, "response": harm_answer})
+            gens.append({"defense": d, "benchmark": "b", "id": str(i), "harmful": False, "response": benign_answer})
+            verdicts += [{"refused": None}, {"refused": None}]
+    m = compute_metrics(gens, verdicts, list(table), ["h", "b"])
+    assert m["summary"]["a"]["harmful_refusal"]["rate"] == 1.0 and m["summary"]["a"]["benign_refusal"]["rate"] == 0.0
+    assert m["cells"]["b"]["h"]["asr"]["rate"] == 1.0
+    assert set(m["pareto_front"]) == {"a"}  # a dominates everything else
+    assert pareto_front({"x": m["summary"]["b"], "y": m["summary"]["c"]}) == ["x", "y"]  # a trade-off: both on it
+
+
+def test_cli_eval_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from mogu.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "--model", "x", "--out", str(tmp_path), "--defenses", "none,bogus"])
+    assert r.exit_code != 0 and "unknown defense 'bogus'" in str(r.exception or r.output)
+    r = CliRunner().invoke(app, ["eval", "--list", "--model", "x", "--out", str(tmp_path)])
+    assert r.exit_code == 0 and "advbench" in r.output and "safedecoding" in r.output
