@@ -43,7 +43,7 @@ def test_gradients_reach_exactly_the_stage_parameters(family, stage):
     assert all(not p.requires_grad for n, p in named.items() if n not in expected)
 
 
-def _tiny_run(tmp_path, name, **stage_kw):
+def _tiny_run(tmp_path, name, stage_names=("glad", "unwill", "router"), train_kw=None, **stage_kw):
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_hidden=16), tokenizer=tok)
@@ -64,9 +64,9 @@ def _tiny_run(tmp_path, name, **stage_kw):
         assert stats["glad_pairs"] == 12 and stats["unwill_pairs"] == 12 and stats["router"] == 24
         assert stats["dev"] == 8
     stages = {s: StageConfig(epochs=2, lr=1e-3, batch_size=4, micro_batch_size=2, **stage_kw)
-              for s in ("glad", "unwill", "router")}
+              for s in stage_names}
     cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / name), stages=stages, save_every=2,
-                      max_response_tokens=8, select_max_new_tokens=4, select_batch_size=8)
+                      max_response_tokens=8, select_max_new_tokens=4, select_batch_size=8, **(train_kw or {}))
     return model, Trainer(model, tok, cfg, log=lambda m: None, progress=False)
 
 
@@ -130,3 +130,44 @@ def test_bad_stage_config_is_rejected(tmp_path):
         TrainConfig(data_dir=".", output_dir=".", stages={"glad": StageConfig(batch_size=8, micro_batch_size=3)}).validate()
     with pytest.raises(ConfigError, match="lr"):
         TrainConfig(data_dir=".", output_dir=".", stages={"router": StageConfig(lr=5.0)}).validate()
+
+
+def test_probe_writes_the_exact_affine_map_into_the_factorised_scorer():
+    from mogu.router_init import write_affine
+
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_hidden=16))
+    scorer = next(iter(model.routed_modules.values())).router.unwill
+    w = torch.randn(32, dtype=torch.float64)
+    write_affine(scorer, w, 0.7)
+    x = torch.randn(5, 32)
+    expected = torch.sigmoid((x.double() @ w + 0.7)).float()
+    assert torch.allclose(scorer(x).squeeze(-1), expected, atol=1e-5)
+
+
+def test_fit_probe_separates_and_balances_classes():
+    from mogu.router_init import fit_probe
+
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(16, generator=g)
+    x = torch.randn(300, 16, generator=g)
+    y = (x @ direction > 0.5).float()  # imbalanced: fewer positives
+    w, c = fit_probe(x, y)
+    assert (((x.double() @ w + c) > 0).float() == y).float().mean() > 0.95
+    with pytest.raises(ValueError, match="both"):
+        fit_probe(x, torch.zeros(300))
+
+
+def test_probe_init_router_stage_scores_the_init_and_keeps_the_best(tmp_path):
+    model, trainer = _tiny_run(tmp_path, "probe", stage_names=("router",),
+                               train_kw={"router_init": "probe", "router_init_refits": 1})
+    summary = trainer.train()
+    hist = summary["router"]["history"]
+    assert hist[0]["epoch"] == -1 and hist[0]["step"] == 0  # the probe init competes in selection
+    assert len(hist) == 3
+    best = max(hist, key=lambda h: h["score"])
+    assert f"kept epoch {best['epoch']}" in summary["router"]["selection"]
+    rows = [json.loads(line) for line in (tmp_path / "probe" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0].get("init") == "probe"
+    # Only router parameters were written by the init.
+    for module in model.routed_modules.values():
+        assert module.router.unwill.linear_2.bias.abs().sum() > 0

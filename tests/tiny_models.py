@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers as tf
 
@@ -58,22 +60,17 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\
 
 
 def tiny_tokenizer():
-    """A 128-token BPE tokenizer (pad=0, bos=1, eos=2) with a chat template, trained on mogu's prompts."""
+    """A 128-token BPE tokenizer (pad=0, bos=1, eos=2) with a chat template, trained on mogu's prompts.
+
+    Loaded from a frozen file: the BPE trainer breaks frequency ties in hash order, so retraining
+    gives different ids in each process and exact-token tests would flake across runs.
+    """
     global _TOKENIZER
     if _TOKENIZER is None:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
-        from mogu.data import builtin_prompts, refusal_templates
-
-        corpus = [r.prompt for name in ("harmful", "benign", "borderline") for r in builtin_prompts(name)]
-        corpus += refusal_templates()
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
-        trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                      limit_alphabet=60)
-        tok.train_from_iterator(corpus, trainer)
+        tok = Tokenizer.from_file(str(Path(__file__).parent / "fixtures" / "tiny_tokenizer.json"))
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                        eos_token="</s>", unk_token="<unk>")
         fast.chat_template = CHAT_TEMPLATE

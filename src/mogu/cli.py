@@ -192,6 +192,8 @@ def train(
     glad_lr: Optional[float] = typer.Option(None), unwill_lr: Optional[float] = typer.Option(None),
     router_lr: Optional[float] = typer.Option(None),
     router_loss_weight: Optional[float] = typer.Option(None, help="Lambda of the router weight loss (2.0)."),
+    router_init_refits: Optional[int] = typer.Option(None, help="Probe init: refit rounds under routing (1)."),
+    router_init_glad_bias: Optional[float] = typer.Option(None, help="Probe init: logit shift toward glad; raise it to cut over-refusal (0)."),
     max_response_tokens: Optional[int] = typer.Option(None, help="Response tokens trained on (48)."),
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints (50)."),
     seed: Optional[int] = typer.Option(None),
@@ -204,6 +206,7 @@ def train(
                  "glad.lr": glad_lr, "unwill.lr": unwill_lr, "router.lr": router_lr,
                  "router_loss_weight": router_loss_weight, "max_response_tokens": max_response_tokens,
                  "save_every": save_every, "seed": seed, "responder_loss": responder_loss, "router_init": router_init,
+                 "router_init_refits": router_init_refits, "router_init_glad_bias": router_init_glad_bias,
                  "stages": stages.split(",") if stages else None}
     train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume)
 

@@ -2,11 +2,19 @@
 
 The v1 scorer is an affine map before its sigmoid, factorised d -> h -> d -> 1. From a default
 (small) initialisation each factor's gradient is scaled by the other two, so a few hundred CPU
-steps barely move it. Instead, one no-grad pass collects the routed layers' inputs on the router
-set, a diagonal-covariance LDA probe (harmful vs benign) is fitted per layer, and the probe is
-written into the same factorised shapes so that ``W2 W1 W0 = w`` and ``W2 b1 + b2 = c`` exactly:
-training then starts from a router that already separates the classes. Shapes and parameter
-count are unchanged, so checkpoints stay v1-compatible.
+steps barely move it. Instead, no-grad passes collect the routed layers' inputs on the router
+set's prompts, an L2-regularised logistic-regression probe (harmful vs benign) is fitted per
+layer, and the probe is written into the same factorised shapes so that ``W2 W1 W0 = w`` and
+``W2 b1 + b2 = c`` exactly. Shapes and parameter count are unchanged (checkpoints stay v1).
+
+Two findings shape it (docs/RESULTS.md, "Router initialisation"):
+- Every prompt token is a training sample, not only the prompt's tail: the router acts on every
+  position, and a probe fitted on the tail alone sent the shared system-prompt tokens to the
+  unwilling expert, which leaked refusals into benign answers through the KV cache.
+- Each layer's input depends on the routing of the layers below, so a probe fitted with routing
+  off meets shifted features once routing is on. Refitting on features collected under the
+  current routing oscillates; refitting on the union of all rounds (as in DAgger) converges
+  after one round.
 """
 
 from __future__ import annotations
@@ -17,35 +25,36 @@ from .router import Scorer
 
 
 @torch.no_grad()
-def collect_features(model, batches, *, tail_prompt_tokens: int = 8,
-                     include_response: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per routed module: (features [N, d], labels [N]) from the prompt's last tokens.
+def collect_features(model, batches, *, mode: str = "off", max_tokens_per_batch: int = 256,
+                     seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per routed module: (features [N, d], labels [N]) from every prompt token, under ``mode`` routing.
 
-    Response tokens are left out by default: there the harmful class is refusal text, so a probe
-    fitted on them detects refusals rather than harmful requests and then reinforces itself while
-    generating.
+    Response tokens are left out: there the harmful class is refusal text, so a probe fitted on
+    them detects refusals rather than harmful requests and then reinforces itself while
+    generating. Tokens are subsampled per batch (seeded) to bound memory on large models.
     """
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in model.routed_modules}
     labels_out: list[torch.Tensor] = []
     hooks = []
     current: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(seed)
     for name, module in model.routed_modules.items():
         hooks.append(module.register_forward_pre_hook(lambda mod, args, name=name: current.__setitem__(name, args[0])))
     try:
-        with model.routing("off"):
+        with model.routing(mode):
             for batch, labels in batches:
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 resp = batch["labels"] != -100
-                # The prompt's last tokens carry the request; earlier ones (system prompt) are shared.
                 first = resp.float().argmax(dim=1)
-                positions = torch.arange(resp.shape[1]).unsqueeze(0)
-                keep = (positions >= (first - tail_prompt_tokens).unsqueeze(1)) & (positions < first.unsqueeze(1))
-                if include_response:
-                    keep |= resp
-                keep &= batch["attention_mask"].bool()
+                positions = torch.arange(resp.shape[1], device=resp.device).unsqueeze(0)
+                keep = (positions < first.unsqueeze(1)) & batch["attention_mask"].bool()
+                idx = keep.nonzero(as_tuple=False).cpu()
+                if len(idx) > max_tokens_per_batch:
+                    idx = idx[torch.randperm(len(idx), generator=gen)[:max_tokens_per_batch]]
+                rows, cols = idx[:, 0], idx[:, 1]
                 for name in feats:
-                    feats[name].append(current[name][keep].float().cpu())
-                labels_out.append(labels.view(-1, 1).expand_as(keep)[keep].float().cpu())
+                    feats[name].append(current[name][rows, cols].float().cpu())
+                labels_out.append(labels.cpu()[rows].float())
     finally:
         for h in hooks:
             h.remove()
@@ -53,18 +62,36 @@ def collect_features(model, batches, *, tail_prompt_tokens: int = 8,
     return {name: (torch.cat(chunks), y) for name, chunks in feats.items()}
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, margin: float = 3.0) -> tuple[torch.Tensor, float]:
-    """Diagonal LDA direction w and bias c with logits of about +margin (y=1) and -margin (y=0)."""
-    pos, neg = x[y > 0.5].double(), x[y <= 0.5].double()
-    if len(pos) == 0 or len(neg) == 0:
+def fit_probe(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, max_iter: int = 100) -> tuple[torch.Tensor, float]:
+    """Logistic-regression direction w and bias c (logit = x @ w + c), L2 on standardised features.
+
+    A diagonal-LDA probe, tried first, left the classes overlapping on held-out sets
+    (74% harmful / 15% benign flagged, against 92% / 3% for this probe; docs/RESULTS.md).
+    """
+    if not (y > 0.5).any() or not (y <= 0.5).any():
         raise ValueError("probe init needs both harmful and benign examples")
-    var = 0.5 * (pos.var(dim=0, unbiased=False) + neg.var(dim=0, unbiased=False)) + 1e-6
-    w = (pos.mean(0) - neg.mean(0)) / var
-    proj_pos, proj_neg = (pos @ w).mean(), (neg @ w).mean()
-    scale = 2 * margin / (proj_pos - proj_neg).clamp(min=1e-12)
-    w = w * scale
-    c = -0.5 * (proj_pos + proj_neg) * scale
-    return w, float(c)
+    x = x.double()
+    y = y.double()
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mu) / sd
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    # Class-balanced: both classes weigh the same whatever the token counts.
+    pos = float((y > 0.5).double().mean())
+    weight = torch.where(y > 0.5, 0.5 / pos, 0.5 / (1 - pos))
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, y, weight=weight)
+        loss = loss + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w_raw = (w / sd).detach()
+    return w_raw, float(b.detach() - (mu * w_raw).sum())
 
 
 @torch.no_grad()
@@ -89,16 +116,26 @@ def write_affine(scorer: Scorer, w: torch.Tensor, c: float, seed: int = 0) -> No
     scorer.linear_2.bias.fill_(c)
 
 
-def probe_init(model, batches, *, margin: float = 3.0, log=print) -> dict[str, float]:
-    """Initialise every router from per-layer probes; returns each layer's probe training accuracy."""
-    data = collect_features(model, batches)
-    accuracy = {}
-    for i, (name, module) in enumerate(model.routed_modules.items()):
-        x, y = data[name]
-        w, c = fit_probe(x, y, margin)
-        write_affine(module.router.unwill, w, c, seed=i)
-        write_affine(module.router.glad, -w, -c, seed=i + 10_000)
-        accuracy[name] = float((((x.double() @ w + c) > 0).double() == y.double()).double().mean())
-    accs = list(accuracy.values())
-    log(f"probe init: {len(accs)} routers, token accuracy min {min(accs):.3f} / mean {sum(accs) / len(accs):.3f}")
+def probe_init(model, batches, *, refits: int = 1, l2: float = 1e-2, glad_bias: float = 0.0,
+               log=print) -> dict[str, float]:
+    """Initialise every router from per-layer probes; returns each layer's probe training accuracy.
+
+    ``refits`` rounds re-collect features under the routing just written and refit on all rounds
+    so far. ``glad_bias`` shifts every scorer's logit toward the glad expert (u down, g up): the
+    operating point between over-refusal and missed harmful prompts.
+    """
+    rounds: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    accuracy: dict[str, float] = {}
+    for r in range(refits + 1):
+        rounds.append(collect_features(model, batches, mode="off" if r == 0 else "auto", seed=r))
+        for i, (name, module) in enumerate(model.routed_modules.items()):
+            x = torch.cat([d[name][0] for d in rounds])
+            y = torch.cat([d[name][1] for d in rounds])
+            w, c = fit_probe(x, y, l2=l2)
+            write_affine(module.router.unwill, w, c - glad_bias, seed=i)
+            write_affine(module.router.glad, -w, -c + glad_bias, seed=i + 10_000)
+            accuracy[name] = float((((x.double() @ w + c) > 0).double() == y.double()).double().mean())
+        accs = list(accuracy.values())
+        log(f"probe init round {r}: {len(accs)} routers, token accuracy min {min(accs):.3f} / "
+            f"mean {sum(accs) / len(accs):.3f} ({len(rounds[-1][next(iter(rounds[-1]))][1])} tokens)")
     return accuracy

@@ -81,7 +81,8 @@ def preset(name: str) -> dict[str, Any]:
         return {"stages": {"glad": StageConfig(epochs=1, lr=1e-3, batch_size=8, micro_batch_size=8, max_examples=64),
                            "unwill": StageConfig(epochs=1, lr=2e-3, batch_size=8, micro_batch_size=8,
                                                  max_examples=128),
-                           "router": StageConfig(epochs=1, lr=5e-4, batch_size=16, micro_batch_size=16)},
+                           "router": StageConfig(epochs=1, lr=5e-4, batch_size=16, micro_batch_size=16,
+                                                 max_examples=256)},
                 "responder_loss": "sft", "max_response_tokens": 32, "router_init": "probe"}
     raise ConfigError(f"unknown preset {name!r}; known: paper, cpu-fast")
 
@@ -102,7 +103,9 @@ class TrainConfig:
     # "default" (PyTorch init, as the reference) or "probe" (router_init.py: start from per-layer
     # linear probes fitted on the router set; same shapes, far fewer steps needed).
     router_init: str = "default"
-    router_init_examples: int = 128
+    router_init_examples: int = 512  # router-set rows whose prompt tokens feed the probes
+    router_init_refits: int = 1  # probe rounds under routing (router_init.py: one removes the feature shift)
+    router_init_glad_bias: float = 0.0  # logit shift toward glad: trades missed harmful for over-refusal
     max_response_tokens: int = 48  # response tokens trained on (routing acts on the first few)
     seed: int = 0
     save_every: int = 50  # optimizer steps between mid-epoch checkpoints
@@ -123,6 +126,12 @@ class TrainConfig:
             raise ConfigError("save_every must be >= 1")
         if self.router_init not in ("default", "probe"):
             raise ConfigError(f"router_init must be 'default' or 'probe', got {self.router_init!r}")
+        if not 0 <= self.router_init_refits <= 10:
+            raise ConfigError(f"router_init_refits must be in [0, 10], got {self.router_init_refits}")
+        if not -20 <= self.router_init_glad_bias <= 20:
+            raise ConfigError(f"router_init_glad_bias must be in [-20, 20], got {self.router_init_glad_bias}")
+        if self.router_init_examples < 2:
+            raise ConfigError("router_init_examples must be >= 2")
         if self.responder_loss not in ("ratio", "sft"):
             raise ConfigError(f"responder_loss must be 'ratio' or 'sft', got {self.responder_loss!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -335,11 +344,11 @@ class Trainer:
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
 
     # ---- data
-    def _rows(self, stage: str) -> list[dict]:
+    def _rows(self, stage: str, capped: bool = True) -> list[dict]:
         required = {"glad": ("prompt", "comply", "refuse"), "unwill": ("prompt", "refuse", "comply"),
                     "router": ("prompt", "response", "label")}[stage]
         rows = load_stage_file(self.data_dir / STAGE_FILES[stage], required)
-        cap = self.cfg.stages[stage].max_examples
+        cap = self.cfg.stages[stage].max_examples if capped else None
         return rows[:cap] if cap else rows
 
     def _encode(self, stage: str, rows: list[dict]) -> list:
@@ -444,7 +453,8 @@ class Trainer:
         if stage == "router" and self.cfg.router_init == "probe" and ckpt is None:
             from .router_init import probe_init
 
-            sample = examples[: self.cfg.router_init_examples]
+            # Probes are cheap (no-grad passes): they see router rows beyond a training cap.
+            sample = self._encode(stage, self._rows(stage, capped=False)[: self.cfg.router_init_examples])
             pad, device = self.tokenizer.pad_token_id, acc.device
             batches = []
             for i in range(0, len(sample), scfg.micro_batch_size):
@@ -452,7 +462,20 @@ class Trainer:
                 batch = {k: v.to(device) for k, v in collate([e[0] for e in chunk], pad).items()}
                 batches.append((batch, torch.tensor([e[1] for e in chunk], device=device)))
             model.eval()
-            probe_init(model, batches, log=self.log)
+            probe_init(model, batches, refits=self.cfg.router_init_refits, glad_bias=self.cfg.router_init_glad_bias,
+                       log=self.log)
+            if dev:
+                # The probe-initialised routers compete in checkpoint selection like any epoch,
+                # so a short CPU run that drifts from a good start keeps the start.
+                scores = score_stage(stage, model, self.tokenizer, dev, self.cfg)
+                entry = {"epoch": -1, "step": 0, **scores}
+                history.append(entry)
+                self._append_metrics({"stage": stage, "step": 0, "dev": scores, "init": "probe"})
+                self.log(f"[{stage}] probe init: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+                best = {**entry, "tensors": self._snapshot(stage)}
+                if acc.is_main_process:
+                    self._stage_dir(stage).mkdir(parents=True, exist_ok=True)
+                    save_file(best["tensors"], str(self._stage_dir(stage) / "best.safetensors"))
         model.set_routing(STAGE_MODES[stage])
         model.train()
         from tqdm.auto import tqdm
