@@ -137,3 +137,15 @@ def test_cli_eval_errors(tmp_path):
     assert r.exit_code != 0 and "unknown defense 'bogus'" in str(r.exception or r.output)
     r = CliRunner().invoke(app, ["eval", "--list", "--model", "x", "--out", str(tmp_path)])
     assert r.exit_code == 0 and "advbench" in r.output and "safedecoding" in r.output
+
+
+def test_sft_defense_finds_the_router_set_of_the_training_run(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "router.jsonl").write_text('{"prompt": "p", "response": "r", "label": 0}\n')
+    (tmp_path / "train" / "model").mkdir(parents=True)
+    (tmp_path / "train" / "run.json").write_text(json.dumps({"args": {"train_config": {"data_dir": str(data)}}}))
+    r = EvalRunner(_cfg(tmp_path, model=str(tmp_path / "train" / "model")), log=lambda m: None)
+    assert r._training_router_set() == data / "router.jsonl"
+    r = EvalRunner(_cfg(tmp_path, model=str(tmp_path / "elsewhere")), log=lambda m: None)
+    assert r._training_router_set() is None

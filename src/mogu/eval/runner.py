@@ -175,7 +175,24 @@ class EvalRunner:
         model, tok = self.load_model()
         base = self.mogu.base_model if self.mogu is not None else model
         opts = dict(self.cfg.defense_options.get(name, {}))
+        if name == "sft" and not ({"data", "adapter"} & set(opts)):
+            found = self._training_router_set()
+            if found is not None:
+                self.log(f"sft: training on {found} (the router set this MoGU checkpoint was trained on)")
+                opts["data"] = str(found)
         return build_defense(name, model=base, tokenizer=tok, mogu_model=self.mogu, **opts)
+
+    def _training_router_set(self) -> Path | None:
+        """router.jsonl of the `mogu train` run that wrote --model, when it can be found (its run.json)."""
+        run = Path(self.cfg.model).parent / "run.json"
+        try:
+            data_dir = json.loads(run.read_text())["args"]["train_config"]["data_dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        for candidate in (Path(data_dir), run.parent / data_dir, Path.cwd() / data_dir):
+            if (candidate / "router.jsonl").is_file():
+                return candidate / "router.jsonl"
+        return None
 
     # -- stages ---------------------------------------------------------------------------
     def generate(self, sets: dict[str, list]) -> list[dict]:
