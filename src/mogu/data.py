@@ -102,6 +102,18 @@ def _pick(row: dict[str, Any], field: str | None, candidates: tuple[str, ...], w
     return None
 
 
+def json_list(data: Any, source: str | Path) -> list:
+    """A JSON document's record list: the list itself, or the one list inside an object ({"prompts": [...]})."""
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{source}: expected a JSON list, or an object holding exactly one list")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{source}: expected a JSON list, got {type(data).__name__}")
+    return data
+
+
 def read_rows(source: str | Path) -> list[dict[str, Any]]:
     """Rows of a jsonl / json / csv / txt file, or of a Hugging Face dataset id (``id`` or ``id:split``)."""
     path = Path(source)
@@ -123,13 +135,7 @@ def read_rows(source: str | Path) -> list[dict[str, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{source}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise DataError(f"{source}: expected a JSON list, or an object holding exactly one list")
-            data = lists[0]
-        if not isinstance(data, list):
-            raise DataError(f"{source}: expected a JSON list")
+        data = json_list(data, source)
         rows = []
         for i, item in enumerate(data):
             if isinstance(item, str):

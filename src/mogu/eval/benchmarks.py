@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from ..data import json_list
 from ..errors import ConfigError, DataError
 
 DATA_DIR_ENV = "MOGU_DATA_DIR"
@@ -569,14 +570,7 @@ def _generic_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if suffix == ".jsonl":
         items = [(f"{path}:{n}", obj) for n, obj in _read_jsonl(path)]
     elif suffix == ".json":
-        data = _read_json(path)
-        if isinstance(data, dict):  # e.g. {"prompts": [...]}
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise DataError(f"{path}: expected a JSON list, or an object holding exactly one list")
-            data = lists[0]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list, got {type(data).__name__}")
+        data = json_list(_read_json(path), path)  # a list, or e.g. {"prompts": [...]}
         items = [(f"{path}: item {i}", obj) for i, obj in enumerate(data)]
     elif suffix == ".csv":
         items = [(f"{path}:{n}", row) for n, row in _read_csv(path)]
