@@ -55,7 +55,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from ..data import json_list
 from ..errors import ConfigError, DataError
 
 DATA_DIR_ENV = "MOGU_DATA_DIR"
@@ -570,6 +569,8 @@ def _generic_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if suffix == ".jsonl":
         items = [(f"{path}:{n}", obj) for n, obj in _read_jsonl(path)]
     elif suffix == ".json":
+        from ..data import json_list  # lazy: mogu.data imports the judges, whose package imports this module
+
         data = json_list(_read_json(path), path)  # a list, or e.g. {"prompts": [...]}
         items = [(f"{path}: item {i}", obj) for i, obj in enumerate(data)]
     elif suffix == ".csv":
