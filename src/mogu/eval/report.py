@@ -146,11 +146,15 @@ def plot_pareto(metrics: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.5))
     front = set(metrics["pareto_front"])
+    # Defenses with the same rates share one point and one label, so labels never overprint.
+    groups: dict[tuple[float, float], list[str]] = {}
     for d, s in pts.items():
-        x, y = s["benign_refusal"]["rate"], s["harmful_refusal"]["rate"]
-        ax.scatter([x], [y], s=60, marker="*" if d == "mogu" else "o",
-                   color="tab:red" if d == "mogu" else ("tab:blue" if d in front else "tab:gray"), zorder=3)
-        ax.annotate(d, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
+        groups.setdefault((s["benign_refusal"]["rate"], s["harmful_refusal"]["rate"]), []).append(d)
+    for (x, y), names in groups.items():
+        star = "mogu" in names
+        ax.scatter([x], [y], s=60, marker="*" if star else "o",
+                   color="tab:red" if star else ("tab:blue" if set(names) & front else "tab:gray"), zorder=3)
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
     fr = sorted((pts[d]["benign_refusal"]["rate"], pts[d]["harmful_refusal"]["rate"]) for d in front if d in pts)
     if len(fr) > 1:
         ax.plot([p[0] for p in fr], [p[1] for p in fr], "--", color="tab:blue", lw=1, zorder=2, label="Pareto front")
