@@ -46,6 +46,7 @@ Any other name: an existing .jsonl/.json/.csv/.txt file (text from ``prompt_fiel
 
 from __future__ import annotations
 
+import abc
 import csv
 import io
 import json
@@ -166,7 +167,7 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return Path(value).expanduser() if value is not None else None
 
 
-class Benchmark:
+class Benchmark(abc.ABC):
     """A registered prompt set. Subclasses set ``description``, ``files`` (sub-paths of the data dir,
     ``{option}`` placeholders filled from the options), ``options`` (name -> default), optional
     ``choices`` (name -> allowed values), and implement ``load()``."""
@@ -190,8 +191,9 @@ class Benchmark:
         self.data_dir = resolve_data_dir(data_dir)
         self.seed = seed
 
+    @abc.abstractmethod
     def load(self) -> list[EvalPrompt]:
-        raise NotImplementedError
+        """The benchmark's prompts, in file order, filtered by the options."""
 
     # helpers for subclasses
     def candidates(self, relpaths: tuple[str, ...] | None = None) -> list[Path]:
