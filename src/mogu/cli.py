@@ -121,18 +121,26 @@ def data_build(
     typer.echo(json.dumps({k: v for k, v in stats.items() if k != "sha256"}, indent=2))
 
 
-def _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens):
+def _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens,
+                 version: str = "v1"):
     from .config import MoGUConfig
+    from .errors import ConfigError
 
-    return MoGUConfig(target_modules=target_modules.split(",") if target_modules else None,
-                      routed_layers=[int(x) for x in routed_layers.split(",")] if routed_layers else None,
-                      r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, router_hidden=router_hidden,
-                      route_tokens=route_tokens or None)
+    layers = None
+    if routed_layers and routed_layers not in ("all", "probe"):
+        try:
+            layers = [int(x) for x in routed_layers.split(",")]
+        except ValueError:
+            raise ConfigError(f"--routed-layers takes comma-separated integers, 'all' or 'probe', got {routed_layers!r}") from None
+    return MoGUConfig(version=version, target_modules=target_modules.split(",") if target_modules else None,
+                      routed_layers=layers, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      router_hidden=router_hidden, route_tokens=route_tokens or None)
 
 
 def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_overrides: dict,
                 preset_name: str = "paper", resume: bool = False, model=None, tokenizer=None,
-                progress: bool = True):
+                progress: bool = True, layer_selection: dict | None = None):
+    """Train a MoGU model; ``layer_selection`` (select_layers overrides) first picks routed layers by probe."""
     from .model import MoGUModel
     from .training import TrainConfig, preset
 
@@ -153,6 +161,15 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
         stages = {k: v for k, v in stages.items() if k in only}
     cfg = TrainConfig(data_dir=str(data), output_dir=str(out), stages=stages, **top)
     cfg.validate()
+    if layer_selection is not None and not isinstance(model, MoGUModel):
+        if model is None:
+            from .loading import load_base_model
+
+            model, tokenizer = load_base_model(model_name)
+            mogu_config.base_model_name_or_path = model_name
+        mogu_config.routed_layers = _probe_selected_layers(model, tokenizer, data, out, cfg, layer_selection,
+                                                           mogu_config.target_modules, resume=resume)
+        mogu_config.validate()
     if model is None:
         model = MoGUModel.from_base(model_name, mogu_config)
     elif not isinstance(model, MoGUModel):
@@ -164,6 +181,28 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     final = model.save_pretrained(out / "model", extra_card=_training_card(summary))
     _echo(f"saved MoGU model to {final}")
     return model, summary
+
+
+def _probe_selected_layers(model, tokenizer, data: Path, out: Path, cfg, selection: dict, target_modules,
+                           *, resume: bool) -> list[int]:
+    """Routed layers picked by per-layer probes on the router set (MoGU v2); saved to out/probe/."""
+    from .data import STAGE_FILES, load_stage_file
+    from .probe import DEFAULT_SELECTION, ProbeReport, collect_layer_features, probe_layers
+
+    rule = {**DEFAULT_SELECTION, **selection}
+    saved = out / "probe" / "probe.json"
+    if resume and saved.is_file():  # the layers of the interrupted run, not a refit
+        report = ProbeReport.load(saved)
+    else:
+        rows = load_stage_file(data / STAGE_FILES["router"], ("prompt", "label"))[: cfg.router_init_examples]
+        prompts = [r["prompt"] for r in rows]
+        labels = [int(r["label"]) for r in rows]
+        features = collect_layer_features(model, tokenizer, prompts, target_modules=target_modules, progress=True)
+        report = probe_layers(features, labels, seed=cfg.seed, target_modules=target_modules)
+    layers = report.select(**rule)  # recorded in the report, so the saved probe.json names the layers
+    report.save(out / "probe")
+    _echo(f"probe-selected routed layers ({', '.join(f'{k}={v}' for k, v in rule.items())}): {layers}")
+    return layers
 
 
 def _training_card(summary: dict) -> str:
@@ -184,13 +223,21 @@ def train(
     responder_loss: Optional[str] = typer.Option(None, help="'ratio' (paper) or 'sft' (CE on the target)."),
     router_init: Optional[str] = typer.Option(None, help="'default' (paper) or 'probe' (start from per-layer linear probes)."),
     target_modules: Optional[str] = typer.Option(None, help="Comma-separated module suffixes to wrap (default: per family)."),
-    routed_layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices (default: all)."),
+    version: str = typer.Option("v1", help="'v1' (MoGU) or 'v2' (probe-selected layers, light routers, joint stage)."),
+    routed_layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices, 'all', or 'probe' (select with "
+                                                "`mogu probe`'s rule). Default: all for v1, probe for v2."),
+    select_top_k: Optional[int] = typer.Option(None, help="Probe selection: keep the k best layers."),
+    select_threshold: Optional[float] = typer.Option(None, help="Probe selection: keep layers at or above this held-out score."),
     r: int = typer.Option(8), lora_alpha: float = typer.Option(16.0), lora_dropout: float = typer.Option(0.05),
-    router_hidden: int = typer.Option(512), route_tokens: int = typer.Option(5, help="0 routes every token."),
+    router_hidden: Optional[int] = typer.Option(None, help="Router width (default 512 for v1, 16 for v2)."),
+    route_tokens: int = typer.Option(5, help="0 routes every token."),
     glad_epochs: Optional[float] = typer.Option(None), unwill_epochs: Optional[float] = typer.Option(None),
     router_epochs: Optional[float] = typer.Option(None),
     glad_lr: Optional[float] = typer.Option(None), unwill_lr: Optional[float] = typer.Option(None),
     router_lr: Optional[float] = typer.Option(None),
+    joint_experts: Optional[bool] = typer.Option(None, "--joint-experts/--frozen-experts",
+                                                 help="Router stage also trains the experts (default: on for v2)."),
+    joint_expert_lr: Optional[float] = typer.Option(None, help="Experts' learning rate in the joint stage."),
     router_loss_weight: Optional[float] = typer.Option(None, help="Lambda of the router weight loss (2.0)."),
     router_init_refits: Optional[int] = typer.Option(None, help="Probe init: refit rounds under routing (1)."),
     router_init_glad_bias: Optional[float] = typer.Option(None, help="Probe init: logit shift toward glad; raise it to cut over-refusal (0)."),
@@ -201,14 +248,19 @@ def train(
 ):
     """Train glad -> unwill -> router on a frozen base model."""
     _setup_torch(threads)
-    cfg = _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens)
-    overrides = {"glad.epochs": glad_epochs, "unwill.epochs": unwill_epochs, "router.epochs": router_epochs,
+    cfg = _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens,
+                       version=version)
+    selection = None
+    if routed_layers == "probe" or (routed_layers is None and version == "v2"):
+        selection = {k: v for k, v in {"top_k": select_top_k, "threshold": select_threshold}.items() if v is not None}
+    overrides = {"joint_experts": joint_experts, "joint_expert_lr": joint_expert_lr,"glad.epochs": glad_epochs, "unwill.epochs": unwill_epochs, "router.epochs": router_epochs,
                  "glad.lr": glad_lr, "unwill.lr": unwill_lr, "router.lr": router_lr,
                  "router_loss_weight": router_loss_weight, "max_response_tokens": max_response_tokens,
                  "save_every": save_every, "seed": seed, "responder_loss": responder_loss, "router_init": router_init,
                  "router_init_refits": router_init_refits, "router_init_glad_bias": router_init_glad_bias,
                  "stages": stages.split(",") if stages else None}
-    train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume)
+    train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume,
+                layer_selection=selection)
 
 
 def _gen_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
@@ -256,14 +308,24 @@ def generate(
 
 @app.command()
 def chat(
-    model: str = typer.Option(..., help="MoGU checkpoint folder, or a base model."),
+    model: Optional[str] = typer.Option(None, help="MoGU checkpoint folder, or a base model. With --url: the served model's name (default: the server's first)."),
     max_new_tokens: int = typer.Option(256, min=1, max=8192),
     temperature: float = typer.Option(0.0, min=0.0, max=5.0),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     system: Optional[str] = typer.Option(None, help="System prompt (default: the template's)."),
+    url: Optional[str] = typer.Option(None, help="Chat with a running `mogu serve` (or any OpenAI-compatible server), e.g. http://127.0.0.1:8000/v1."),
+    api_key: Optional[str] = typer.Option(None, envvar="MOGU_API_KEY", help="Bearer key for --url (env MOGU_API_KEY)."),
     threads: Optional[int] = typer.Option(None),
 ):
     """Interactive chat that streams tokens. Empty line or Ctrl-D quits; /reset clears history."""
+    if url:
+        from .serve import chat_remote
+
+        chat_remote(url, api_key=api_key, model=model, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, system=system, echo=typer.echo)
+        return
+    if not model:
+        raise MoGUError("chat needs --model (a local model) or --url (a running server)")
     from transformers import TextStreamer
 
     from .inference import load_for_inference
@@ -411,6 +473,170 @@ def demo(
     typer.echo(f"| benign ({len(benign)}) | {rates['benign_dev_refusal_before']:.0%} | {rates['benign_dev_refusal_after']:.0%} |")
     typer.echo(f"\nwall time {wall / 60:.1f} min; model saved to {out / 'train' / 'model'}; "
                f"chat with: mogu chat --model {out / 'train' / 'model'}")
+
+
+@app.command()
+def probe(
+    out: Path = typer.Option(..., help="Output folder: probe.json, probe.png, run.json (e.g. beside the checkpoint)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Base model (folder, Hub id, the embedded default) or a MoGU checkpoint (probed with routing off)."),
+    harmful: str = typer.Option(BUILTIN, help="Harmful prompts: 'builtin' (train split), files (comma-separated) or a Hub dataset id. The dev split is left out, as in `mogu data build`."),
+    benign: str = typer.Option(BUILTIN, help="Benign prompts: 'builtin' (benign + borderline, train split), files or a Hub dataset id."),
+    field: Optional[str] = typer.Option(None, help="Prompt field/column name (default: guessed)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most N prompts per class (seeded sample)."),
+    folds: int = typer.Option(5, min=2, max=100, help="Stratified k-fold splits."),
+    seed: int = typer.Option(0),
+    pooling: Optional[str] = typer.Option(None, help="Selection pooling: mean or last (default: mogu.probe.DEFAULT_SELECTION)."),
+    metric: Optional[str] = typer.Option(None, help="Selection metric: accuracy, balanced_accuracy or auroc (default: DEFAULT_SELECTION)."),
+    top_k: Optional[int] = typer.Option(None, help="Keep the k best layers (with --threshold: the k best of those passing)."),
+    threshold: Optional[float] = typer.Option(None, help="Keep layers whose metric is >= this (0..1); none passing falls back to the best layer."),
+    target_modules: Optional[str] = typer.Option(None, help="Comma-separated module suffixes to probe (default: per family)."),
+    batch_size: int = typer.Option(16, min=1, max=1024),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Linear probes per layer (harmful vs benign) on the routed modules' inputs; select router layers."""
+    import warnings
+
+    from .inference import load_for_inference
+    from .io import atomic_write_text, run_record
+    from .probe import DEFAULT_SELECTION, METRICS, POOLINGS, run_probe
+
+    _setup_torch(threads)
+    rule = {"pooling": pooling or DEFAULT_SELECTION["pooling"], "metric": metric or DEFAULT_SELECTION["metric"]}
+    if top_k is None and threshold is None:
+        rule.update(top_k=DEFAULT_SELECTION["top_k"], threshold=DEFAULT_SELECTION["threshold"])
+    else:
+        rule.update(top_k=top_k, threshold=threshold)
+    if rule["pooling"] not in POOLINGS or rule["metric"] not in METRICS:
+        raise MoGUError(f"--pooling must be one of {', '.join(POOLINGS)} and --metric one of {', '.join(METRICS)}")
+    if rule["threshold"] is not None and not 0.0 <= rule["threshold"] <= 1.0:
+        raise MoGUError(f"--threshold must be in [0, 1], got {rule['threshold']}")
+    if rule["top_k"] is not None and rule["top_k"] < 1:
+        raise MoGUError(f"--top-k must be >= 1, got {rule['top_k']}")
+    harm = [r.prompt for r in _records(harmful, harmful=True, field=field, output_field=None, seed=seed)
+            if r.split != "dev"]
+    ben = [r.prompt for r in _records(benign, harmful=False, field=field, output_field=None, seed=seed)
+           if r.split != "dev"]
+    t0 = time.perf_counter()
+    m, tok, is_mogu = load_for_inference(model)
+    model_id = (m.config.base_model_name_or_path or model) if is_mogu else model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        report = run_probe(m, tok, harm, ben, folds=folds, seed=seed, limit=limit, batch_size=batch_size,
+                           target_modules=_csv(target_modules) if target_modules else None, model_id=model_id,
+                           selection=rule, progress=True)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and "falling back" in str(w.message):
+            _echo(f"warning: {w.message}")
+    report.extra.update(source=model, is_mogu_checkpoint=is_mogu, wall_s=round(time.perf_counter() - t0, 1))
+    report.save(out)
+    atomic_write_text(out / "run.json", json.dumps(run_record(
+        {"model": model, "harmful": harmful, "benign": benign, "field": field, "limit": limit, "folds": folds,
+         "seed": seed, "selection": rule, "target_modules": target_modules, "batch_size": batch_size}), indent=2))
+    typer.echo(report.to_markdown())
+    layers = report.selection["layers"]
+    typer.echo(f"\nselected layers: {','.join(map(str, layers))}  (wrote {out}/probe.json, probe.png, run.json)")
+
+
+convert_app = typer.Typer(help="Import experts and routers from other formats.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("reference")
+def convert_reference_command(
+    glad: Path = typer.Option(..., help="The authors' resp_glad/<step>_lora folder (PEFT LoRA)."),
+    unwill: Path = typer.Option(..., help="The authors' resp_unwill/<step>_lora folder (PEFT LoRA)."),
+    router: Path = typer.Option(..., help="router_layer/<step>_router.pth (read weights-only) or a .safetensors copy."),
+    base: str = typer.Option(..., help="Base model: folder or Hub id (only its config is read), e.g. meta-llama/Llama-2-7b-chat-hf."),
+    out: Path = typer.Option(..., help="Output MoGU checkpoint folder (written only if every file validates)."),
+    target_modules: Optional[str] = typer.Option(None, help="Comma-separated module suffixes (default: per family)."),
+    route_tokens: int = typer.Option(5, help="Routed generated tokens before the base model takes over; 0 routes every token."),
+    revision: Optional[str] = typer.Option(None, help="Base model revision on the Hub."),
+):
+    """Convert the MoGU authors' released parameters (Llama2 / Vicuna / Falcon) into a mogu checkpoint."""
+    from .interop import convert_reference
+
+    path = convert_reference(glad, unwill, router, base, out, route_tokens=route_tokens or None, revision=revision,
+                             target_modules=_csv(target_modules) if target_modules else None)
+    typer.echo(f"wrote {path}; chat with: mogu chat --model {path}")
+
+
+@convert_app.command("peft")
+def convert_peft_command(
+    glad: Path = typer.Option(..., help="PEFT LoRA adapter folder to use as the glad (answering) expert."),
+    unwill: Path = typer.Option(..., help="PEFT LoRA adapter folder to use as the unwilling (refusing) expert."),
+    base: Optional[str] = typer.Option(None, help="Base model folder or Hub id (default: the adapters' base)."),
+    out: Path = typer.Option(..., help="Output MoGU checkpoint folder (routers freshly initialised)."),
+    target_modules: Optional[str] = typer.Option(None, help="Comma-separated module suffixes; must select the adapters' modules."),
+    r: Optional[int] = typer.Option(None, help="Expected LoRA rank (checked against the adapters)."),
+    lora_alpha: Optional[float] = typer.Option(None, help="Expected lora_alpha (checked against the adapters)."),
+    router_hidden: Optional[int] = typer.Option(None, help="Router hidden size (default: per version)."),
+    route_tokens: int = typer.Option(5, help="0 routes every token."),
+    version: str = typer.Option("v1", help="v1 or v2."),
+    revision: Optional[str] = typer.Option(None, help="Base model revision on the Hub."),
+):
+    """Import two PEFT LoRA adapters as the glad / unwill experts of a new MoGU model."""
+    from .interop import convert_peft
+
+    path = convert_peft(glad, unwill, base, out, revision=revision, r=r, lora_alpha=lora_alpha,
+                        target_modules=_csv(target_modules) if target_modules else None,
+                        router_hidden=router_hidden, route_tokens=route_tokens or None, version=version)
+    typer.echo(f"wrote {path}; train the routers with: mogu train --stages router ... (or --resume)")
+
+
+@app.command("export")
+def export_command(
+    model: Path = typer.Option(..., help="MoGU checkpoint folder."),
+    out: Path = typer.Option(..., help="Output folder: the adapter itself, or glad/ and unwill/ with --expert both."),
+    expert: str = typer.Option("both", help="glad | unwill | both"),
+):
+    """Export the experts as standard PEFT LoRA folders (PeftModel.from_pretrained, vLLM multi-LoRA, ...)."""
+    from .interop import export_experts
+
+    path = export_experts(model, out, expert)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("push")
+def push_command(
+    model: Path = typer.Option(..., help="MoGU checkpoint folder."),
+    repo_id: str = typer.Option(..., help="Hub repository, e.g. you/mogu-llama2."),
+    private: bool = typer.Option(False, help="Create the repository as private."),
+    metrics: Optional[Path] = typer.Option(None, help="A `mogu eval` metrics.json (or its folder) to put in the model card."),
+    license: Optional[str] = typer.Option(None, help="License id for the card's metadata (e.g. the base model's)."),
+    commit_message: str = typer.Option("Upload MoGU model"),
+    revision: Optional[str] = typer.Option(None, help="Branch to push to."),
+    token: Optional[str] = typer.Option(None, help="Hub token (default: HF_TOKEN or the cached login)."),
+):
+    """Upload a checkpoint folder to the Hugging Face Hub (the model card is refreshed first)."""
+    from .interop import push_to_hub
+
+    commit = push_to_hub(model, repo_id, token=token, private=private, commit_message=commit_message,
+                         revision=revision, metrics=metrics, license=license)
+    typer.echo(f"pushed {model} to {getattr(commit, 'commit_url', None) or repo_id}")
+
+
+@app.command("serve")
+def serve_command(
+    model: str = typer.Option(..., help="MoGU checkpoint folder (or a base model: served without routing)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    api_key: Optional[str] = typer.Option(None, envvar="MOGU_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (env MOGU_API_KEY)."),
+    model_name: Optional[str] = typer.Option(None, help="Model id clients send and /v1/models lists (default: the --model value)."),
+    max_batch_size: int = typer.Option(8, min=1, max=256, help="Requests generated together in one batch."),
+    max_queue: int = typer.Option(64, min=1, help="Waiting requests beyond which the server answers 429."),
+    batch_wait_ms: float = typer.Option(10.0, min=0.0, help="How long the worker waits for a batch to fill."),
+    max_tokens_limit: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
+    max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest request body (413 beyond)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+):
+    """Serve a model behind an OpenAI-compatible API: /v1/chat/completions (SSE streaming), /v1/models, /health."""
+    from .serve import serve
+
+    _setup_torch(threads)
+    serve(model, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
+          max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit,
+          max_body_bytes=max_body_bytes, log_level=log_level, echo=_echo)
 
 
 def main() -> None:

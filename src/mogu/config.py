@@ -11,6 +11,10 @@ from .errors import ConfigError
 
 CONFIG_NAME = "mogu_config.json"
 VERSIONS = ("v1", "v2")
+# Router width d -> h -> d -> 1 per version when not given. The scorer is affine before its sigmoid,
+# so h changes parameter count and optimisation, never what a scorer can express; v2's default
+# is the ablation's choice (docs/RESULTS.md, "MoGU v2").
+DEFAULT_ROUTER_HIDDEN = {"v1": 512, "v2": 16}
 
 
 @dataclass
@@ -22,6 +26,11 @@ class MoGUConfig:
     ``routed_layers=None`` routes every decoder layer. ``route_tokens`` is how
     many generated tokens the routed model picks before the base model takes
     over (None routes every token).
+
+    ``version="v2"`` (MoGU v2) changes defaults, not the layer formula: a lighter
+    router (``router_hidden`` defaults to ``DEFAULT_ROUTER_HIDDEN["v2"]``), routers and
+    experts only in ``routed_layers`` (``mogu train --version v2`` picks them with
+    ``mogu probe``), and a router stage that trains the experts jointly.
     """
 
     version: str = "v1"
@@ -30,7 +39,7 @@ class MoGUConfig:
     r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    router_hidden: int = 512
+    router_hidden: int | None = None  # None: DEFAULT_ROUTER_HIDDEN[version]
     route_tokens: int | None = 5
     # Filled in by MoGUModel.from_base so a checkpoint knows what it belongs to.
     base_model_name_or_path: str | None = None
@@ -49,6 +58,8 @@ class MoGUConfig:
     def validate(self) -> None:
         if self.version not in VERSIONS:
             raise ConfigError(f"version must be one of {VERSIONS}, got {self.version!r}")
+        if self.router_hidden is None:
+            self.router_hidden = DEFAULT_ROUTER_HIDDEN[self.version]
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         if self.target_modules is not None:

@@ -251,8 +251,14 @@ class MoGUModel(nn.Module):
             for expert in EXPERTS:
                 self._write_adapter(expert, tmp / expert)
             save_file(self.router_state_dict(), str(tmp / ROUTER_FILE), metadata={"format": "pt"})
-            (tmp / "README.md").write_text(model_card(self, extra=extra_card))
+            (tmp / "README.md").write_text(model_card(self, extra=extra_card, directory=directory))
         return directory
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Save to a temporary folder and upload it to the Hub (see ``mogu.interop.push_to_hub``)."""
+        from .interop import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base_model: nn.Module | str | None = None, *,

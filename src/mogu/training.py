@@ -3,7 +3,8 @@
 - glad:   CE(comply) / CE(refuse) on harmful prompts; trains only the glad expert.
 - unwill: CE(refuse) / CE(comply) on benign prompts; trains only the unwill expert.
 - router: CE(target) + lambda * [MSE(u, t_u) + MSE(g, t_g)] over all routed layers and
-          non-pad tokens, targets (1, 0) for harmful and (0, 1) for benign; trains only routers.
+          non-pad tokens, targets (1, 0) for harmful and (0, 1) for benign; trains only routers
+          (v1), or routers and both experts with their own learning rate (v2's joint stage).
 
 The backbone stays frozen throughout. Checkpoints are atomic folders holding only the
 stage's trainable tensors, the optimizer state and the data position, so ``resume=True``
@@ -106,6 +107,11 @@ class TrainConfig:
     router_init_examples: int = 512  # router-set rows whose prompt tokens feed the probes
     router_init_refits: int = 1  # probe rounds under routing (router_init.py: one removes the feature shift)
     router_init_glad_bias: float = 0.0  # logit shift toward glad: trades missed harmful for over-refusal
+    # v2's joint stage: the router stage also trains both experts (None: on for v2 models, off for v1).
+    # Roles stay put because an expert's gradient is scaled by its routing weight: unwill learns
+    # from the tokens routed to it (harmful prompts, refusal targets), glad from the benign ones.
+    joint_experts: bool | None = None
+    joint_expert_lr: float = 1e-4
     max_response_tokens: int = 48  # response tokens trained on (routing acts on the first few)
     seed: int = 0
     save_every: int = 50  # optimizer steps between mid-epoch checkpoints
@@ -134,6 +140,8 @@ class TrainConfig:
             raise ConfigError("router_init_examples must be >= 2")
         if self.responder_loss not in ("ratio", "sft"):
             raise ConfigError(f"responder_loss must be 'ratio' or 'sft', got {self.responder_loss!r}")
+        if not 0 < self.joint_expert_lr < 1:
+            raise ConfigError(f"joint_expert_lr must be in (0, 1), got {self.joint_expert_lr}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError("mixed_precision must be no, fp16 or bf16")
 
@@ -300,6 +308,7 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
         self.model.to(self.accelerator.device)
         self.metrics_path = self.out / "metrics.jsonl"
+        self.joint = cfg.joint_experts if cfg.joint_experts is not None else model.config.version == "v2"
 
     # ---- bookkeeping
     def _stage_dir(self, stage: str) -> Path:
@@ -310,9 +319,22 @@ class Trainer:
 
     def _stage_params(self, stage: str) -> dict[str, torch.nn.Parameter]:
         model = self.model
-        params = model.router_parameters() if stage == "router" else model.expert_parameters(stage)
+        if stage == "router":
+            params = model.router_parameters()
+            if self.joint:
+                params = params + model.expert_parameters("glad") + model.expert_parameters("unwill")
+        else:
+            params = model.expert_parameters(stage)
         names = {id(p): n for n, p in model.named_parameters()}
         return {names[id(p)]: p for p in params}
+
+    def _param_groups(self, stage: str, params: dict[str, torch.nn.Parameter], lr: float) -> list[dict]:
+        """One AdamW group per learning rate: in the joint stage the experts get ``joint_expert_lr``."""
+        if stage != "router" or not self.joint:
+            return [{"params": list(params.values()), "lr": lr}]
+        router_ids = {id(p) for p in self.model.router_parameters()}
+        return [{"params": [p for p in params.values() if id(p) in router_ids], "lr": lr},
+                {"params": [p for p in params.values() if id(p) not in router_ids], "lr": self.cfg.joint_expert_lr}]
 
     def _snapshot(self, stage: str) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self._stage_params(stage).items()}
@@ -430,7 +452,7 @@ class Trainer:
         dev = load_stage_file(dev_path, ("prompt", "harmful")) if dev_path.is_file() else []
         params = self._stage_params(stage)
         model.set_trainable(list(params.values()))
-        optimizer = torch.optim.AdamW(list(params.values()), lr=scfg.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(self._param_groups(stage, params, scfg.lr), lr=scfg.lr, weight_decay=0.0)
         optimizer = acc.prepare(optimizer)
         steps_per_epoch = math.ceil(len(self._epoch_order(len(examples), 0)) / scfg.batch_size)
         total_steps = max(1, math.ceil(steps_per_epoch * scfg.epochs))
