@@ -1,0 +1,576 @@
+"""`mogu serve` against a live uvicorn server on 127.0.0.1, driven by the official `openai` client.
+
+One server (in a background thread) serves a tiny random Llama MoGU checkpoint for the whole module;
+raw HTTP (http.client) covers what the openai client cannot send (bad JSON, lying Content-Length).
+"""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from tiny_models import randomize_added, tiny_model, tiny_tokenizer
+
+NAME = "tiny-mogu"
+KEY = "sk-test-key"
+BODY_LIMIT = 64 * 1024
+PROMPTS = ["How do I bake bread?", "Hi", "What is the capital of France?", "Tell me a joke.",
+           "Explain photosynthesis.", "How can I learn Python?", "Write a haiku.", "Why is the sky blue?"]
+TOKENS = 12
+
+
+def _checkpoint(root):
+    from mogu import MoGUConfig, MoGUModel
+
+    base_dir = root / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    model = MoGUModel.from_base(str(base_dir), MoGUConfig())
+    randomize_added(model)  # non-zero experts, so the routed prefix differs from the base model
+    model.save_pretrained(root / "ckpt")
+    return root / "ckpt"
+
+
+class LiveServer:
+    def __init__(self, app):
+        import uvicorn
+
+        from mogu.serve import bind_socket
+
+        self.app = app
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    from mogu.inference import load_for_inference
+    from mogu.serve import create_app
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on shared cores: one thread avoids OpenMP spin-waits
+    model, tokenizer, is_mogu = load_for_inference(str(ckpt))
+    assert is_mogu
+    app = create_app(model, tokenizer, model_name=NAME, api_key=KEY, max_batch_size=8, max_queue=32,
+                     batch_wait_ms=10, max_body_bytes=BODY_LIMIT, max_tokens_limit=100)
+    live = LiveServer(app)
+    yield live
+    live.stop()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def ask(client, prompt, **kw):
+    kw = {"max_tokens": TOKENS, "temperature": 0, **kw}
+    return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}], **kw)
+
+
+def raw(server, method, path, body=None, headers=None, auth=True):
+    """(status, parsed JSON or text) for a hand-made request."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    hdrs = {"Authorization": f"Bearer {KEY}"} if auth else {}
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        hdrs["Content-Type"] = "application/json"
+    hdrs.update(headers or {})
+    conn.request(method, path, body=body, headers=hdrs)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data.decode(errors="replace")
+
+
+def assert_error(status, body, expected_status, param=None, code=None):
+    assert status == expected_status, body
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    assert err["type"] == ("invalid_request_error" if expected_status < 429 else err["type"])
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+
+
+def stream_text(client, prompt, **kw):
+    chunks = list(ask(client, prompt, stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+@pytest.fixture(scope="module")
+def singles(client):
+    """The greedy answer of each prompt, asked alone."""
+    return {p: ask(client, p).choices[0].message.content for p in PROMPTS}
+
+
+# -- the endpoints ---------------------------------------------------------------------------------
+def test_health_and_models(server, client):
+    status, body = raw(server, "GET", "/health", auth=False)
+    assert status == 200 and body["status"] == "ok" and body["model"] == NAME and body["mogu"] is True
+    assert body["route_tokens"] == 5
+    models = client.models.list().data
+    assert [m.id for m in models] == [NAME] and models[0].object == "model"
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_non_streaming_and_streaming_agree(client, singles):
+    prompt = PROMPTS[0]
+    resp = ask(client, prompt)
+    assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-") and resp.model == NAME
+    assert isinstance(resp.created, int) and len(resp.choices) == 1
+    choice = resp.choices[0]
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert resp.usage.prompt_tokens > 0 and 0 < resp.usage.completion_tokens <= TOKENS
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert choice.message.content == singles[prompt]  # greedy is deterministic
+
+    text, chunks = stream_text(client, prompt, stream_options={"include_usage": True})
+    assert text == choice.message.content
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == choice.finish_reason
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # token by token
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+
+
+def test_sse_wire_format(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True,
+            "temperature": 0}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
+    events = resp.read().decode().split("\n\n")
+    conn.close()
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ")
+        assert json.loads(event[len("data: "):])["object"] == "chat.completion.chunk"
+
+
+def test_max_tokens_and_stop(client, singles):
+    one = ask(client, PROMPTS[0], max_tokens=1)
+    assert one.usage.completion_tokens == 1
+    full = singles[PROMPTS[0]]
+    assert len(full) > 4
+    stop = full[2:4]
+    expected = full[: full.index(stop)]
+    got = ask(client, PROMPTS[0], stop=[stop, "\u2603never"])
+    assert got.choices[0].message.content == expected and got.choices[0].finish_reason == "stop"
+    text, _ = stream_text(client, PROMPTS[0], stop=stop)
+    assert text == expected
+    # max_completion_tokens is the newer name of max_tokens
+    newer = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                           max_completion_tokens=3, temperature=0)
+    assert newer.usage.completion_tokens <= 3
+
+
+def test_message_forms(client):
+    parts = client.chat.completions.create(
+        model=NAME, max_tokens=4, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": [{"type": "text", "text": "How do I "}, {"type": "text", "text": "bake bread?"}]}])
+    plain = client.chat.completions.create(
+        model=NAME, max_tokens=4, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "How do I bake bread?"}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_sampling_with_seed_is_reproducible(client):
+    a = ask(client, PROMPTS[1], temperature=1.5, top_p=0.9, seed=7)
+    b = ask(client, PROMPTS[1], temperature=1.5, top_p=0.9, seed=7)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_routing_extension(server, client):
+    plain = ask(client, PROMPTS[0])
+    assert "mogu_routing" not in (plain.model_extra or {})
+    resp = ask(client, PROMPTS[0], extra_body={"mogu": {"return_routing": True}})
+    assert resp.choices[0].message.content == plain.choices[0].message.content  # tracing changes nothing
+    routing = resp.model_extra["mogu_routing"]
+    assert routing["route_tokens"] == 5 and routing["routed_tokens"] == min(5, resp.usage.completion_tokens)
+    assert [layer["layer"] for layer in routing["layers"]] == [0, 1]
+    assert all(0 < layer["u"] < 1 and 0 < layer["g"] < 1 for layer in routing["layers"])
+    # the same numbers by header, and on the final chunk of a stream
+    by_header = ask(client, PROMPTS[0], extra_headers={"X-MoGU-Return-Routing": "true"})
+    assert by_header.model_extra["mogu_routing"] == routing
+    _, chunks = stream_text(client, PROMPTS[0], extra_body={"mogu": {"return_routing": True}})
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert final.model_extra["mogu_routing"] == routing
+    # in a batch with other prompts the routed rows are still the right ones
+    with ThreadPoolExecutor(4) as pool:
+        server.engine.pause()
+        try:
+            futures = [pool.submit(ask, client, p, extra_body={"mogu": {"return_routing": True}})
+                       for p in PROMPTS[:3] + [PROMPTS[0]]]
+            _wait_for(lambda: server.engine.queued == 4)
+        finally:
+            server.engine.resume()
+        batched = [f.result() for f in futures]
+    mine = batched[-1].model_extra["mogu_routing"]
+    assert mine["routed_tokens"] == routing["routed_tokens"]
+    for got, want in zip(mine["layers"], routing["layers"]):
+        assert got["u"] == pytest.approx(want["u"], abs=1e-4) and got["g"] == pytest.approx(want["g"], abs=1e-4)
+
+
+# -- malformed requests ----------------------------------------------------------------------------
+def _chat(**kw):
+    return {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], **kw}
+
+
+BAD_REQUESTS = [
+    ("missing messages", {"model": NAME}, "messages"),
+    ("missing model", {"messages": [{"role": "user", "content": "Hi"}]}, "model"),
+    ("empty messages", _chat(messages=[]), "messages"),
+    ("messages not a list", _chat(messages="Hi"), "messages"),
+    ("message not an object", _chat(messages=["Hi"]), "messages.[0]"),
+    ("unknown role", _chat(messages=[{"role": "robot", "content": "Hi"}]), "messages.[0].role"),
+    ("tool role", _chat(messages=[{"role": "tool", "content": "Hi"}]), "messages.[0].role"),
+    ("missing content", _chat(messages=[{"role": "user"}]), "messages.[0].content"),
+    ("null content", _chat(messages=[{"role": "user", "content": None}]), "messages.[0].content"),
+    ("numeric content", _chat(messages=[{"role": "user", "content": 5}]), "messages.[0].content"),
+    ("image part", _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     "messages.[0].content"),
+    ("second message bad", _chat(messages=[{"role": "user", "content": "Hi"}, {"role": "user", "content": {}}]),
+     "messages.[1].content"),
+    ("max_tokens 0", _chat(max_tokens=0), "max_tokens"),
+    ("max_tokens negative", _chat(max_tokens=-5), "max_tokens"),
+    ("max_tokens string", _chat(max_tokens="8"), "max_tokens"),
+    ("max_tokens float", _chat(max_tokens=1.5), "max_tokens"),
+    ("max_tokens over limit", _chat(max_tokens=101), "max_tokens"),
+    ("max_completion_tokens 0", _chat(max_completion_tokens=0), "max_completion_tokens"),
+    ("max_tokens past the context", _chat(max_tokens=100, messages=[{"role": "user", "content": "word " * 10}]),
+     "max_tokens"),
+    ("temperature negative", _chat(temperature=-0.1), "temperature"),
+    ("temperature too high", _chat(temperature=2.01), "temperature"),
+    ("temperature string", _chat(temperature="hot"), "temperature"),
+    ("top_p zero", _chat(top_p=0), "top_p"),
+    ("top_p too high", _chat(top_p=1.01), "top_p"),
+    ("n=2", _chat(n=2), "n"),
+    ("stream not bool", _chat(stream="yes"), "stream"),
+    ("five stops", _chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+    ("empty stop", _chat(stop=[""]), "stop"),
+    ("mogu option", _chat(mogu={"return_routing": "yes"}), "mogu.return_routing"),
+    ("unknown mogu option", _chat(mogu={"routing": True}), "mogu.routing"),
+]
+
+
+@pytest.mark.parametrize("case,body,param", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_malformed_requests_are_400(server, case, body, param):
+    status, resp = raw(server, "POST", "/v1/chat/completions", body)
+    assert_error(status, resp, 400, param=param)
+
+
+def test_bad_json_and_bodies(server):
+    assert_error(*raw(server, "POST", "/v1/chat/completions", b"{not json"), 400, code="invalid_json")
+    assert_error(*raw(server, "POST", "/v1/chat/completions", b"[1, 2]"), 400, code="invalid_json")
+    assert_error(*raw(server, "POST", "/v1/chat/completions", b""), 400, code="invalid_json")
+    assert_error(*raw(server, "POST", "/v1/chat/completions", b"\xff\xfe"), 400, code="invalid_json")
+
+
+def test_unknown_model_is_404(server, client):
+    assert_error(*raw(server, "POST", "/v1/chat/completions", _chat(model="gpt-4o")), 404, param="model",
+                 code="model_not_found")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.status_code == 404 and e.value.response.json()["error"]["code"] == "model_not_found"
+
+
+def test_openai_client_sees_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "Hi", temperature=3)
+    assert e.value.response.json()["error"]["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        ask(client, "Hi", stream=True, top_p=0)
+
+
+def test_body_size_limit(server, client):
+    # Content-Length above the limit (the body never follows)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Authorization", f"Bearer {KEY}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(10 ** 9))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert_error(resp.status, json.loads(resp.read()), 413, code="request_too_large")
+    conn.close()
+    # a real body over the limit, through the openai client
+    with pytest.raises(openai.APIStatusError) as e:
+        ask(client, "x" * (BODY_LIMIT + 100))
+    assert e.value.status_code == 413
+    assert_error(413, e.value.response.json(), 413, code="request_too_large")
+    # chunked upload (no Content-Length): the bytes actually read count
+    body = json.dumps(_chat(messages=[{"role": "user", "content": "y" * (BODY_LIMIT + 100)}])).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=iter([body[:1000], body[1000:]]), encode_chunked=True,
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                          "Transfer-Encoding": "chunked"})
+    resp = conn.getresponse()
+    assert_error(resp.status, json.loads(resp.read()), 413, code="request_too_large")
+    conn.close()
+    # just under the limit is fine (the prompt is then too long for the tiny model: a 400, not a 413)
+    status, resp = raw(server, "POST", "/v1/chat/completions",
+                       _chat(messages=[{"role": "user", "content": "z" * (BODY_LIMIT - 200)}]))
+    assert_error(status, resp, 400, code="context_length_exceeded")
+
+
+def test_auth(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": "Basic x"}):
+        assert_error(*raw(server, "POST", "/v1/chat/completions", _chat(), headers=headers, auth=False), 401,
+                     code="invalid_api_key")
+    assert_error(*raw(server, "GET", "/v1/models", auth=False), 401, code="invalid_api_key")
+    bad = openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        ask(bad, "Hi")
+    assert raw(server, "GET", "/health", auth=False)[0] == 200  # health needs no key
+
+
+def test_unknown_routes_are_json(server):
+    assert_error(*raw(server, "GET", "/v1/nothing"), 404, code="not_found")
+    assert_error(*raw(server, "GET", "/v1/chat/completions"), 405, code="method_not_allowed")
+
+
+# -- load, errors, disconnects -----------------------------------------------------------------------
+def _wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_burst_of_32_concurrent_requests(server, client, singles):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda p: ask(client, p), prompts))
+    for prompt, resp in zip(prompts, answers):
+        assert resp.choices[0].message.content == singles[prompt]
+    status, body = raw(server, "GET", "/health", auth=False)
+    assert status == 200 and body["status"] == "ok" and body["queued"] == 0
+
+
+def test_bounded_queue_answers_429_then_drains_in_batches(server, client, singles):
+    engine = server.engine
+    before = engine.stats["max_batch_seen"]
+    engine.stats["max_batch_seen"] = 0
+    engine.pause()
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            futures = [pool.submit(ask, client, PROMPTS[i % len(PROMPTS)]) for i in range(32)]
+            _wait_for(lambda: engine.queued == 32)
+            with pytest.raises(openai.RateLimitError) as e:
+                ask(client, "one too many")
+            assert e.value.status_code == 429 and e.value.response.headers.get("retry-after") == "1"
+            assert_error(429, e.value.response.json(), 429, code="rate_limit_exceeded")
+            engine.resume()
+            answers = [f.result() for f in futures]
+    finally:
+        engine.resume()
+    for i, resp in enumerate(answers):
+        assert resp.choices[0].message.content == singles[PROMPTS[i % len(PROMPTS)]]
+    assert engine.stats["max_batch_seen"] == 8  # 32 waiting greedy requests -> batches of max_batch_size
+    engine.stats["max_batch_seen"] = max(before, 8)
+    assert raw(server, "GET", "/health", auth=False)[1]["status"] == "ok"
+
+
+def test_rows_that_stop_in_the_routed_phase(server, client):
+    """One batch, different max_tokens and stops: rows done within the m=5 routed tokens drop out of the
+    base model's continuation, and every other row must still get its own tokens."""
+    requests = [(PROMPTS[0], {"max_tokens": 3}), (PROMPTS[1], {"max_tokens": 12}), (PROMPTS[2], {"max_tokens": 2}),
+                (PROMPTS[3], {"max_tokens": 9}), (PROMPTS[4], {"max_tokens": 12, "stop": "\u2603"}),
+                (PROMPTS[5], {"max_tokens": 5}), (PROMPTS[6], {"max_tokens": 12})]
+    alone = [ask(client, p, **kw) for p, kw in requests]
+    full = ask(client, PROMPTS[7], max_tokens=12).choices[0].message.content
+    requests.append((PROMPTS[7], {"max_tokens": 12, "stop": full[1:3] if len(full) > 3 else full}))
+    alone.append(ask(client, *requests[-1][:1], **requests[-1][1]))
+    engine = server.engine
+    batches, partial = engine.stats["batches"], engine.stats["partial_continuations"]
+    engine.pause()
+    try:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            futures = [pool.submit(ask, client, p, **kw) for p, kw in requests]
+            _wait_for(lambda: engine.queued == len(requests))
+            engine.resume()
+            together = [f.result() for f in futures]
+    finally:
+        engine.resume()
+    assert engine.stats["batches"] == batches + 1  # one batch
+    assert engine.stats["partial_continuations"] == partial + 1  # whose continuation had fewer rows
+    for a, b in zip(alone, together):
+        assert b.choices[0].message.content == a.choices[0].message.content
+        assert b.choices[0].finish_reason == a.choices[0].finish_reason
+        assert b.usage.completion_tokens == a.usage.completion_tokens
+
+
+def test_mixed_settings_in_one_burst(client, singles):
+    """Greedy and sampled requests wait side by side; each group runs with its own settings."""
+    jobs = [dict(prompt=p) for p in PROMPTS[:4]] + [dict(prompt=p, temperature=1.0, max_tokens=5) for p in PROMPTS[:4]]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda kw: ask(client, kw.pop("prompt"), **kw), [dict(j) for j in jobs]))
+    for job, resp in zip(jobs[:4], answers[:4]):
+        assert resp.choices[0].message.content == singles[job["prompt"]]
+    assert all(r.usage.completion_tokens <= 5 for r in answers[4:])
+
+
+def test_generation_error_is_500_and_worker_survives(server, client, singles):
+    engine = server.engine
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    engine._generate = boom
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            ask(client, PROMPTS[0])
+        err = e.value.response.json()["error"]
+        assert e.value.status_code == 500 and err["type"] == "server_error" and "boom" in err["message"]
+        with pytest.raises(openai.APIError):
+            stream_text(client, PROMPTS[0])
+    finally:
+        del engine._generate
+    assert ask(client, PROMPTS[0]).choices[0].message.content == singles[PROMPTS[0]]
+
+
+def _open_stream(server, max_tokens):
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens,
+                       "stream": True, "temperature": 0}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+    received = b""
+    while b"data: " not in received:  # the first chunk (the assistant role) arrives before generation
+        received += sock.recv(4096)
+    assert received.startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def test_client_disconnect_during_streaming(server, client, singles):
+    engine = server.engine
+    cancelled = engine.stats["cancelled"]
+    # 1. a stream that is still waiting in the queue: the request is dropped, never generated
+    engine.pause()
+    try:
+        sock = _open_stream(server, max_tokens=90)
+        sock.close()
+        _wait_for(lambda: engine.queued == 1 and engine._waiting[0].cancelled)
+    finally:
+        engine.resume()
+    _wait_for(lambda: engine.stats["cancelled"] == cancelled + 1 and engine.queued == 0)
+    # 2. a stream that is generating: close mid-stream, the worker goes on
+    sock = _open_stream(server, max_tokens=90)
+    sock.recv(64)
+    sock.close()
+    assert ask(client, PROMPTS[0]).choices[0].message.content == singles[PROMPTS[0]]
+    _wait_for(lambda: not engine.busy and engine.queued == 0)
+    status, body = raw(server, "GET", "/health", auth=False)
+    assert status == 200 and body["status"] == "ok"
+    text, _ = stream_text(client, PROMPTS[1])
+    assert text == singles[PROMPTS[1]]
+
+
+# -- the command line --------------------------------------------------------------------------------
+def mogu(*args, **kw):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "mogu.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120, **kw)
+
+
+def test_chat_url_streams_from_the_server(server, singles):
+    result = mogu("chat", "--url", server.url, "--api-key", KEY, "--max-new-tokens", str(TOKENS),
+                  input=f"{PROMPTS[0]}\n/reset\n{PROMPTS[1]}\n\n")
+    assert result.returncode == 0, result.stderr
+    assert NAME in result.stdout
+    assert singles[PROMPTS[0]] in result.stdout and singles[PROMPTS[1]] in result.stdout
+    bad = mogu("chat", "--url", server.url, "--api-key", "wrong", input="Hi\n")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert [line for line in bad.stderr.splitlines() if line.startswith("error:")][0].count("401") == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    down = mogu("chat", "--url", f"http://127.0.0.1:{closed_port}/v1", input="Hi\n")
+    assert down.returncode == 2 and "error: cannot reach" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_serve_command(ckpt):
+    """`mogu serve` as users run it: a subprocess that answers and shuts down on Ctrl-C."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "mogu.cli", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--model-name", "cli-model", "--threads", "1", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                assert [m.id for m in c.models.list().data] == ["cli-model"]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.2)
+        resp = c.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=3, temperature=0)
+        assert resp.usage.completion_tokens <= 3
+        # a second server on the same port fails with one clean line
+        busy = mogu("serve", "--model", str(ckpt), "--port", str(port))
+        assert busy.returncode == 2 and "error: cannot listen on" in busy.stderr and "Traceback" not in busy.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert "mogu serve:" in err and "route_tokens=5" in err
