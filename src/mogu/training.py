@@ -7,8 +7,16 @@
           (v1), or routers and both experts with their own learning rate (v2's joint stage).
 
 The backbone stays frozen throughout. Checkpoints are atomic folders holding only the
-stage's trainable tensors, the optimizer state and the data position, so ``resume=True``
-continues mid-epoch on the same batch order (the order is a function of seed and epoch).
+stage's trainable tensors, the optimizer state, every process's RNG state and the data position,
+so ``resume=True`` continues mid-epoch on the same batch order (the order is a function of seed
+and epoch) and reaches the same weights as an uninterrupted run.
+
+Several processes (``accelerate launch --num_processes N``, or torchrun) split every optimizer
+step's global batch: ``batch_size`` is the global batch whatever N is, each process takes a
+contiguous slice of it, every loss term is normalised by the whole step's batch, and the
+trainable gradients are summed across processes; so N processes compute the one-process gradient
+(exactly the same micro-batches when N divides the accumulation count). Only the main process
+writes files; scores and checkpoint choices are the main process's, broadcast to the others.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +41,31 @@ from .io import atomic_directory, atomic_write_text, run_record
 
 STAGES = ("glad", "unwill", "router")
 STAGE_MODES = {"glad": "glad", "unwill": "unwill", "router": "auto"}
+LOG_KEYS = {"router": ("ce", "mse_u", "mse_g"), "ratio": ("ce_num", "ce_den"), "sft": ("ce_num",)}
+
+
+def _cpu_only_launch() -> bool:
+    """Several processes launched (torchrun, ``accelerate launch``) on a machine with no GPU.
+
+    Accelerate picks the gloo backend for them only when asked for the CPU; otherwise every
+    process would silently run alone and they would all write the same files.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    return not (torch.cuda.is_available() or is_npu_available() or is_xpu_available())
+
+
+def process_state():
+    """Accelerate's process state (rank, world size, device), the same way Trainer sets it up."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_cpu_only_launch())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and state.num_processes == 1:
+        raise MoGUError(f"launched {os.environ['WORLD_SIZE']} processes, but accelerate found no distributed "
+                        "backend for them; on CPU launch with torchrun or the configs/accelerate files")
+    return state
 
 
 @dataclass
@@ -201,29 +235,42 @@ def sequence_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # -- stage losses ---------------------------------------------------------------------------
+def ratio_terms(model, numerators: dict, denominators: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence CE(numerator_i) and CE(denominator_i): one forward over both halves."""
+    n = numerators["input_ids"].shape[0]
+    nll = sequence_nll(model, _stack_batches(numerators, denominators))
+    return nll[:n], nll[n:]
+
+
 def ratio_loss(model, numerators: dict, denominators: dict) -> tuple[torch.Tensor, dict]:
     """mean_i CE(numerator_i) / CE(denominator_i): one forward over both halves."""
-    n = numerators["input_ids"].shape[0]
-    joint = _stack_batches(numerators, denominators)
-    nll = sequence_nll(model, joint)
-    loss = (nll[:n] / nll[n:].clamp(min=1e-6)).mean()
-    return loss, {"ce_num": nll[:n].mean().item(), "ce_den": nll[n:].mean().item()}
+    num, den = ratio_terms(model, numerators, denominators)
+    loss = (num / den.clamp(min=1e-6)).mean()
+    return loss, {"ce_num": num.mean().item(), "ce_den": den.mean().item()}
 
 
-def router_loss(model, batch: dict, labels: torch.Tensor, weight: float) -> tuple[torch.Tensor, dict]:
+def router_terms(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(per-sequence CE, summed squared errors of u and of g over routed layers and non-pad tokens, layers)."""
     state = model._state
     state.collect, state.collected = True, []
     try:
-        ce = sequence_nll(model, batch).mean()
+        ce = sequence_nll(model, batch)
         collected = state.collected
     finally:
         state.collect, state.collected = False, []
     mask = batch["attention_mask"].to(torch.float32).unsqueeze(-1)  # [B, T, 1]
     t_u = labels.to(torch.float32).view(-1, 1, 1)
     t_g = 1.0 - t_u
-    denom = mask.sum() * len(collected)
-    mse_u = sum(((u.float() - t_u) ** 2 * mask).sum() for u, _ in collected) / denom
-    mse_g = sum(((g.float() - t_g) ** 2 * mask).sum() for _, g in collected) / denom
+    err_u = sum(((u.float() - t_u) ** 2 * mask).sum() for u, _ in collected)
+    err_g = sum(((g.float() - t_g) ** 2 * mask).sum() for _, g in collected)
+    return ce, err_u, err_g, len(collected)
+
+
+def router_loss(model, batch: dict, labels: torch.Tensor, weight: float) -> tuple[torch.Tensor, dict]:
+    """CE(target) + weight * [MSE(u, t_u) + MSE(g, t_g)], the MSEs over routed layers and non-pad tokens."""
+    ce, err_u, err_g, layers = router_terms(model, batch, labels)
+    denom = batch["attention_mask"].sum() * layers
+    ce, mse_u, mse_g = ce.mean(), err_u / denom, err_g / denom
     loss = ce + weight * (mse_u + mse_g)
     return loss, {"ce": ce.item(), "mse_u": mse_u.item(), "mse_g": mse_g.item()}
 
@@ -293,22 +340,57 @@ def score_stage(stage: str, model, tokenizer, dev: list[dict], cfg: TrainConfig)
     return {"harmful_refusal": h, "benign_refusal": b, "score": h - b}
 
 
+def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)``, fsync, then one rename: a reader (or a resumed run) never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename out of sight first, then delete: a kill mid-delete never leaves a half-removed folder in view."""
+    if path.exists():
+        trash = path.with_name(f".{path.name}.trash-{os.getpid()}-{time.time_ns()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 # -- the trainer ----------------------------------------------------------------------------
 class Trainer:
     def __init__(self, model, tokenizer, cfg: TrainConfig, *, log: Callable[[str], None] = print,
                  progress: bool = True):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         cfg.validate()
         if tokenizer is None:
             raise MoGUError("training needs a tokenizer")
-        self.model, self.tokenizer, self.cfg, self.log, self.progress = model, tokenizer, cfg, log, progress
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.out = Path(cfg.output_dir)
         self.data_dir = Path(cfg.data_dir)
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-        self.model.to(self.accelerator.device)
+        process_state()  # fails clearly when several processes were launched without a backend
+        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=_cpu_only_launch())
+        self.log = log if acc.is_main_process else (lambda msg: None)
+        self.progress = progress and acc.is_main_process
+        self.model.to(acc.device)
         self.metrics_path = self.out / "metrics.jsonl"
         self.joint = cfg.joint_experts if cfg.joint_experts is not None else model.config.version == "v2"
+        # DeepSpeed and FSDP shard a model handed to prepare(); the Trainer keeps its own data-parallel
+        # step for the (small) trainable part under every launcher, so there the backbone is replicated.
+        self._own_step = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if acc.num_processes > 1:
+            self.log(f"[train] {acc.num_processes} processes ({acc.distributed_type.value}): each step's global "
+                     "batch is split across them and the trainable gradients are summed")
+        if self._own_step:
+            self.log(f"[train] {acc.distributed_type.value}: the frozen backbone is replicated on every process, "
+                     "not sharded; only the experts' and routers' gradients are exchanged")
 
     # ---- bookkeeping
     def _stage_dir(self, stage: str) -> Path:
@@ -353,17 +435,113 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
 
     def _truncate_metrics(self, stage: str, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint so no step appears twice."""
+        """On resume, drop rows logged after the checkpoint (``step=-1``: every row of the stage) and any
+        line cut by a kill, so no step appears twice or half."""
         if not self.metrics_path.is_file():
             return
         kept = []
+        stages_after = STAGES[STAGES.index(stage) + 1:]
         for line in self.metrics_path.read_text().splitlines():
-            row = json.loads(line)
-            stages_after = STAGES[STAGES.index(stage) + 1:]
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict):
+                continue
             if row.get("stage") in stages_after or (row.get("stage") == stage and row.get("step", 0) > step):
                 continue
             kept.append(line)
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+
+    # ---- processes
+    def _from_main(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process: decisions read from files, dev scores."""
+        if self.accelerator.num_processes == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj], from_process=0)[0]
+
+    def _broadcast_params(self, params: list[torch.nn.Parameter]) -> None:
+        """Every process takes the main process's weights (as DDP does when it wraps a model)."""
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+    def _reduce_step(self, params: dict[str, torch.nn.Parameter], totals: dict[str, float]) -> None:
+        """Sum the trainable gradients and the step's logged values over processes, in buckets.
+
+        A gradient stays ``None`` only where no process produced one, as in a single process.
+        """
+        import torch.distributed as dist
+
+        device = self.accelerator.device
+        plist = list(params.values())
+        small = torch.tensor([float(p.grad is not None) for p in plist] + list(totals.values()),
+                             dtype=torch.float64, device=device)
+        dist.all_reduce(small)
+        bucket: list[torch.nn.Parameter] = []
+
+        def flush() -> None:
+            flat = torch.cat([p.grad.detach().reshape(-1).float() if p.grad is not None
+                              else torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for p in bucket:
+                p.grad = flat[offset:offset + p.numel()].view(p.shape).to(p.dtype)
+                offset += p.numel()
+            bucket.clear()
+
+        size = 0
+        for p in plist:
+            bucket.append(p)
+            size += p.numel()
+            if size >= 1 << 24:  # 64 MB of float32 per collective
+                flush()
+                size = 0
+        if bucket:
+            flush()
+        present = small[:len(plist)].tolist()
+        for p, has in zip(plist, present):
+            if not has:
+                p.grad = None
+        totals.update(zip(list(totals), small[len(plist):].tolist()))
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"torch": torch.get_rng_state()}
+        if self.accelerator.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.accelerator.device)
+        return state
+
+    def _gather_rng(self) -> list[dict[str, torch.Tensor]]:
+        """Every process's RNG state, by rank (LoRA dropout replays on resume). All processes call it."""
+        if self.accelerator.num_processes == 1:
+            return [self._rng_state()]
+        from accelerate.utils import gather_object
+
+        return gather_object([self._rng_state()])
+
+    @staticmethod
+    def _write_rng(path: Path, states: list[dict[str, torch.Tensor]]) -> None:
+        torch.save({"torch": states[0]["torch"], "states": states}, path)
+
+    def _load_rng(self, path: Path) -> None:
+        if not path.is_file():
+            return
+        saved = torch.load(path, weights_only=True)
+        states = saved.get("states") or [{"torch": saved["torch"]}]
+        acc = self.accelerator
+        if len(states) != acc.num_processes:
+            self.log(f"[rng] {path} holds {len(states)} process state(s) for {acc.num_processes} process(es): "
+                     "dropout masks will differ from the interrupted run's")
+        state = states[acc.process_index] if acc.process_index < len(states) else states[0]
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and acc.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], acc.device)
 
     # ---- data
     def _rows(self, stage: str, capped: bool = True) -> list[dict]:
@@ -382,56 +560,119 @@ class Trainer:
         return [(encode_pair(tok, r["prompt"], r[num], m), encode_pair(tok, r["prompt"], r[den], m)) for r in rows]
 
     def _epoch_order(self, n: int, epoch: int) -> list[int]:
+        """The global example order of an epoch (a function of seed and epoch only, never of the process)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        acc = self.accelerator
-        return order[acc.process_index::acc.num_processes]
+        return torch.randperm(n, generator=g).tolist()
 
-    def _loss(self, stage: str, examples: list) -> tuple[torch.Tensor, dict]:
+    def _loss(self, stage: str, examples: list, norm: dict[str, int]) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's share of the step loss: every term is normalised by the whole step's batch
+        (``norm``: its examples, and its tokens for the router weight loss), so the shares of all micro-batches
+        on all processes add up to the loss of the step's global batch however it was split."""
         pad = self.tokenizer.pad_token_id
         device = self.accelerator.device
+        n = norm["examples"]
         if stage == "router":
             batch = {k: v.to(device) for k, v in collate([e[0] for e in examples], pad).items()}
             labels = torch.tensor([e[1] for e in examples], device=device)
-            return router_loss(self.model, batch, labels, self.cfg.router_loss_weight)
+            ce, err_u, err_g, layers = router_terms(self.model, batch, labels)
+            denom = norm["tokens"] * layers
+            ce, mse_u, mse_g = ce.sum() / n, err_u / denom, err_g / denom
+            loss = ce + self.cfg.router_loss_weight * (mse_u + mse_g)
+            return loss, {"ce": ce.item(), "mse_u": mse_u.item(), "mse_g": mse_g.item()}
         num = {k: v.to(device) for k, v in collate([e[0] for e in examples], pad).items()}
         if self.cfg.responder_loss == "sft":
-            ce = sequence_nll(self.model, num).mean()
+            ce = sequence_nll(self.model, num).sum() / n
             return ce, {"ce_num": ce.item()}
         den = {k: v.to(device) for k, v in collate([e[1] for e in examples], pad).items()}
-        return ratio_loss(self.model, num, den)
+        ce_num, ce_den = ratio_terms(self.model, num, den)
+        loss = (ce_num / ce_den.clamp(min=1e-6)).sum() / n
+        return loss, {"ce_num": ce_num.sum().item() / n, "ce_den": ce_den.sum().item() / n}
+
+    def _step(self, stage: str, params: dict[str, torch.nn.Parameter], batch: list) -> dict[str, float]:
+        """Forward and backward of one optimizer step's global batch; leaves its gradient in ``.grad``.
+
+        Process r of N takes the r-th contiguous slice of the batch and cuts it into micro-batches; when N
+        divides the accumulation count these are exactly one process's micro-batches.
+        """
+        acc = self.accelerator
+        n, world, rank = len(batch), acc.num_processes, acc.process_index
+        mine = batch[n * rank // world:n * (rank + 1) // world]
+        norm = {"examples": n, "tokens": sum(len(e[0][0]) for e in batch) if stage == "router" else 0}
+        keys = LOG_KEYS["router" if stage == "router" else self.cfg.responder_loss]
+        totals = dict.fromkeys(("loss", *keys), 0.0)
+        micro = self.cfg.stages[stage].micro_batch_size
+        for i in range(0, len(mine), micro):
+            loss, parts = self._loss(stage, mine[i:i + micro], norm)
+            if self._own_step:
+                loss.backward()
+            else:
+                acc.backward(loss)
+            totals["loss"] += loss.item()
+            for k, v in parts.items():
+                totals[k] += v
+        if world > 1:
+            self._reduce_step(params, totals)
+        return totals
 
     # ---- checkpoints
     def _save_checkpoint(self, stage: str, optimizer, position: dict) -> None:
+        states = self._gather_rng()  # every process calls this; only the main one writes
         if not self.accelerator.is_main_process:
             return
         root = self._ckpt_root(stage)
+        self._sweep(root)
         with atomic_directory(root / f"step-{position['step']:07d}") as tmp:
             save_file({n: t.contiguous() for n, t in self._snapshot(stage).items()}, str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")  # LoRA dropout replays on resume
+            self._write_rng(tmp / "rng.pt", states)
             (tmp / "state.json").write_text(json.dumps(position))
         for old in sorted(root.glob("step-*"))[:-2]:  # keep the two newest
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_dir(old)
+
+    @staticmethod
+    def _sweep(root: Path) -> None:
+        """Remove scratch folders a killed run left beside the checkpoints (never a checkpoint itself)."""
+        if root.is_dir():
+            for leftover in root.glob(".step-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def _sweep_scratch(self) -> None:
+        """On resume, delete the scratch files and folders a killed run left (all dot-named, never read)."""
+        for pattern in (".metrics.jsonl.*", ".run.json.*", ".model.*", "stages/.*", "stages/*/.*",
+                        "checkpoints/.*", "checkpoints/*/.step-*"):
+            for leftover in self.out.glob(pattern):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
 
     def _latest_checkpoint(self, stage: str) -> Path | None:
         found = sorted(p for p in self._ckpt_root(stage).glob("step-*") if (p / "state.json").is_file())
         return found[-1] if found else None
 
+    def _save_best(self, stage: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.accelerator.is_main_process:
+            _atomic_save(self._stage_dir(stage) / "best.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+
     # ---- running
     def train(self, resume: bool = False) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not resume and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        acc = self.accelerator
         record = run_record({"train_config": asdict(self.cfg), "mogu_config": self.model.config.to_dict()},
                             [self.data_dir / f for f in (*STAGE_FILES.values(), DEV_FILE)])
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not resume and self.metrics_path.exists():
+                self.metrics_path.unlink()
+            if resume:
+                self._sweep_scratch()
             atomic_write_text(self.out / "run.json", json.dumps(record, indent=2))
+        acc.wait_for_everyone()
+        self._broadcast_params(self.model.added_parameters())
         summary = {}
         for stage in STAGES:
             if stage in self.cfg.stages:
                 summary[stage] = self.train_stage(stage, resume=resume)
-            elif resume and (self._stage_dir(stage) / "done.json").is_file():
+            elif resume and self._from_main((self._stage_dir(stage) / "done.json").is_file()):
                 # A stage not asked for this time: reuse what an earlier run selected.
                 self._restore(stage, load_file(str(self._stage_dir(stage) / "selected.safetensors")))
                 summary[stage] = json.loads((self._stage_dir(stage) / "done.json").read_text())
@@ -440,37 +681,46 @@ class Trainer:
         return summary
 
     def train_stage(self, stage: str, resume: bool = False) -> dict[str, Any]:
+        model, acc = self.model, self.accelerator
+        main = acc.is_main_process
         done = self._stage_dir(stage) / "done.json"
-        if resume and done.is_file():
+        if resume and self._from_main(done.is_file()):
             self._restore(stage, load_file(str(self._stage_dir(stage) / "selected.safetensors")))
+            self._load_rng(self._stage_dir(stage) / "rng.pt")  # the next stage's dropout as if never stopped
             self.log(f"[{stage}] already finished: loaded its selected weights")
             return json.loads(done.read_text())
+        if not resume and main:  # a fresh run never resumes from, or keeps, an older run's stage files
+            _remove_dir(self._stage_dir(stage))
+            _remove_dir(self._ckpt_root(stage))
         scfg = self.cfg.stages[stage]
-        model, acc = self.model, self.accelerator
         examples = self._encode(stage, self._rows(stage))
         dev_path = self.data_dir / DEV_FILE
         dev = load_stage_file(dev_path, ("prompt", "harmful")) if dev_path.is_file() else []
         params = self._stage_params(stage)
         model.set_trainable(list(params.values()))
         optimizer = torch.optim.AdamW(self._param_groups(stage, params, scfg.lr), lr=scfg.lr, weight_decay=0.0)
-        optimizer = acc.prepare(optimizer)
-        steps_per_epoch = math.ceil(len(self._epoch_order(len(examples), 0)) / scfg.batch_size)
+        if not self._own_step:
+            optimizer = acc.prepare(optimizer)
+        steps_per_epoch = math.ceil(len(examples) / scfg.batch_size)
         total_steps = max(1, math.ceil(steps_per_epoch * scfg.epochs))
         position = {"epoch": 0, "batch": 0, "step": 0}
         history: list[dict] = []
         best: dict[str, Any] | None = None
-        ckpt = self._latest_checkpoint(stage) if resume else None
+        # Every process resumes from the checkpoint the main process sees.
+        ckpt = self._from_main(self._latest_checkpoint(stage) if resume else None)
         if ckpt is not None:
             self._restore(stage, load_file(str(ckpt / "trainable.safetensors")))
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
             position = json.loads((ckpt / "state.json").read_text())
-            torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
+            self._load_rng(ckpt / "rng.pt")
             history = position.pop("history", [])
-            self._truncate_metrics(stage, position["step"])
             best_file = self._stage_dir(stage) / "best.safetensors"
             if history and best_file.is_file():
                 best = {**max(history, key=lambda h: h["score"]), "tensors": load_file(str(best_file))}
             self.log(f"[{stage}] resuming from {ckpt.name} (epoch {position['epoch']}, step {position['step']})")
+        if resume and main:
+            self._sweep(self._ckpt_root(stage))
+            self._truncate_metrics(stage, position["step"] if ckpt is not None else -1)
 
         if stage == "router" and self.cfg.router_init == "probe" and ckpt is None:
             from .router_init import probe_init
@@ -486,18 +736,17 @@ class Trainer:
             model.eval()
             probe_init(model, batches, refits=self.cfg.router_init_refits, glad_bias=self.cfg.router_init_glad_bias,
                        log=self.log)
+            self._broadcast_params(list(params.values()))
             if dev:
                 # The probe-initialised routers compete in checkpoint selection like any epoch,
                 # so a short CPU run that drifts from a good start keeps the start.
-                scores = score_stage(stage, model, self.tokenizer, dev, self.cfg)
+                scores = self._from_main(score_stage(stage, model, self.tokenizer, dev, self.cfg))
                 entry = {"epoch": -1, "step": 0, **scores}
                 history.append(entry)
                 self._append_metrics({"stage": stage, "step": 0, "dev": scores, "init": "probe"})
                 self.log(f"[{stage}] probe init: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
                 best = {**entry, "tensors": self._snapshot(stage)}
-                if acc.is_main_process:
-                    self._stage_dir(stage).mkdir(parents=True, exist_ok=True)
-                    save_file(best["tensors"], str(self._stage_dir(stage) / "best.safetensors"))
+                self._save_best(stage, best["tensors"])
         model.set_routing(STAGE_MODES[stage])
         model.train()
         from tqdm.auto import tqdm
@@ -511,20 +760,8 @@ class Trainer:
             acc_steps = scfg.accumulation
             while position["batch"] < len(micro) and position["step"] < total_steps:
                 group = micro[position["batch"]:position["batch"] + acc_steps]
-                weight = sum(len(g) for g in group)
-                logs: dict[str, float] = {}
-                loss_value = 0.0
-                for idx in group:
-                    loss, extra = self._loss(stage, [examples[i] for i in idx])
-                    # Weight micro-batches by size so a short last batch is not over-counted.
-                    acc.backward(loss * len(idx) / weight)
-                    loss_value += loss.item() * len(idx) / weight
-                    for k, v in extra.items():
-                        logs[k] = logs.get(k, 0.0) + v * len(idx) / weight
-                if acc.num_processes > 1:  # each process saw its shard: average the stage's gradients
-                    for p in params.values():
-                        if p.grad is not None:
-                            p.grad = acc.reduce(p.grad, reduction="mean")
+                logs = self._step(stage, params, [examples[i] for idx in group for i in idx])
+                loss_value = logs.pop("loss")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 position["batch"] += len(group)
@@ -538,7 +775,8 @@ class Trainer:
                 if end_of_epoch:
                     if dev:
                         model.eval()
-                        scores = score_stage(stage, model, self.tokenizer, dev, self.cfg)
+                        # Every process scores (they hold the same weights); the main one's scores decide.
+                        scores = self._from_main(score_stage(stage, model, self.tokenizer, dev, self.cfg))
                         model.train()
                         model.set_routing(STAGE_MODES[stage])
                         entry = {"epoch": position["epoch"], "step": position["step"], **scores}
@@ -549,9 +787,7 @@ class Trainer:
                         # Strictly better only: on a tie the earlier (less drifted) checkpoint stays.
                         if best is None or scores["score"] > best["score"]:
                             best = {**entry, "tensors": self._snapshot(stage)}
-                            if acc.is_main_process:
-                                self._stage_dir(stage).mkdir(parents=True, exist_ok=True)
-                                save_file(best["tensors"], str(self._stage_dir(stage) / "best.safetensors"))
+                            self._save_best(stage, best["tensors"])
                     position["epoch"] += 1
                     position["batch"] = 0
                     self._save_checkpoint(stage, optimizer, {**position, "history": history})
@@ -569,10 +805,14 @@ class Trainer:
         self.log(f"[{stage}] {reason}")
         result = {"stage": stage, "steps": position["step"], "train_s": round(time.perf_counter() - start, 1),
                   "history": history, "selection": reason}
-        if acc.is_main_process:
-            with atomic_directory(self._stage_dir(stage)) as tmp:
-                save_file({n: t.contiguous() for n, t in self._snapshot(stage).items()},
-                          str(tmp / "selected.safetensors"))
-                (tmp / "done.json").write_text(json.dumps(result, indent=2))
+        states = self._gather_rng()
+        if main:
+            # done.json goes last: it is what marks the stage finished, so its companions are complete.
+            stage_dir = self._stage_dir(stage)
+            selected = {n: t.contiguous() for n, t in self._snapshot(stage).items()}
+            _atomic_save(stage_dir / "selected.safetensors", lambda tmp: save_file(selected, str(tmp)))
+            _atomic_save(stage_dir / "rng.pt", lambda tmp: self._write_rng(tmp, states))
+            atomic_write_text(stage_dir / "done.json", json.dumps(result, indent=2))
+        acc.wait_for_everyone()
         model.set_trainable([])
         return result

@@ -4,6 +4,12 @@ Work is keyed by (defense, benchmark, prompt id) and appended to ``generations.j
 chunk at a time, so an interrupted run resumes where it stopped; judgements are cached the
 same way in ``judgements.jsonl`` per judge. A corrupt trailing line (a crash mid-write) is
 dropped and counted rather than failing the rerun.
+
+Under ``accelerate launch --num_processes N`` (or torchrun) the generation chunks, in their
+canonical order, go round-robin to the processes; each appends to its own
+``generations.shard-RANK.jsonl`` and the main process merges them into ``generations.jsonl`` in
+canonical order (defense, benchmark, prompt), then judges and reports alone. Chunks are the ones a
+single process would generate, so the files match a one-process run's (bar the ``seconds`` timings).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from ..errors import ConfigError, DataError
 from ..io import atomic_write_text, run_record
 
 GENERATIONS_FILE = "generations.jsonl"
+SHARD_GLOB = "generations.shard-*.jsonl"
 JUDGEMENTS_FILE = "judgements.jsonl"
 METRICS_FILE = "metrics.json"
 
@@ -133,6 +140,29 @@ def _key(row: dict) -> tuple[str, str, str]:
     return (row["defense"], row["benchmark"], row["id"])
 
 
+def _merge_params(per_rank: list[dict[str, dict]], defenses: list[str]) -> dict[str, dict]:
+    """Defense parameters from the processes that built each defense: the lowest rank's values,
+    with the numeric ``stats`` counters summed over processes."""
+    merged: dict[str, dict] = {}
+    for d in defenses:
+        found = [r[d] for r in per_rank if d in r]
+        if not found:
+            continue
+        out = dict(found[0])
+        if isinstance(out.get("stats"), dict):
+            stats = dict(out["stats"])
+            for other in found[1:]:
+                for k, v in (other.get("stats") or {}).items():
+                    numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+                    if numeric and isinstance(stats.get(k), (int, float)):
+                        stats[k] += v
+                    else:
+                        stats.setdefault(k, v)
+            out["stats"] = stats
+        merged[d] = out
+    return merged
+
+
 class EvalRunner:
     def __init__(self, cfg: EvalConfig, *, log: Callable[[str], None] = print,
                  model=None, tokenizer=None):
@@ -142,6 +172,11 @@ class EvalRunner:
         self.out = Path(cfg.out)
         self._model, self._tokenizer = model, tokenizer
         self.mogu = None
+        from ..training import process_state
+
+        self.state = process_state()
+        if self.state.process_index:
+            self.log = lambda m, _log=log, _rank=self.state.process_index: _log(f"[rank {_rank}] {m}")
 
     # -- inputs ---------------------------------------------------------------------------
     def load_prompts(self) -> dict[str, list]:
@@ -161,7 +196,9 @@ class EvalRunner:
         from ..model import MoGUModel
 
         if self._model is None:
-            self._model, self._tokenizer, _ = load_for_inference(self.cfg.model)
+            # Several processes: each its own device (one GPU per rank); one process keeps the default.
+            device = str(self.state.device) if self.state.num_processes > 1 else None
+            self._model, self._tokenizer, _ = load_for_inference(self.cfg.model, device=device)
         if isinstance(self._model, MoGUModel):
             self.mogu = self._model
             self._tokenizer = self._tokenizer or self._model.tokenizer
@@ -195,42 +232,87 @@ class EvalRunner:
         return None
 
     # -- stages ---------------------------------------------------------------------------
-    def generate(self, sets: dict[str, list]) -> list[dict]:
+    def generate(self, sets: dict[str, list]) -> list[dict] | None:
+        """Generate what is not cached; every wanted row in canonical order (None on a non-main process)."""
+        state = self.state
+        world, rank, main = state.num_processes, state.process_index, state.is_main_process
         path = self.out / GENERATIONS_FILE
-        _repair_tail(path)
+        if main:
+            _repair_tail(path)
+            self._merge_generations(sets)  # folds in shards an interrupted multi-process run left
+        state.wait_for_everyone()
         done_rows, bad = read_jsonl_tolerant(path)
-        if bad:
+        if bad and main:
             self.log(f"{GENERATIONS_FILE}: {bad} unreadable line(s) skipped; those prompts are regenerated")
         done = {_key(r): r for r in done_rows}
-        params: dict[str, dict] = {}
+        # The chunks one process would generate, in canonical order; process r of N takes every N-th one.
+        chunks = []
         for dname in self.cfg.defenses:
-            defense = None
             for bname, prompts in sets.items():
                 todo = [p for p in prompts if (dname, bname, p.id) not in done]
                 if not todo:
                     continue
-                if defense is None:
-                    defense = self.build_defense(dname)
-                    params[dname] = defense.params()
-                self.log(f"{dname} x {bname}: {len(todo)} to generate ({len(prompts) - len(todo)} cached)")
+                if main:
+                    self.log(f"{dname} x {bname}: {len(todo)} to generate ({len(prompts) - len(todo)} cached)")
                 for i in range(0, len(todo), self.cfg.chunk_size):
                     chunk = todo[i:i + self.cfg.chunk_size]
-                    start = time.perf_counter()
-                    answers = defense.generate([p.prompt for p in chunk], max_new_tokens=self.cfg.max_new_tokens,
-                                               batch_size=self.cfg.batch_size, progress=True)
-                    per = (time.perf_counter() - start) / len(chunk)
-                    rows = [{"defense": dname, "benchmark": bname, "id": p.id, "prompt": p.prompt,
-                             "category": p.category, "harmful": p.harmful, "response": a,
-                             "seconds": round(per, 3)} for p, a in zip(chunk, answers)]
-                    _append_jsonl(path, rows)
-                    done.update({_key(r): r for r in rows})
-                    self.log(f"  {dname} x {bname}: {min(i + len(chunk), len(todo))}/{len(todo)}")
-            if defense is not None and hasattr(defense, "stats"):
-                params.setdefault(dname, {})["stats"] = getattr(defense, "stats")
+                    chunks.append((dname, bname, chunk, f"{i + len(chunk)}/{len(todo)}"))
+        out_path = path if world == 1 else self.out / f"generations.shard-{rank:05d}.jsonl"
+        params: dict[str, dict] = {}
+        defense, current = None, None
+        for dname, bname, chunk, progress in chunks[rank::world]:
+            if dname != current:
+                if defense is not None and hasattr(defense, "stats"):
+                    params.setdefault(current, {})["stats"] = getattr(defense, "stats")
+                defense, current = self.build_defense(dname), dname
+                params[dname] = defense.params()
+            start = time.perf_counter()
+            answers = defense.generate([p.prompt for p in chunk], max_new_tokens=self.cfg.max_new_tokens,
+                                       batch_size=self.cfg.batch_size, progress=True)
+            per = (time.perf_counter() - start) / len(chunk)
+            rows = [{"defense": dname, "benchmark": bname, "id": p.id, "prompt": p.prompt,
+                     "category": p.category, "harmful": p.harmful, "response": a,
+                     "seconds": round(per, 3)} for p, a in zip(chunk, answers)]
+            _append_jsonl(out_path, rows)
+            self.log(f"  {dname} x {bname}: {progress}")
+        if defense is not None and hasattr(defense, "stats"):
+            params.setdefault(current, {})["stats"] = getattr(defense, "stats")
         self.defense_params = params
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            per_rank = gather_object([params])  # returns once every process has finished its shard
+            if not main:
+                return None
+            self.defense_params = _merge_params(per_rank, self.cfg.defenses)
+        rows_by_key = self._merge_generations(sets)
         wanted = {(d, b, p.id) for d in self.cfg.defenses for b, ps in sets.items() for p in ps}
-        return [done[k] for k in sorted(wanted, key=lambda k: (self.cfg.defenses.index(k[0]),
-                                                              self.cfg.benchmarks.index(k[1]), k[2]))]
+        return [rows_by_key[k] for k in sorted(wanted, key=lambda k: (self.cfg.defenses.index(k[0]),
+                                                                      self.cfg.benchmarks.index(k[1]), k[2]))]
+
+    def _merge_generations(self, sets: dict[str, list]) -> dict[tuple, dict]:
+        """Fold the per-process shards into ``generations.jsonl`` and write it in canonical order
+        (rows of other runs first, as they were; then defense, benchmark, prompt order), which is
+        the order one process appends in. Main process only; returns the rows by key."""
+        path = self.out / GENERATIONS_FILE
+        shards = sorted(self.out.glob(SHARD_GLOB))
+        rows, _ = read_jsonl_tolerant(path)
+        for shard in shards:
+            rows += read_jsonl_tolerant(shard)[0]
+        by_key = {_key(r): r for r in rows}
+        position: dict[tuple, tuple[int, int, int]] = {}
+        for di, d in enumerate(self.cfg.defenses):
+            for bi, (b, prompts) in enumerate(sets.items()):
+                for pi, p in enumerate(prompts):
+                    position.setdefault((d, b, p.id), (di, bi, pi))
+        others = [r for k, r in by_key.items() if k not in position]
+        ours = [by_key[k] for k in sorted((k for k in by_key if k in position), key=position.__getitem__)]
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in others + ours)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            atomic_write_text(path, text)
+        for shard in shards:  # only once their rows are in generations.jsonl
+            shard.unlink(missing_ok=True)
+        return by_key
 
     def judge(self, generations: list[dict]):
         from .judges import get_judge
@@ -257,7 +339,7 @@ class EvalRunner:
                 cached.update({(_key(r), r["response"]): r for r in rows})
         return [cached[(_key(g), g["response"])] for g in generations], params, dict(getattr(judge, "stats", {}))
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any] | None:
         from .report import compute_metrics, plot_pareto, plot_routing, write_report
 
         self.out.mkdir(parents=True, exist_ok=True)
@@ -266,8 +348,11 @@ class EvalRunner:
         args = asdict(self.cfg)
         record = run_record(args, data_files=[])
         record["benchmark_sha256"] = _prompt_hashes(sets)
-        atomic_write_text(self.out / "run.json", json.dumps(record, indent=2, default=str))
+        if self.state.is_main_process:
+            atomic_write_text(self.out / "run.json", json.dumps(record, indent=2, default=str))
         generations = self.generate(sets)
+        if generations is None:  # not the main process: it merged the shards and reports alone
+            return None
         verdicts, judge_params, judge_stats = self.judge(generations)
         metrics = compute_metrics(generations, verdicts, self.cfg.defenses, self.cfg.benchmarks)
         metrics["judge"] = {"name": self.cfg.judge, "params": judge_params, "stats": judge_stats}
