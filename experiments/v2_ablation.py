@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/v2abl"))
     ap.add_argument("--settings", default="v1,v2-all,v2-sel,v2-sel-frozen,v2-sel-h4,v2-sel-h64")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--reuse-experts", default="", help="A finished probe-selected setting whose expert stages "
+                    "the other probe-selected settings reuse (they only differ in the router stage).")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,10 +87,19 @@ def main() -> None:
             cfg_kw, selection, overrides = SETTINGS[name]
             cfg = MoGUConfig(**cfg_kw, base_model_name_or_path="smollm2-135m-instruct")
             fresh, _ = load_base_model("smollm2-135m-instruct")
+            resume = False
+            source = args.out / args.reuse_experts
+            if args.reuse_experts and selection == {} and (source / "stages" / "unwill" / "done.json").is_file():
+                # Same probe selection, data and seed give the same expert stages (they run with the
+                # router off): reuse them and train only this setting's router stage. Their recorded
+                # train_s still counts in the total.
+                for part in ("probe", "stages/glad", "stages/unwill"):
+                    shutil.copytree(source / part, args.out / name / part, dirs_exist_ok=True)
+                resume = True
             t0 = time.perf_counter()
             model, summary = train_model("smollm2-135m-instruct", args.data, args.out / name, mogu_config=cfg,
                                          train_overrides=overrides, preset_name="cpu-fast", model=fresh,
-                                         tokenizer=tok, layer_selection=selection)
+                                         tokenizer=tok, layer_selection=selection, resume=resume)
             wall = round(time.perf_counter() - t0, 1)
             train_s = sum(s["train_s"] for s in summary.values())
         model.eval()

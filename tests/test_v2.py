@@ -241,3 +241,35 @@ def test_bad_routed_layers_option_is_a_clean_error(tmp_path):
                         "--routed-layers takes")
     _assert_clean_error(mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--version", "v9"),
                         "version must be")
+
+
+def test_train_continues_from_a_mogu_checkpoint_and_trains_only_the_asked_stage(tmp_path):
+    """`mogu convert peft` then `mogu train --model CKPT --stages router`: experts kept, routers trained."""
+    from mogu.cli import train_model
+    from mogu.data import build_stage_datasets, builtin_prompts
+
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    start = MoGUModel.from_base(str(base_dir), MoGUConfig(router_hidden=8))
+    randomize_added(start)
+    start.save_pretrained(tmp_path / "ckpt")
+    harmful, benign = builtin_prompts("harmful")[:8], builtin_prompts("benign")[:8]
+    for recs in (harmful, benign):
+        for i, r in enumerate(recs):
+            r.split = "dev" if i < 2 else "train"
+    build_stage_datasets(harmful, benign, tmp_path / "data",
+                         answer_fn=lambda ps, sample=False: [f"Here is {p.split()[0].lower()}." for p in ps],
+                         seed=0, log=lambda m: None)
+    model, summary = train_model(str(tmp_path / "ckpt"), tmp_path / "data", tmp_path / "run",
+                                 mogu_config=MoGUConfig(version="v2"), preset_name="cpu-fast", progress=False,
+                                 train_overrides={"stages": ["router"], "router_init": "default",
+                                                  "max_response_tokens": 6, "select_max_new_tokens": 2},
+                                 layer_selection={})
+    assert set(summary) == {"router"}
+    assert model.config.version == "v1" and model.config.router_hidden == 8  # the checkpoint's config
+    before = dict(start.named_parameters())
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if ".router." in n)

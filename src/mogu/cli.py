@@ -161,6 +161,20 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
         stages = {k: v for k, v in stages.items() if k in only}
     cfg = TrainConfig(data_dir=str(data), output_dir=str(out), stages=stages, **top)
     cfg.validate()
+    import torch
+
+    # Fresh experts and routers (and LoRA dropout) follow --seed: a resumed run, and every process of
+    # a multi-process one, builds the same starting weights.
+    torch.manual_seed(cfg.seed)
+    from .config import CONFIG_NAME
+
+    if model is None and (Path(model_name) / CONFIG_NAME).is_file():
+        # A MoGU checkpoint (e.g. from `mogu convert peft`): keep its experts and routers and train
+        # the stages asked for (--stages router trains only the routers); its own config applies.
+        model = MoGUModel.from_pretrained(model_name)
+        layer_selection = None
+        _echo(f"continuing from the MoGU checkpoint {model_name} ({model.config.version}, "
+              f"{len(model.routed_modules)} routed layers); its config overrides --version/--r/--routed-layers")
     if layer_selection is not None and not isinstance(model, MoGUModel):
         if model is None:
             from .loading import load_base_model
@@ -178,8 +192,10 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
 
     trainer = Trainer(model, tokenizer or model.tokenizer, cfg, log=_echo, progress=progress)
     summary = trainer.train(resume=resume)
-    final = model.save_pretrained(out / "model", extra_card=_training_card(summary))
-    _echo(f"saved MoGU model to {final}")
+    if trainer.accelerator.is_main_process:  # under `accelerate launch` the others wait for the save
+        final = model.save_pretrained(out / "model", extra_card=_training_card(summary))
+        _echo(f"saved MoGU model to {final}")
+    trainer.accelerator.wait_for_everyone()
     return model, summary
 
 
@@ -200,7 +216,15 @@ def _probe_selected_layers(model, tokenizer, data: Path, out: Path, cfg, selecti
         features = collect_layer_features(model, tokenizer, prompts, target_modules=target_modules, progress=True)
         report = probe_layers(features, labels, seed=cfg.seed, target_modules=target_modules)
     layers = report.select(**rule)  # recorded in the report, so the saved probe.json names the layers
-    report.save(out / "probe")
+    from .training import process_state
+
+    state = process_state()
+    if state.num_processes > 1:  # every process probed (or read probe.json); the main one's layers are the run's
+        from accelerate.utils import broadcast_object_list
+
+        layers = broadcast_object_list([layers], from_process=0)[0]
+    if state.is_main_process:
+        report.save(out / "probe")
     _echo(f"probe-selected routed layers ({', '.join(f'{k}={v}' for k, v in rule.items())}): {layers}")
     return layers
 
@@ -418,6 +442,8 @@ def eval_command(
                      benchmark_options=bench_opts, data_dir=str(data_dir) if data_dir else None, limit=limit,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     metrics = EvalRunner(cfg, log=_echo).run()
+    if metrics is None:  # a non-main process under `accelerate launch`: the main one merges and reports
+        return
     typer.echo((out / "report.md").read_text())
     front = ", ".join(metrics["pareto_front"])
     typer.echo(f"Pareto front: {front}. Wrote {out}/report.md, metrics.json, pareto.png.")
