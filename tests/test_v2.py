@@ -120,6 +120,20 @@ def test_v2_save_load_is_bit_exact_and_traces_only_routed_layers(family, tmp_pat
     assert sorted(loaded.routing_trace()) == [1]
 
 
+def _stage_data(folder, per_class):
+    """Stage files from the first built-in prompts of each class (2 per class held out as dev)."""
+    from mogu.data import build_stage_datasets, builtin_prompts
+
+
+    harmful, benign = builtin_prompts("harmful")[:per_class], builtin_prompts("benign")[:per_class]
+    for recs in (harmful, benign):
+        for i, r in enumerate(recs):
+            r.split = "dev" if i < 2 else "train"
+    build_stage_datasets(harmful, benign, folder,
+                         answer_fn=lambda ps, sample=False: [f"Here is {p.split()[0].lower()}." for p in ps],
+                         seed=0, log=lambda m: None)
+
+
 def _trainer(model, tmp_path, **kw):
     cfg = TrainConfig(data_dir=str(tmp_path), output_dir=str(tmp_path / "out"), **kw)
     return Trainer(model, tiny_tokenizer(), cfg, log=lambda m: None, progress=False)
@@ -162,19 +176,12 @@ def test_joint_is_off_for_v1_and_overridable(tmp_path):
 
 
 def test_joint_stage_uses_two_learning_rates_and_moves_experts(tmp_path):
-    from mogu.data import build_stage_datasets, builtin_prompts
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(version="v2", routed_layers=[1]), tokenizer=tok)
     randomize_added(model)
-    harmful, benign = builtin_prompts("harmful")[:8], builtin_prompts("benign")[:8]
-    for recs in (harmful, benign):
-        for i, r in enumerate(recs):
-            r.split = "dev" if i < 2 else "train"
-    build_stage_datasets(harmful, benign, tmp_path / "data",
-                         answer_fn=lambda ps, sample=False: [f"Here is {p.split()[0].lower()}." for p in ps],
-                         seed=0, log=lambda m: None)
+    _stage_data(tmp_path / "data", per_class=8)
     cfg = TrainConfig(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "run"),
                       stages={"router": StageConfig(epochs=1, lr=1e-3, batch_size=4, micro_batch_size=4)},
                       joint_expert_lr=3e-4, max_response_tokens=6, select_max_new_tokens=2)
@@ -200,19 +207,12 @@ def test_train_v2_selects_layers_by_probe_and_resumes_with_them(tmp_path):
     import json
 
     from mogu.cli import train_model
-    from mogu.data import build_stage_datasets, builtin_prompts
     from mogu.probe import ProbeReport
 
     base_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(base_dir)
     tiny_tokenizer().save_pretrained(base_dir)
-    harmful, benign = builtin_prompts("harmful")[:12], builtin_prompts("benign")[:12]
-    for recs in (harmful, benign):
-        for i, r in enumerate(recs):
-            r.split = "dev" if i < 2 else "train"
-    build_stage_datasets(harmful, benign, tmp_path / "data",
-                         answer_fn=lambda ps, sample=False: [f"Here is {p.split()[0].lower()}." for p in ps],
-                         seed=0, log=lambda m: None)
+    _stage_data(tmp_path / "data", per_class=12)
     overrides = {"max_response_tokens": 6, "select_max_new_tokens": 2, "router_init": "default",
                  "glad.epochs": 0.5, "unwill.epochs": 0.5, "router.epochs": 0.5}
     model, summary = train_model(str(base_dir), tmp_path / "data", tmp_path / "run",
@@ -246,7 +246,6 @@ def test_bad_routed_layers_option_is_a_clean_error(tmp_path):
 def test_train_continues_from_a_mogu_checkpoint_and_trains_only_the_asked_stage(tmp_path):
     """`mogu convert peft` then `mogu train --model CKPT --stages router`: experts kept, routers trained."""
     from mogu.cli import train_model
-    from mogu.data import build_stage_datasets, builtin_prompts
 
     base_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(base_dir)
@@ -254,13 +253,7 @@ def test_train_continues_from_a_mogu_checkpoint_and_trains_only_the_asked_stage(
     start = MoGUModel.from_base(str(base_dir), MoGUConfig(router_hidden=8))
     randomize_added(start)
     start.save_pretrained(tmp_path / "ckpt")
-    harmful, benign = builtin_prompts("harmful")[:8], builtin_prompts("benign")[:8]
-    for recs in (harmful, benign):
-        for i, r in enumerate(recs):
-            r.split = "dev" if i < 2 else "train"
-    build_stage_datasets(harmful, benign, tmp_path / "data",
-                         answer_fn=lambda ps, sample=False: [f"Here is {p.split()[0].lower()}." for p in ps],
-                         seed=0, log=lambda m: None)
+    _stage_data(tmp_path / "data", per_class=8)
     model, summary = train_model(str(tmp_path / "ckpt"), tmp_path / "data", tmp_path / "run",
                                  mogu_config=MoGUConfig(version="v2"), preset_name="cpu-fast", progress=False,
                                  train_overrides={"stages": ["router"], "router_init": "default",
