@@ -124,7 +124,6 @@ def _stage_data(folder, per_class):
     """Stage files from the first built-in prompts of each class (2 per class held out as dev)."""
     from mogu.data import build_stage_datasets, builtin_prompts
 
-
     harmful, benign = builtin_prompts("harmful")[:per_class], builtin_prompts("benign")[:per_class]
     for recs in (harmful, benign):
         for i, r in enumerate(recs):
