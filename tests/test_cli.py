@@ -88,3 +88,23 @@ def test_generate_on_a_tiny_checkpoint(tmp_path):
 def test_help(cmd):
     result = mogu(*cmd, "--help")
     assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
+    # The main job's code path (data with a benign sample, cpu-fast training, before/after, timings) on
+    # a tiny random Llama: what it learns is meaningless, that every step runs and records is not.
+    import json
+
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    result = mogu("demo", "--model", str(base_dir), "--out", str(tmp_path / "demo"), "--eval-tokens", "4",
+                  "--threads", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| harmful (" in result.stdout and "time (s): data" in result.stdout
+    rates = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert {"data_s", "before_s", "after_s", "router_init_s", "wall_s"} <= set(rates)
+    assert rates["router_init_s"] > 0 and set(rates["train_s"]) == {"glad", "unwill", "router"}
+    stats = json.loads((tmp_path / "demo" / "data" / "data_stats.json").read_text())
+    assert stats["benign_train_used"] == 240 < stats["benign_train_available"]
+    assert (tmp_path / "demo" / "train" / "model" / "mogu_config.json").is_file()

@@ -113,3 +113,29 @@ def test_refusing_self_distilled_answers_are_regenerated_then_dropped(tmp_path):
     assert all(is_refusal(r["response"]) == (r["label"] == 1) for r in router)
     with pytest.raises(DataError, match="no harmful prompts"):
         build_stage_datasets([], benign, tmp_path, answer_fn=answer)
+
+
+def test_max_benign_train_samples_train_prompts_only_and_distils_only_those(tmp_path):
+    harmful = builtin_prompts("harmful")[:8]
+    benign = builtin_prompts("benign")[:20]
+    for i, r in enumerate(harmful + benign):
+        r.split = "dev" if i % 4 == 0 else "train"
+    asked = []
+
+    def answer(prompts, sample=False):
+        asked.extend(prompts)
+        return ["Here you go." for _ in prompts]
+
+    train_benign = [r.prompt for r in benign if r.split == "train"]
+    stats = build_stage_datasets(harmful, benign, tmp_path / "a", answer_fn=answer, max_benign_train=6,
+                                 log=lambda m: None)
+    assert len(asked) == 6 and set(asked) <= set(train_benign)  # only the sample is distilled
+    assert stats["benign_train_used"] == 6 and stats["benign_train_available"] == len(train_benign)
+    dev = [json.loads(line) for line in (tmp_path / "a" / "dev.jsonl").read_text().splitlines()]
+    assert len(dev) == sum(r.split == "dev" for r in harmful + benign)  # the dev split is never sampled
+    first = list(asked)
+    asked.clear()
+    build_stage_datasets(harmful, benign, tmp_path / "b", answer_fn=answer, max_benign_train=6, log=lambda m: None)
+    assert asked == first  # seeded
+    with pytest.raises(DataError, match="max_benign_train"):
+        build_stage_datasets(harmful, benign, tmp_path / "c", answer_fn=answer, max_benign_train=0)

@@ -171,3 +171,30 @@ def test_probe_init_router_stage_scores_the_init_and_keeps_the_best(tmp_path):
     # Only router parameters were written by the init.
     for module in model.routed_modules.values():
         assert module.router.unwill.linear_2.bias.abs().sum() > 0
+
+
+def test_single_router_candidate_is_kept_unscored_and_all_checkpoints_can_be_kept(tmp_path, monkeypatch):
+    import mogu.training as training
+
+    model, trainer = _tiny_run(tmp_path, "one", stage_names=("router",),
+                               max_examples=16,
+                               train_kw={"router_init": "probe", "score_router_init": False, "keep_checkpoints": 0})
+    trainer.cfg.stages["router"].epochs = 1
+    scored = []
+    monkeypatch.setattr(training, "score_stage", lambda *a, **k: scored.append(a[0]) or {"score": 0.0})
+    summary = trainer.train()
+    assert scored == []  # neither the probe init nor the only epoch needed a dev pass
+    assert summary["router"]["history"] == [] and "one candidate" in summary["router"]["selection"]
+    steps = sorted(p.name for p in (tmp_path / "one" / "checkpoints" / "router").glob("step-*"))
+    assert steps == ["step-0000002", "step-0000004"]  # every save kept (16 rows / batch 4, save_every 2)
+
+
+def test_responders_are_scored_even_with_one_epoch(tmp_path, monkeypatch):
+    import mogu.training as training
+
+    model, trainer = _tiny_run(tmp_path, "resp", stage_names=("glad",))
+    trainer.cfg.stages["glad"].epochs = 1
+    scored = []
+    monkeypatch.setattr(training, "score_stage", lambda *a, **k: scored.append(a[0]) or {"score": 1.0})
+    summary = trainer.train()
+    assert scored == ["glad"] and "kept epoch 0" in summary["glad"]["selection"]

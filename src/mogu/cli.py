@@ -46,7 +46,8 @@ def _records(spec: str, *, harmful: bool, field: Optional[str], output_field: Op
 
 def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: str = BUILTIN,
                field: Optional[str] = None, output_field: Optional[str] = None, seed: int = 0,
-               max_new_tokens: int = 48, batch_size: int = 16, model=None, tokenizer=None) -> dict:
+               max_new_tokens: int = 48, batch_size: int = 16, model=None, tokenizer=None,
+               max_benign: Optional[int] = None) -> dict:
     from .data import build_stage_datasets
     from .io import atomic_write_text, run_record
     from .loading import load_base_model
@@ -69,10 +70,10 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
                                   batch_size=batch_size, do_sample=sample, progress=True,
                                   desc="self-distilling benign answers")
 
-    stats = build_stage_datasets(harm, ben, out, answer_fn=answer, seed=seed, log=_echo)
+    stats = build_stage_datasets(harm, ben, out, answer_fn=answer, seed=seed, max_benign_train=max_benign, log=_echo)
     atomic_write_text(out / "run.json", json.dumps(run_record(
         {"model": model_name, "harmful": harmful, "benign": benign, "field": field, "seed": seed,
-         "max_new_tokens": max_new_tokens}), indent=2))
+         "max_new_tokens": max_new_tokens, "max_benign": max_benign}), indent=2))
     return stats
 
 
@@ -112,12 +113,29 @@ def data_build(
     model: str = typer.Option("smollm2-135m-instruct", help="Base model for self-distilled benign answers."),
     seed: int = typer.Option(0),
     max_new_tokens: int = typer.Option(48, min=1, max=4096, help="Length of self-distilled answers."),
+    max_benign: Optional[int] = typer.Option(None, min=1, help="Keep a seeded sample of N benign train prompts "
+                                             "(fewer answers to distil; the dev split is kept whole)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Build the three stage datasets (glad pairs, unwill pairs, router set) plus a dev split."""
     _setup_torch(threads)
     stats = build_data(model, out, harmful=harmful, benign=benign, field=field, output_field=output_field,
-                       seed=seed, max_new_tokens=max_new_tokens)
+                       seed=seed, max_new_tokens=max_new_tokens, max_benign=max_benign)
+    typer.echo(json.dumps({k: v for k, v in stats.items() if k != "sha256"}, indent=2))
+
+
+@data_app.command("task")
+def data_task(
+    name: str = typer.Option(..., help="Task: date-iso (dates to YYYY-MM-DD) or arith (small word problems)."),
+    out: Path = typer.Option(..., help="Output folder for train.jsonl, test.jsonl and run.json."),
+    train: int = typer.Option(400, help="Training rows."),
+    test: int = typer.Option(200, help="Test rows (another seed stream; no item shared with train)."),
+    seed: int = typer.Option(0),
+):
+    """Generate a seeded downstream task with exact-match answers (for `mogu finetune`)."""
+    from .tasks import write_task_data
+
+    stats = write_task_data(name, out, n_train=train, n_test=test, seed=seed)
     typer.echo(json.dumps({k: v for k, v in stats.items() if k != "sha256"}, indent=2))
 
 
@@ -152,6 +170,8 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
             continue
         stage, _, attr = key.partition(".")
         if attr:
+            if attr == "max_examples" and value == 0:  # 0 on the command line: every row
+                value = None
             if stage in stages:
                 setattr(stages[stage], attr, value)
         else:
@@ -259,6 +279,9 @@ def train(
     router_epochs: Optional[float] = typer.Option(None),
     glad_lr: Optional[float] = typer.Option(None), unwill_lr: Optional[float] = typer.Option(None),
     router_lr: Optional[float] = typer.Option(None),
+    glad_max_examples: Optional[int] = typer.Option(None, min=0, help="Cap on glad pairs used (0: all; cpu-fast: 64)."),
+    unwill_max_examples: Optional[int] = typer.Option(None, min=0, help="Cap on unwill pairs used (0: all; cpu-fast: 128)."),
+    router_max_examples: Optional[int] = typer.Option(None, min=0, help="Cap on router rows used (0: all; cpu-fast: 256)."),
     joint_experts: Optional[bool] = typer.Option(None, "--joint-experts/--frozen-experts",
                                                  help="Router stage also trains the experts (default: on for v2)."),
     joint_expert_lr: Optional[float] = typer.Option(None, help="Experts' learning rate in the joint stage."),
@@ -267,6 +290,7 @@ def train(
     router_init_glad_bias: Optional[float] = typer.Option(None, help="Probe init: logit shift toward glad; raise it to cut over-refusal (0)."),
     max_response_tokens: Optional[int] = typer.Option(None, help="Response tokens trained on (48)."),
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints (50)."),
+    keep_checkpoints: Optional[int] = typer.Option(None, min=0, help="Newest step checkpoints kept per stage (2; 0 keeps all)."),
     seed: Optional[int] = typer.Option(None),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -277,14 +301,57 @@ def train(
     selection = None
     if routed_layers == "probe" or (routed_layers is None and version == "v2"):
         selection = {k: v for k, v in {"top_k": select_top_k, "threshold": select_threshold}.items() if v is not None}
-    overrides = {"joint_experts": joint_experts, "joint_expert_lr": joint_expert_lr,"glad.epochs": glad_epochs, "unwill.epochs": unwill_epochs, "router.epochs": router_epochs,
+    overrides = {"joint_experts": joint_experts, "joint_expert_lr": joint_expert_lr,
+                 "glad.epochs": glad_epochs, "unwill.epochs": unwill_epochs, "router.epochs": router_epochs,
                  "glad.lr": glad_lr, "unwill.lr": unwill_lr, "router.lr": router_lr,
+                 "glad.max_examples": glad_max_examples, "unwill.max_examples": unwill_max_examples,
+                 "router.max_examples": router_max_examples,
                  "router_loss_weight": router_loss_weight, "max_response_tokens": max_response_tokens,
-                 "save_every": save_every, "seed": seed, "responder_loss": responder_loss, "router_init": router_init,
+                 "save_every": save_every, "keep_checkpoints": keep_checkpoints, "seed": seed,
+                 "responder_loss": responder_loss, "router_init": router_init,
                  "router_init_refits": router_init_refits, "router_init_glad_bias": router_init_glad_bias,
                  "stages": stages.split(",") if stages else None}
     train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume,
                 layer_selection=selection)
+
+
+@app.command()
+def finetune(
+    model: str = typer.Option(..., help="MoGU checkpoint folder (experts and routers stay frozen) or a base model."),
+    task_data: Path = typer.Option(..., help="Task jsonl (prompt, response), or a `mogu data task` folder (its train.jsonl)."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints, metrics.jsonl, run.json, summary.json and model/."),
+    mix_data: Optional[Path] = typer.Option(None, help="Router set to mix in: router.jsonl or the `mogu data build` folder."),
+    mix_ratio: Optional[float] = typer.Option(None, help="Share of every batch from --mix-data, in [0, 1) "
+                                              "(default 0.2 with --mix-data, else 0)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (or --epochs; default one epoch of task rows)."),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the task rows."),
+    lr: float = typer.Option(2e-4),
+    batch_size: int = typer.Option(8, help="Rows per optimizer step, task and mix together."),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Rows per forward pass (default: the whole batch)."),
+    r: int = typer.Option(8), lora_alpha: float = typer.Option(16.0), lora_dropout: float = typer.Option(0.05),
+    target_modules: Optional[str] = typer.Option(None, help="Comma-separated module suffixes for the task LoRA "
+                                                 "(default: every decoder projection but MoGU's routed one)."),
+    max_response_tokens: int = typer.Option(48, help="Response tokens trained on."),
+    save_every: int = typer.Option(50, help="Optimizer steps between checkpoints."),
+    keep_checkpoints: int = typer.Option(2, min=0, help="Newest checkpoints kept (0 keeps all)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Instruction fine-tuning with a task LoRA (PEFT), optionally mixing MoGU's router set into every batch."""
+    from .finetune import FinetuneConfig, run_finetune
+
+    _setup_torch(threads)
+    if mix_ratio is None:
+        mix_ratio = 0.2 if mix_data else 0.0
+    cfg = FinetuneConfig(task_data=str(task_data), output_dir=str(out), mix_data=str(mix_data) if mix_data else None,
+                         mix_ratio=mix_ratio, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                         micro_batch_size=micro_batch_size, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         target_modules=_csv(target_modules) if target_modules else None,
+                         max_response_tokens=max_response_tokens, save_every=save_every,
+                         keep_checkpoints=keep_checkpoints, seed=seed)
+    _, _, summary = run_finetune(model, cfg, resume=resume, log=_echo)
+    typer.echo(json.dumps(summary, indent=2))
 
 
 def _gen_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
@@ -449,6 +516,9 @@ def eval_command(
     typer.echo(f"Pareto front: {front}. Wrote {out}/report.md, metrics.json, pareto.png.")
 
 
+DEMO_BENIGN_TRAIN = 240
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run folder."),
@@ -467,26 +537,35 @@ def demo(
     base, tok = load_base_model(model)
     data_dir = out / "data"
     if not (resume and (data_dir / "data_stats.json").is_file()):
-        build_data(model, data_dir, model=base, tokenizer=tok, max_new_tokens=40)
+        # 32 tokens: cpu-fast trains on the first 32 response tokens, so longer answers are cut anyway.
+        # DEMO_BENIGN_TRAIN of the benign train prompts: distilling all of them is the demo's slowest
+        # step, and cpu-fast trains on fewer rows than that (docs/RESULTS.md, "mogu demo").
+        build_data(model, data_dir, model=base, tokenizer=tok, max_new_tokens=32, max_benign=DEMO_BENIGN_TRAIN)
     dev = load_stage_file(data_dir / DEV_FILE, ("prompt", "harmful"))
     harmful = [d["prompt"] for d in dev if d["harmful"]]
     benign = [d["prompt"] for d in dev if not d["harmful"]]
     t_data = time.perf_counter() - t0
 
     plain = _PlainGenerator(base)
+    t_before = time.perf_counter()
     before_h = generate_responses(plain, tok, harmful, max_new_tokens=eval_tokens, progress=True, desc="before: harmful dev")
     before_b = generate_responses(plain, tok, benign, max_new_tokens=eval_tokens, progress=True, desc="before: benign dev")
+    before_s = time.perf_counter() - t_before
     mogu_model, summary = train_model(model, data_dir, out / "train", mogu_config=_mogu_config(None, None, 8, 16.0, 0.05, 512, 5),
                                       train_overrides={}, preset_name="cpu-fast", resume=resume, model=base,
                                       tokenizer=tok)
+    t_after = time.perf_counter()
     after_h = generate_responses(mogu_model, tok, harmful, max_new_tokens=eval_tokens, progress=True, desc="after: harmful dev")
     after_b = generate_responses(mogu_model, tok, benign, max_new_tokens=eval_tokens, progress=True, desc="after: benign dev")
+    after_s = time.perf_counter() - t_after
     wall = time.perf_counter() - t0
 
     rates = {"harmful_dev_refusal_before": refusal_rate(before_h), "harmful_dev_refusal_after": refusal_rate(after_h),
              "benign_dev_refusal_before": refusal_rate(before_b), "benign_dev_refusal_after": refusal_rate(after_b),
              "n_harmful_dev": len(harmful), "n_benign_dev": len(benign), "eval_tokens": eval_tokens,
-             "data_s": round(t_data, 1), "train_s": {k: v["train_s"] for k, v in summary.items()},
+             "data_s": round(t_data, 1), "before_s": round(before_s, 1), "after_s": round(after_s, 1),
+             "train_s": {k: v["train_s"] for k, v in summary.items()},
+             "router_init_s": summary.get("router", {}).get("init_s", 0.0),
              "wall_s": round(wall, 1), "model_dir": str(out / "train" / "model")}
     (out / "demo_results.json").write_text(json.dumps(rates, indent=2))
     samples = {"harmful": list(zip(harmful, before_h, after_h)), "benign": list(zip(benign, before_b, after_b))}
@@ -497,7 +576,10 @@ def demo(
     typer.echo("\n| dev set | refused before | refused after |\n|---|---|---|")
     typer.echo(f"| harmful ({len(harmful)}) | {rates['harmful_dev_refusal_before']:.0%} | {rates['harmful_dev_refusal_after']:.0%} |")
     typer.echo(f"| benign ({len(benign)}) | {rates['benign_dev_refusal_before']:.0%} | {rates['benign_dev_refusal_after']:.0%} |")
-    typer.echo(f"\nwall time {wall / 60:.1f} min; model saved to {out / 'train' / 'model'}; "
+    parts = {"data": rates["data_s"], "before": rates["before_s"], **rates["train_s"],
+             "router init": rates["router_init_s"], "after": rates["after_s"]}
+    typer.echo("\ntime (s): " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()))
+    typer.echo(f"wall time {wall / 60:.1f} min; model saved to {out / 'train' / 'model'}; "
                f"chat with: mogu chat --model {out / 'train' / 'model'}")
 
 

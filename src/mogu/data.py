@@ -212,11 +212,14 @@ def comply_opening(record: PromptRecord, rng: random.Random) -> str:
 
 def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord], out_dir: str | Path, *,
                          answer_fn: Callable[[list[str]], list[str]] | None, seed: int = 0,
+                         max_benign_train: int | None = None,
                          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the three stage files and dev.jsonl; return counts (also written to data_stats.json).
 
     ``answer_fn`` maps benign prompts to helpful answers (the base model's greedy answers);
-    it is called only for benign prompts without a provided output.
+    it is called only for benign prompts without a provided output. ``max_benign_train`` keeps a
+    seeded sample of that many benign train prompts (the dev split is never sampled): self-distilling
+    answers is the slow part of a CPU build, and it keeps the router set closer to class balance.
     """
     if not harmful:
         raise DataError("no harmful prompts: the glad and router stages need some")
@@ -227,6 +230,13 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
     out_dir = Path(out_dir)
     harm_train = [r for r in harmful if r.split != "dev"]
     ben_train = [r for r in benign if r.split != "dev"]
+    benign_available = len(ben_train)
+    if max_benign_train is not None:
+        if max_benign_train < 1:
+            raise DataError(f"max_benign_train must be >= 1, got {max_benign_train}")
+        if len(ben_train) > max_benign_train:
+            keep = sorted(random.Random(seed + 1).sample(range(len(ben_train)), max_benign_train))
+            ben_train = [ben_train[i] for i in keep]
     dev = [{"prompt": r.prompt, "harmful": r.harmful, "category": r.category, "source": r.source}
            for r in harmful + benign if r.split == "dev"]
 
@@ -265,6 +275,7 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
     write_jsonl(out_dir / DEV_FILE, dev)
     stats = {"glad_pairs": len(glad), "unwill_pairs": len(unwill), "router": len(router), "dev": len(dev),
              "benign_answers_regenerated": regenerated, "benign_answers_dropped": dropped, "seed": seed,
+             "benign_train_available": benign_available, "benign_train_used": len(ben_train),
              "sha256": {f: sha256_file(out_dir / f) for f in (*STAGE_FILES.values(), DEV_FILE)}}
     (out_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
     return stats

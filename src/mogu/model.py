@@ -240,7 +240,8 @@ class MoGUModel(nn.Module):
         save_file(self.expert_state_dict(expert), str(directory / ADAPTER_FILE), metadata={"format": "pt"})
 
     def save_pretrained(self, directory: str | Path, *, extra_card: str | None = None) -> Path:
-        """Write config, both experts (PEFT folders), router weights and a model card, atomically."""
+        """Write config, both experts (PEFT folders), router weights, a task adapter if fine-tuned, and a model
+        card, atomically."""
         from . import __version__
         from .card import model_card
 
@@ -251,6 +252,10 @@ class MoGUModel(nn.Module):
             for expert in EXPERTS:
                 self._write_adapter(expert, tmp / expert)
             save_file(self.router_state_dict(), str(tmp / ROUTER_FILE), metadata={"format": "pt"})
+            from .finetune import TASK_ADAPTER_DIR, has_task_adapter, write_task_adapter
+
+            if has_task_adapter(self):  # fine-tuned by `mogu finetune`: its task LoRA as a PEFT folder
+                write_task_adapter(self, tmp / TASK_ADAPTER_DIR)
             (tmp / "README.md").write_text(model_card(self, extra=extra_card, directory=directory))
         return directory
 
@@ -288,6 +293,10 @@ class MoGUModel(nn.Module):
             path = directory / expert / ADAPTER_FILE
             model.load_expert_state_dict(expert, _load_safetensors(path), source=str(path))
         model.load_router_state_dict(_load_safetensors(directory / ROUTER_FILE), source=str(directory / ROUTER_FILE))
+        from .finetune import TASK_ADAPTER_DIR, load_task_adapter
+
+        if (directory / TASK_ADAPTER_DIR).is_dir():  # a `mogu finetune` checkpoint: apply its task LoRA
+            load_task_adapter(model, directory / TASK_ADAPTER_DIR)
         model.eval()
         return model
 

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import ConfigError, DataError, MoGUError
+from .features import stop_after
 from .families import is_projection, layer_index, matches_target, resolve_target_modules
 from .io import atomic_write_text
 
@@ -121,7 +122,8 @@ def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_m
     try:
         tokenizer.padding_side = "left"
         model.eval()
-        with routing:
+        # The pass ends after the deepest probed module (features.py: the LM head is not needed).
+        with routing, stop_after(modules[max(modules)][1]) as run:
             for start in starts:
                 texts = [render_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -130,8 +132,8 @@ def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_m
                     raise MoGUError("the tokenizer did not left-pad the batch")
                 mask_holder["mask"] = attention_mask
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-                model(input_ids=enc["input_ids"].to(device), attention_mask=attention_mask,
-                      position_ids=position_ids, use_cache=False)
+                run(model, input_ids=enc["input_ids"].to(device), attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .features import stop_after
 from .router import Scorer
 
 
@@ -31,7 +32,9 @@ def collect_features(model, batches, *, mode: str = "off", max_tokens_per_batch:
 
     Response tokens are left out: there the harmful class is refusal text, so a probe fitted on
     them detects refusals rather than harmful requests and then reinforces itself while
-    generating. Tokens are subsampled per batch (seeded) to bound memory on large models.
+    generating (batches may hold prompts alone: a row without response labels contributes all its
+    tokens). Tokens are subsampled per batch (seeded) to bound memory on large models. The pass
+    stops after the last routed module.
     """
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in model.routed_modules}
     labels_out: list[torch.Tensor] = []
@@ -40,12 +43,13 @@ def collect_features(model, batches, *, mode: str = "off", max_tokens_per_batch:
     gen = torch.Generator().manual_seed(seed)
     for name, module in model.routed_modules.items():
         hooks.append(module.register_forward_pre_hook(lambda mod, args, name=name: current.__setitem__(name, args[0])))
+    last = list(model.routed_modules.values())[-1]
     try:
-        with model.routing(mode):
+        with model.routing(mode), stop_after(last) as run:
             for batch, labels in batches:
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                run(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 resp = batch["labels"] != -100
-                first = resp.float().argmax(dim=1)
+                first = torch.where(resp.any(dim=1), resp.float().argmax(dim=1), resp.shape[1])
                 positions = torch.arange(resp.shape[1], device=resp.device).unsqueeze(0)
                 keep = (positions < first.unsqueeze(1)) & batch["attention_mask"].bool()
                 idx = keep.nonzero(as_tuple=False).cpu()

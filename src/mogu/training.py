@@ -118,7 +118,8 @@ def preset(name: str) -> dict[str, Any]:
                                                  max_examples=128),
                            "router": StageConfig(epochs=1, lr=5e-4, batch_size=16, micro_batch_size=16,
                                                  max_examples=256)},
-                "responder_loss": "sft", "max_response_tokens": 32, "router_init": "probe"}
+                "responder_loss": "sft", "max_response_tokens": 32, "router_init": "probe",
+                "score_router_init": False}
     raise ConfigError(f"unknown preset {name!r}; known: paper, cpu-fast")
 
 
@@ -141,6 +142,10 @@ class TrainConfig:
     router_init_examples: int = 512  # router-set rows whose prompt tokens feed the probes
     router_init_refits: int = 1  # probe rounds under routing (router_init.py: one removes the feature shift)
     router_init_glad_bias: float = 0.0  # logit shift toward glad: trades missed harmful for over-refusal
+    # Score the probe-initialised routers on the dev split so they compete in checkpoint selection. Off
+    # in cpu-fast: the trained routers have won every run measured, and a router stage with a single
+    # candidate left is kept without a dev pass (the caller's own evaluation scores it; ~80 s each on CPU).
+    score_router_init: bool = True
     # v2's joint stage: the router stage also trains both experts (None: on for v2 models, off for v1).
     # Roles stay put because an expert's gradient is scaled by its routing weight: unwill learns
     # from the tokens routed to it (harmful prompts, refusal targets), glad from the benign ones.
@@ -149,6 +154,7 @@ class TrainConfig:
     max_response_tokens: int = 48  # response tokens trained on (routing acts on the first few)
     seed: int = 0
     save_every: int = 50  # optimizer steps between mid-epoch checkpoints
+    keep_checkpoints: int = 2  # newest step checkpoints kept per stage (0: keep all, e.g. to study them)
     select_max_new_tokens: int = 16  # tokens generated per dev prompt for checkpoint scoring
     select_batch_size: int = 16
     mixed_precision: str = "no"
@@ -164,6 +170,8 @@ class TrainConfig:
             raise ConfigError(f"max_response_tokens must be in [1, 4096], got {self.max_response_tokens}")
         if self.save_every < 1:
             raise ConfigError("save_every must be >= 1")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
         if self.router_init not in ("default", "probe"):
             raise ConfigError(f"router_init must be 'default' or 'probe', got {self.router_init!r}")
         if not 0 <= self.router_init_refits <= 10:
@@ -626,8 +634,9 @@ class Trainer:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             self._write_rng(tmp / "rng.pt", states)
             (tmp / "state.json").write_text(json.dumps(position))
-        for old in sorted(root.glob("step-*"))[:-2]:  # keep the two newest
-            _remove_dir(old)
+        if self.cfg.keep_checkpoints:
+            for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
+                _remove_dir(old)
 
     @staticmethod
     def _sweep(root: Path) -> None:
@@ -722,11 +731,18 @@ class Trainer:
             self._sweep(self._ckpt_root(stage))
             self._truncate_metrics(stage, position["step"] if ckpt is not None else -1)
 
+        init_s = 0.0
         if stage == "router" and self.cfg.router_init == "probe" and ckpt is None:
             from .router_init import probe_init
 
-            # Probes are cheap (no-grad passes): they see router rows beyond a training cap.
+            t_init = time.perf_counter()
+
+            # The probes see router rows beyond a training cap (no-grad passes cost a third of a step).
+            # Only prompt tokens are probed, so responses are cut off, and length-sorted batches keep
+            # padding low: together about half the compute of full, shuffled sequences.
             sample = self._encode(stage, self._rows(stage, capped=False)[: self.cfg.router_init_examples])
+            sample = sorted((((ids[:len(ids) - n_resp], 0), label) for (ids, n_resp), label in sample),
+                            key=lambda e: len(e[0][0]))
             pad, device = self.tokenizer.pad_token_id, acc.device
             batches = []
             for i in range(0, len(sample), scfg.micro_batch_size):
@@ -737,7 +753,9 @@ class Trainer:
             probe_init(model, batches, refits=self.cfg.router_init_refits, glad_bias=self.cfg.router_init_glad_bias,
                        log=self.log)
             self._broadcast_params(list(params.values()))
-            if dev:
+            init_s = round(time.perf_counter() - t_init, 1)
+            self.log(f"[{stage}] probe init took {init_s:.0f} s")
+            if dev and self.cfg.score_router_init:
                 # The probe-initialised routers compete in checkpoint selection like any epoch,
                 # so a short CPU run that drifts from a good start keeps the start.
                 scores = self._from_main(score_stage(stage, model, self.tokenizer, dev, self.cfg))
@@ -754,6 +772,9 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=position["step"], desc=f"train {stage}", disable=not self.progress)
         start = time.perf_counter()
         n_epochs = math.ceil(scfg.epochs)
+        # Selection needs scores only when there is a choice; the responders are always scored (their dev
+        # refusal rate is the stage's health check), a router stage with one candidate is not.
+        score_epochs = bool(dev) and (stage != "router" or n_epochs > 1 or bool(history))
         while position["step"] < total_steps and position["epoch"] < n_epochs:
             order = self._epoch_order(len(examples), position["epoch"])
             micro = [order[i:i + scfg.micro_batch_size] for i in range(0, len(order), scfg.micro_batch_size)]
@@ -773,7 +794,7 @@ class Trainer:
                                       "elapsed_s": round(time.perf_counter() - start, 2)})
                 end_of_epoch = position["batch"] >= len(micro) or position["step"] >= total_steps
                 if end_of_epoch:
-                    if dev:
+                    if score_epochs:
                         model.eval()
                         # Every process scores (they hold the same weights); the main one's scores decide.
                         scores = self._from_main(score_stage(stage, model, self.tokenizer, dev, self.cfg))
@@ -800,10 +821,14 @@ class Trainer:
             self._restore(stage, best["tensors"])
             reason = (f"kept epoch {best['epoch']} (step {best['step']}): highest dev score {best['score']:.3f} "
                       f"among {len(history)} checkpoint(s); ties go to the earlier one")
+        elif dev:
+            reason = "one candidate (a single router epoch, probe init not scored): kept the last weights unscored"
         else:
             reason = "no dev set: kept the last weights"
         self.log(f"[{stage}] {reason}")
+        # train_s: the optimizer steps and their dev scoring; init_s: the probe init before them.
         result = {"stage": stage, "steps": position["step"], "train_s": round(time.perf_counter() - start, 1),
+                  "init_s": init_s,
                   "history": history, "selection": reason}
         states = self._gather_rng()
         if main:

@@ -146,7 +146,12 @@ def peft_adapter(model, path: str | Path, *, config=None) -> Iterator[Any]:
     """A PeftModel on ``model`` for the duration of the block: a saved LoRA folder (``path``) or a
     fresh LoRA (``config``, for training). The LoRA layers are removed again on exit."""
     from peft import PeftModel, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        # unload() on exit strips every LoRA layer, so a task adapter (`mogu finetune`) would be lost.
+        raise ConfigError("this defense adds its own LoRA and cannot run on a model that already carries one "
+                          "(e.g. a `mogu finetune` task adapter); evaluate it on the plain base model")
     with unwrapped(model), _restored_state(model):
         with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

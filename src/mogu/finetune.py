@@ -1,0 +1,675 @@
+"""Instruction fine-tuning with a task LoRA, optionally mixing MoGU's router set into every batch.
+
+The task LoRA is a real PEFT LoRA (``peft.inject_adapter_in_model``, adapter name ``task``) on the
+backbone's projections other than the MoGU-routed ones (Llama-like: q/k/v/gate/up/down_proj); the
+same default applies to a plain base model, so base and MoGU fine-tunes train the same adapter.
+Everything else stays frozen: the backbone, and on a MoGUModel both experts and the routers. A
+MoGUModel trains with routing ``auto`` and every position routed (as in the router stage), its
+routed layers in eval mode so the frozen experts run as at inference.
+
+Loss: mean response-token cross-entropy per example (``training.sequence_nll``), averaged over the
+optimizer batch, so each example weighs the same whatever its length and ``mix_ratio`` is the share
+of the loss that the mix rows carry.
+
+Batches (``MixSchedule``): batch ``s`` holds ``floor(r*B*(s+1)) - floor(r*B*s)`` rows of the mix set
+(router.jsonl: harmful prompt + refusal, benign prompt + helpful answer) and the rest task rows. So
+every batch holds floor or ceil of r*B mix rows and the first s batches exactly floor(r*B*s). Both
+sources are read as concatenated seeded permutations (one per pass), so a batch is a function of
+(step, seed) alone and ``resume`` needs only the step.
+
+Output (``--out``): ``run.json``, ``metrics.jsonl``, ``checkpoints/step-*`` (task LoRA, optimizer,
+RNG, step; written atomically), ``summary.json`` and ``model/``: a MoGU checkpoint with a
+``task_adapter/`` subfolder (``MoGUModel.from_pretrained`` applies it), or for a plain base the
+task adapter itself as a PEFT folder (``PeftModel.from_pretrained(base, "model")``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CheckpointMismatchError, ConfigError, DataError, MoGUError
+from .families import family_for, is_projection, layer_index, matches_target
+from .io import atomic_directory, atomic_write_text, run_record
+from .model import ADAPTER_FILE, MoGUModel, _check_keys
+from .tasks import load_task_rows, score_exact, task_file, task_name_of
+
+ADAPTER_NAME = "task"
+TASK_ADAPTER_DIR = "task_adapter"
+_PEFT_PREFIX = "base_model.model."
+_CKPT_TENSORS = "task_lora.safetensors"
+
+
+# -- where the task LoRA goes -----------------------------------------------------------------------
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The Hugging Face model the task LoRA is injected into (a MoGUModel's wrapped base, or the model)."""
+    return model.base_model if isinstance(model, MoGUModel) else model
+
+
+def _reserved(model: nn.Module) -> list[str]:
+    """Names of the modules the task LoRA must leave alone: MoGU's target projections (routed or not)
+    and everything inside them (their experts and routers). For a plain base, the family's MoGU target,
+    so a base fine-tune trains the same adapter as a MoGU one."""
+    backbone = backbone_of(model)
+    if isinstance(model, MoGUModel):
+        targets = model.config.target_modules or []
+    else:
+        family = family_for(getattr(getattr(backbone, "config", None), "model_type", None))
+        targets = list(family.target_modules) if family else []
+    return [n for n, _ in backbone.named_modules() if n and matches_target(n, targets)]
+
+
+def _inside(name: str, roots: list[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+def _projections(model: nn.Module) -> list[str]:
+    """Full names of the linear projections inside numbered decoder layers."""
+    return [n for n, m in backbone_of(model).named_modules() if is_projection(m) and layer_index(n) is not None]
+
+
+def _suffixes(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(".".join(n.split(".")[-2:]) for n in names))
+
+
+def default_task_targets(model: nn.Module) -> list[str]:
+    """The shortest name suffixes that select every decoder projection except the reserved ones.
+
+    Llama-like: q_proj, k_proj, v_proj, gate_proj, up_proj, down_proj; GPT-2: c_attn, c_fc, mlp.c_proj
+    (plain ``c_proj`` would also select the routed ``attn.c_proj``).
+    """
+    reserved = _reserved(model)
+    blocked = [n for n, _ in backbone_of(model).named_modules() if _inside(n, reserved)]
+    targets: dict[str, None] = {}
+    for name in _projections(model):
+        if _inside(name, reserved):
+            continue
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(matches_target(b, [suffix]) for b in blocked):
+                targets[suffix] = None
+                break
+    return list(targets)
+
+
+def resolve_task_targets(model: nn.Module, target_modules: list[str] | None = None) -> list[str]:
+    """``target_modules`` checked against the model, or the default; errors list the candidates."""
+    reserved = _reserved(model) if isinstance(model, MoGUModel) else []
+    projections = _projections(model)
+    free = [n for n in projections if not _inside(n, reserved)]
+    candidates = ", ".join(_suffixes(free)) or "none"
+    if not target_modules:
+        targets = default_task_targets(model)
+        if not targets:
+            raise ConfigError(f"no projection is left for the task LoRA; candidates: {candidates}")
+        return targets
+    names = [n for n, _ in backbone_of(model).named_modules() if n]
+    for t in target_modules:
+        hits = [n for n in names if matches_target(n, [t])]
+        taken = [n for n in hits if _inside(n, reserved)]
+        if taken:
+            raise ConfigError(f"target module {t!r} selects MoGU-routed modules ({taken[0]}, ...); the task LoRA "
+                              f"goes on the other projections: {candidates}")
+        if not hits:
+            raise ConfigError(f"target module {t!r} matches no projection in the decoder layers; "
+                              f"candidates: {candidates}")
+        other = [n for n in hits if n not in free]
+        if other:  # PEFT would fail on a non-linear module, or put a LoRA outside the decoder layers
+            raise ConfigError(f"target module {t!r} selects {other[0]}, not a projection in a decoder layer; "
+                              f"candidates: {candidates}")
+    return list(target_modules)
+
+
+# -- the task adapter -----------------------------------------------------------------------------
+def task_lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT LoRA layers holding the task adapter, by name inside the backbone."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in backbone_of(model).named_modules()
+            if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A}
+
+
+def has_task_adapter(model: nn.Module) -> bool:
+    return bool(task_lora_modules(model))
+
+
+def task_adapter_config(model: nn.Module):
+    return backbone_of(model).peft_config[ADAPTER_NAME]
+
+
+def task_adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The task LoRA's parameters under their PEFT file keys (``base_model.model.<module>.lora_A.weight``)."""
+    params = {}
+    for name, m in task_lora_modules(model).items():
+        params[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A[ADAPTER_NAME].weight
+        params[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B[ADAPTER_NAME].weight
+    return params
+
+
+def task_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().contiguous() for k, p in task_adapter_parameters(model).items()}
+
+
+def load_task_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    params = task_adapter_parameters(model)
+    _check_keys(params, sd, source)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(sd[k])
+
+
+def _check_lora_config(config, where: str) -> None:
+    from peft import LoraConfig
+
+    if not isinstance(config, LoraConfig):
+        raise CheckpointMismatchError(f"{where}: not a LoRA adapter ({type(config).__name__})")
+    problems = [what for what, bad in (("DoRA", config.use_dora), ("trained biases", config.bias != "none"),
+                                       ("modules_to_save", bool(config.modules_to_save)),
+                                       ("regex target_modules", isinstance(config.target_modules, str)))
+                if bad]
+    if problems:
+        raise CheckpointMismatchError(f"{where}: unsupported task adapter ({', '.join(problems)})")
+
+
+def add_task_adapter(model: nn.Module, config=None, *, r: int = 8, lora_alpha: float = 16.0,
+                     lora_dropout: float = 0.05, target_modules: list[str] | None = None):
+    """Inject a fresh task LoRA with PEFT (A: PEFT's kaiming init from the torch RNG, B: zero); returns its
+    ``LoraConfig``. Other parameters keep their ``requires_grad`` flags; the new ones are trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if has_task_adapter(model):
+        raise MoGUError("the model already carries a task adapter (task_adapter/); fine-tune the checkpoint it "
+                        "was trained from instead")
+    if config is None:
+        targets = resolve_task_targets(model, target_modules)
+        config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                            bias="none", task_type="CAUSAL_LM")
+    else:
+        _check_lora_config(config, "task adapter")
+        resolve_task_targets(model, sorted(config.target_modules))
+        config = copy.deepcopy(config)
+    backbone = backbone_of(model)
+    # GPT-2's Conv1D stores its weight transposed; PEFT needs to be told (it warns and guesses otherwise).
+    config.fan_in_fan_out = any(type(m).__name__ == "Conv1D" for n, m in backbone.named_modules()
+                                if matches_target(n, list(config.target_modules)) and is_projection(m))
+    config.inference_mode = False
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        inject_adapter_in_model(config, backbone, adapter_name=ADAPTER_NAME)
+    for p, flag in flags:  # PEFT freezes everything else; what trains is the caller's choice
+        p.requires_grad_(flag)
+    for m, mode in modes:
+        m.training = mode
+    for m in task_lora_modules(model).values():  # a new LoRA layer runs in the mode of the layer it wraps
+        m.train(m.base_layer.training)
+    return backbone.peft_config[ADAPTER_NAME]
+
+
+def write_task_adapter(model: nn.Module, directory: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+    """The task adapter as a standard PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(task_adapter_config(model))
+    if isinstance(model, MoGUModel):
+        config.base_model_name_or_path = model.config.base_model_name_or_path
+        config.revision = model.config.base_model_revision
+    if base_model_name_or_path:
+        config.base_model_name_or_path = base_model_name_or_path
+    config.inference_mode = True  # as PeftModel.save_pretrained writes it
+    config.save_pretrained(str(directory))
+    save_file(task_adapter_state_dict(model), str(directory / ADAPTER_FILE), metadata={"format": "pt"})
+    return directory
+
+
+def save_task_adapter(model: nn.Module, directory: str | Path, **kwargs) -> Path:
+    """``write_task_adapter`` into ``directory`` in one rename (a reader never sees half a folder)."""
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        write_task_adapter(model, tmp, **kwargs)
+    return directory
+
+
+def load_task_adapter(model: nn.Module, directory: str | Path) -> None:
+    """Inject the task adapter saved in ``directory`` and load its weights exactly (keys checked)."""
+    from peft import LoraConfig
+
+    directory = Path(directory)
+    weights = directory / ADAPTER_FILE
+    if not (directory / "adapter_config.json").is_file() or not weights.is_file():
+        raise CheckpointMismatchError(f"{directory}: incomplete task adapter (adapter_config.json and "
+                                      f"{ADAPTER_FILE} are needed)")
+    try:
+        config = LoraConfig.from_pretrained(str(directory))
+    except Exception as e:  # PEFT raises TypeError/ValueError/JSON errors for foreign or broken configs
+        raise CheckpointMismatchError(f"{directory}: unreadable adapter_config.json ({e})") from None
+    config.inference_mode = False
+    try:
+        sd = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointMismatchError(f"{weights}: unreadable safetensors file ({e})") from None
+    try:
+        add_task_adapter(model, config)
+    except ConfigError as e:
+        raise CheckpointMismatchError(f"{directory}: {e}") from None
+    load_task_state_dict(model, sd, str(weights))
+    for p in task_adapter_parameters(model).values():
+        p.requires_grad_(False)
+
+
+# -- configuration and batches ----------------------------------------------------------------------
+def mix_file(path: str | Path) -> Path:
+    """A router set: the jsonl itself, or router.jsonl inside a folder from ``mogu data build``."""
+    from .data import STAGE_FILES
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / STAGE_FILES["router"]
+    if not path.is_file():
+        raise DataError(f"{path}: no such mix file (pass a router.jsonl or the folder from `mogu data build`)")
+    return path
+
+
+@dataclass
+class FinetuneConfig:
+    task_data: str  # a task jsonl, or a folder from `mogu data task` (its train.jsonl)
+    output_dir: str
+    mix_data: str | None = None  # router.jsonl or the `mogu data build` folder holding it
+    mix_ratio: float = 0.0  # share of every batch drawn from mix_data, in [0, 1)
+    steps: int | None = None  # optimizer steps; or
+    epochs: float | None = None  # passes over the task rows (default 1 when steps is None)
+    lr: float = 2e-4
+    batch_size: int = 8  # rows per optimizer step (task + mix)
+    micro_batch_size: int | None = None  # rows per forward pass (None: the whole batch)
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: every decoder projection but MoGU's targets
+    max_response_tokens: int = 48
+    save_every: int = 50
+    keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Ranges and input files, checked before any model is loaded."""
+        if not 0.0 <= self.mix_ratio < 1.0:
+            raise ConfigError(f"mix ratio must be in [0, 1), got {self.mix_ratio}")
+        if self.mix_ratio > 0 and not self.mix_data:
+            raise ConfigError(f"mix ratio {self.mix_ratio} needs mix data (--mix-data: a router.jsonl or the folder "
+                              "from `mogu data build`)")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give steps or epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
+        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
+            raise ConfigError("batch sizes must be >= 1")
+        if not isinstance(self.r, int) or not 1 <= self.r <= 1024:
+            raise ConfigError(f"r must be an integer in [1, 1024], got {self.r!r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 1 <= self.max_response_tokens <= 4096:
+            raise ConfigError(f"max_response_tokens must be in [1, 4096], got {self.max_response_tokens}")
+        if self.save_every < 1 or self.keep_checkpoints < 0:
+            raise ConfigError("save_every must be >= 1 and keep_checkpoints >= 0")
+        task_file(self.task_data)
+        if self.mix_ratio > 0:
+            mix_file(self.mix_data)
+
+    def total_steps(self, n_task: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        epochs = Fraction(self.epochs if self.epochs is not None else 1.0).limit_denominator(10_000)
+        task_per_batch = self.batch_size * (1 - _fraction(self.mix_ratio))
+        return max(1, math.ceil(epochs * n_task / task_per_batch))
+
+
+def _fraction(x: float) -> Fraction:
+    # 0.3 is 0.29999... as a float: floor(0.3 * 10) must still be 3.
+    return Fraction(x).limit_denominator(10_000)
+
+
+class MixSchedule:
+    """Which rows make optimizer batch ``step``: a pure function of (step, sizes, batch size, ratio, seed)."""
+
+    def __init__(self, n_task: int, n_mix: int, batch_size: int, ratio: float, seed: int):
+        if n_task < 1 or (ratio > 0 and n_mix < 1):
+            raise DataError("the task set (and, with a mix ratio, the mix set) must hold at least one row")
+        self.sizes = {"task": n_task, "mix": n_mix}
+        self.batch_size, self.ratio, self.seed = batch_size, _fraction(ratio), seed
+        self._perms: dict[tuple[str, int], list[int]] = {}
+
+    def mix_before(self, step: int) -> int:
+        """Mix rows in batches 0 .. step-1."""
+        return math.floor(self.ratio * self.batch_size * step)
+
+    def mix_count(self, step: int) -> int:
+        return self.mix_before(step + 1) - self.mix_before(step)
+
+    def batch(self, step: int) -> list[tuple[str, int]]:
+        """(source, row index) pairs: the batch's task rows, then its mix rows."""
+        m0, m1 = self.mix_before(step), self.mix_before(step + 1)
+        t0, t1 = step * self.batch_size - m0, (step + 1) * self.batch_size - m1
+        return [("task", self._row("task", p)) for p in range(t0, t1)] + \
+               [("mix", self._row("mix", p)) for p in range(m0, m1)]
+
+    def _row(self, source: str, position: int) -> int:
+        n = self.sizes[source]
+        cycle, offset = divmod(position, n)
+        key = (source, cycle)
+        if key not in self._perms:
+            order = list(range(n))
+            random.Random(f"mogu-finetune:{self.seed}:{source}:{cycle}").shuffle(order)
+            self._perms[key] = order
+        return self._perms[key][offset]
+
+
+class _CausalLM:
+    """What ``training.sequence_nll`` expects (a callable with ``base_model``) for a plain HF model, so it
+    can ask for logits on the response positions only."""
+
+    def __init__(self, lm: nn.Module):
+        self.base_model = lm
+
+    def __call__(self, **kwargs):
+        return self.base_model(**kwargs)
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+class FineTuner:
+    """Fine-tunes a task LoRA on ``model`` (a MoGUModel or a plain causal LM) with ``cfg``."""
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: FinetuneConfig, *, model_name: str | None = None,
+                 log: Callable[[str], None] = print, progress: bool = True):
+        from accelerate import Accelerator
+
+        from .data import load_stage_file
+        from .training import _cpu_only_launch, process_state
+
+        cfg.validate()
+        if tokenizer is None:
+            raise MoGUError("fine-tuning needs a tokenizer")
+        process_state()  # fails clearly when several processes were launched without a backend
+        self.accelerator = Accelerator(cpu=_cpu_only_launch())
+        if self.accelerator.num_processes > 1:
+            raise MoGUError("mogu finetune runs in a single process; start it without accelerate launch/torchrun")
+        self.model, self.tokenizer, self.cfg, self.log, self.progress = model, tokenizer, cfg, log, progress
+        self.is_mogu = isinstance(model, MoGUModel)
+        self.model_name = model_name or (model.config.base_model_name_or_path if self.is_mogu
+                                         else getattr(model.config, "_name_or_path", None))
+        self.out = Path(cfg.output_dir)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.task_path = task_file(cfg.task_data)
+        self.task_rows = load_task_rows(self.task_path)
+        self.mix_path = mix_file(cfg.mix_data) if cfg.mix_ratio > 0 else None
+        self.mix_rows = load_stage_file(self.mix_path, ("prompt", "response")) if self.mix_path else []
+        self.schedule = MixSchedule(len(self.task_rows), len(self.mix_rows), cfg.batch_size, cfg.mix_ratio, cfg.seed)
+        self.total_steps = cfg.total_steps(len(self.task_rows))
+        torch.manual_seed(cfg.seed)  # the task LoRA's initial A matrices, then dropout, follow the seed
+        self.lora_config = add_task_adapter(model, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                            target_modules=cfg.target_modules)
+        model.to(self.accelerator.device)
+        self.params = task_adapter_parameters(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self._lm = model if self.is_mogu else _CausalLM(model)
+
+    # ---- bookkeeping
+    def _record(self) -> dict[str, Any]:
+        args = {"finetune_config": asdict(self.cfg), "model": self.model_name, "is_mogu": self.is_mogu,
+                "task": task_name_of(self.task_rows), "task_rows": len(self.task_rows), "mix_rows": len(self.mix_rows),
+                "total_steps": self.total_steps, "task_lora": {
+                    "r": self.lora_config.r, "lora_alpha": self.lora_config.lora_alpha,
+                    "lora_dropout": self.lora_config.lora_dropout,
+                    "target_modules": sorted(self.lora_config.target_modules)}}
+        if self.is_mogu:
+            args["mogu_config"] = self.model.config.to_dict()
+        return run_record(args, [p for p in (self.task_path, self.mix_path) if p is not None])
+
+    def _append_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint and any line cut by a kill."""
+        if not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+
+    def _sweep_scratch(self) -> None:
+        """Scratch files and folders a killed run left (all dot-named, never read)."""
+        for pattern in (".metrics.jsonl.*", ".run.json.*", ".summary.json.*", ".model.*", "checkpoints/.*"):
+            for leftover in self.out.glob(pattern):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+
+    # ---- checkpoints
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"torch": torch.get_rng_state()}
+        if self.accelerator.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.accelerator.device)
+        return state
+
+    def _save_checkpoint(self, optimizer, step: int) -> None:
+        from .training import _remove_dir
+
+        root = self.out / "checkpoints"
+        with atomic_directory(root / f"step-{step:07d}") as tmp:
+            save_file(task_adapter_state_dict(self.model), str(tmp / _CKPT_TENSORS))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self._rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step}))
+        if self.cfg.keep_checkpoints:
+            for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
+                _remove_dir(old)
+
+    def _latest_checkpoint(self) -> Path | None:
+        found = sorted(p for p in (self.out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+        return found[-1] if found else None
+
+    def _restore(self, ckpt: Path, optimizer) -> int:
+        load_task_state_dict(self.model, load_file(str(ckpt / _CKPT_TENSORS)), str(ckpt / _CKPT_TENSORS))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        rng = torch.load(ckpt / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.accelerator.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.accelerator.device)
+        return int(json.loads((ckpt / "state.json").read_text())["step"])
+
+    # ---- running
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.is_mogu:
+            self.model.set_routing("auto")
+            for m in self.model.routed_modules.values():
+                m.eval()  # frozen experts without dropout, as at inference
+
+    def encode(self) -> dict[str, list]:
+        """(token ids, response length) per row of each source, in file order."""
+        from .training import encode_pair
+
+        m = self.cfg.max_response_tokens
+        return {src: [encode_pair(self.tokenizer, r["prompt"], r["response"], m) for r in rows]
+                for src, rows in (("task", self.task_rows), ("mix", self.mix_rows))}
+
+    def _step(self, step: int, encoded: dict[str, list]) -> dict[str, float]:
+        """Forward and backward of optimizer batch ``step``; leaves the gradient in ``.grad``."""
+        from .training import collate, sequence_nll
+
+        picks = self.schedule.batch(step)
+        n = len(picks)
+        micro = self.cfg.micro_batch_size or n
+        device = self.accelerator.device
+        sums = {"task": 0.0, "mix": 0.0}
+        for i in range(0, n, micro):
+            chunk = picks[i:i + micro]
+            batch = {k: v.to(device) for k, v in
+                     collate([encoded[src][j] for src, j in chunk], self.tokenizer.pad_token_id).items()}
+            nll = sequence_nll(self._lm, batch)
+            self.accelerator.backward(nll.sum() / n)  # every micro-batch's share of the batch mean
+            for (src, _), value in zip(chunk, nll.detach().tolist()):
+                sums[src] += value
+        n_mix = sum(src == "mix" for src, _ in picks)
+        logs = {"loss": (sums["task"] + sums["mix"]) / n, "task_ce": sums["task"] / max(1, n - n_mix),
+                "task_rows": n - n_mix, "mix_rows": n_mix}
+        if n_mix:
+            logs["mix_ce"] = sums["mix"] / n_mix
+        return logs
+
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        from .training import _remove_dir
+
+        cfg, model = self.cfg, self.model
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._sweep_scratch()
+        else:  # a fresh run never resumes from, or keeps, an older run's checkpoints and metrics
+            _remove_dir(self.out / "checkpoints")
+            self.metrics_path.unlink(missing_ok=True)
+        atomic_write_text(self.out / "run.json", json.dumps(self._record(), indent=2))
+        encoded = self.encode()
+        optimizer = self.accelerator.prepare(
+            torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=0.0))
+        step = 0
+        ckpt = self._latest_checkpoint() if resume else None
+        if ckpt is not None:
+            step = self._restore(ckpt, optimizer)
+            self.log(f"[finetune] resuming from {ckpt.name} (step {step} of {self.total_steps})")
+        if resume:
+            self._truncate_metrics(step)
+        self._train_mode()
+        bar = tqdm(total=self.total_steps, initial=step, desc="finetune", disable=not self.progress)
+        start = time.perf_counter()
+        first_loss = last_loss = None
+        while step < self.total_steps:
+            logs = self._step(step, encoded)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            first_loss = logs["loss"] if first_loss is None else first_loss
+            last_loss = logs["loss"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            self._append_metrics({"step": step, **logs, "lr": cfg.lr,
+                                  "elapsed_s": round(time.perf_counter() - start, 2)})
+            if step % cfg.save_every == 0 or step == self.total_steps:
+                self._save_checkpoint(optimizer, step)
+        bar.close()
+        model.eval()
+        for p in self.params.values():
+            p.requires_grad_(False)
+        model_dir = self._save_model()
+        mix_seen = self.schedule.mix_before(step)
+        summary = {"steps": step, "total_steps": self.total_steps, "train_s": round(time.perf_counter() - start, 1),
+                   "first_loss": first_loss, "last_loss": last_loss, "mix_ratio": cfg.mix_ratio,
+                   "mix_rows_seen": mix_seen, "task_rows_seen": step * cfg.batch_size - mix_seen,
+                   "trainable_params": sum(p.numel() for p in self.params.values()),
+                   "target_modules": sorted(self.lora_config.target_modules), "model_dir": str(model_dir),
+                   "is_mogu": self.is_mogu}
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        self.log(f"[finetune] {step} steps; saved {'the MoGU checkpoint' if self.is_mogu else 'the task adapter'} "
+                 f"to {model_dir}")
+        return summary
+
+    def _save_model(self) -> Path:
+        target = self.out / "model"
+        if self.is_mogu:
+            cfg = self.cfg
+            card = (f"## Task fine-tuning\n\n`task_adapter/` is a PEFT LoRA (r={cfg.r}, alpha={cfg.lora_alpha}) on "
+                    f"`{', '.join(sorted(self.lora_config.target_modules))}`, trained by `mogu finetune` on "
+                    f"`{self.task_path}` for {self.total_steps} steps with mix ratio {cfg.mix_ratio}"
+                    + (f" of `{self.mix_path}`" if self.mix_path else "") + "; it is applied on load.")
+            return self.model.save_pretrained(target, extra_card=card)
+        return save_task_adapter(self.model, target, base_model_name_or_path=self.model_name)
+
+
+def run_finetune(model_name: str, cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], None] = print,
+                 progress: bool = True):
+    """Load ``model_name`` (a MoGU checkpoint folder or a base model), fine-tune, save; (model, tokenizer, summary)."""
+    from .inference import load_for_inference
+
+    cfg.validate()  # bad options and missing files fail before the model loads
+    model, tokenizer, _ = load_for_inference(model_name)
+    tuner = FineTuner(model, tokenizer, cfg, model_name=model_name, log=log, progress=progress)
+    return model, tokenizer, tuner.train(resume=resume)
+
+
+def load_finetuned_base(adapter_dir: str | Path, base: str | None = None):
+    """(model, tokenizer) for a fine-tuned plain base: the base (``base`` or the adapter's recorded id) plus the
+    task adapter injected as ``mogu finetune`` trained it."""
+    from peft import LoraConfig
+
+    from .loading import load_base_model
+
+    base = base or LoraConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    if not base:
+        raise MoGUError(f"{adapter_dir}: the adapter names no base model; pass base=")
+    model, tokenizer = load_base_model(base)
+    load_task_adapter(model, adapter_dir)
+    model.eval()
+    return model, tokenizer
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def task_predictions(model: nn.Module, tokenizer, rows: list[dict], name: str | None = None, *,
+                     max_new_tokens: int = 16, batch_size: int = 16, progress: bool = False) -> list[dict]:
+    """Greedy answers for ``rows`` with their exact-match verdicts (MoGU: routed first m tokens)."""
+    from .training import generate_responses
+
+    if not rows:
+        raise DataError("no rows to evaluate")
+    name = name or task_name_of(rows)
+    if name is None:
+        raise MoGUError("the rows name no registered task: pass name=")
+    if isinstance(model, MoGUModel):
+        generator = model
+    else:
+        from .cli import _PlainGenerator
+
+        generator = _PlainGenerator(model)
+    responses = generate_responses(generator, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=progress, desc=f"task {name}")
+    return [{"prompt": r["prompt"], "answer": r["answer"], "response": resp,
+             "correct": score_exact(name, resp, r["answer"])} for r, resp in zip(rows, responses)]
+
+
+def evaluate_task(model: nn.Module, tokenizer, rows: list[dict], name: str | None = None, *,
+                  max_new_tokens: int = 16, batch_size: int = 16, progress: bool = False) -> float:
+    """Exact-match accuracy of greedy answers (``tasks.score_exact``); ``name`` defaults to the rows' task."""
+    preds = task_predictions(model, tokenizer, rows, name, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             progress=progress)
+    return sum(p["correct"] for p in preds) / len(preds)
