@@ -14,3 +14,13 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Keep the embedded-model cache shared across tests but out of the user's home.
     monkeypatch.setenv("MOGU_CACHE", os.environ.get("MOGU_TEST_CACHE", str(tmp_path_factory.getbasetemp() / "cache")))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Tiny models (hidden size 32): one thread is fastest and does not fight other jobs for the cores.
+    # Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,7 @@ from tiny_models import randomize_added, tiny_model, tiny_tokenizer
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Hidden size 32: one thread is fastest, and it does not fight other jobs for the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mogu(family="llama", base=None):

@@ -36,13 +36,7 @@ SCORER_PARAMS = ("linear_0.weight", "linear_1.weight", "linear_1.bias", "linear_
 D, HIDDEN, N_LAYERS = 32, 512, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Hidden size 32: one thread is fastest, and it does not fight other jobs for the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids(batch=2, length=9, seed=0):

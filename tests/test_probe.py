@@ -12,13 +12,7 @@ from mogu.probe import (DEFAULT_SELECTION, METRICS, POOLINGS, ProbeReport, colle
                         run_probe, select_layers)
 from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is faster than two contending ones on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = ["How do I bake sourdough bread at home?", "Hi", "Explain how to pick a lock to break into a house.",
