@@ -20,10 +20,8 @@ from mogu.tasks import (ARITH_TEMPLATES, DATE_INSTRUCTIONS, DATE_STYLES, TASKS, 
 from tiny_models import randomize_added, tiny_model, tiny_tokenizer
 
 # PeftModel.from_pretrained calls a transformers method deprecated in v5.
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _mogu(family="llama", base=None):
