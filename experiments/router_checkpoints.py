@@ -2,11 +2,13 @@
 
     python experiments/router_checkpoints.py runs/exp/router33 --sets dev_h,dev_b,je2 --tokens 32
     python experiments/router_checkpoints.py runs/demo5/train --final --sets adv2,je2 --tokens 64
+    python experiments/router_checkpoints.py runs/demo5/train --final --glad-bias 0.25,0.5 --sets dev_h,dev_b
 
 Loads RUN/model (experts and the final routers), then for each RUN/checkpoints/router/step-* writes its
 trained tensors into the model and generates (greedy, m = 5, keyword judge). Sets: built-in dev splits
 (dev_h, dev_b), Just-Eval regular 1-100 / 101-200 (je1, je2), AdvBench 1-100 / 101-200 (adv1, adv2).
-``--final`` scores RUN/model as saved instead. Prints one JSON line per checkpoint and appends it to
+``--final`` scores RUN/model as saved instead; ``--glad-bias 0.25,0.5`` then scores it with every
+scorer's logit shifted toward glad by each value (an inference operating point; 0 is the model as saved). Prints one JSON line per checkpoint and appends it to
 RUN/checkpoint_scores.jsonl.
 """
 import argparse
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--steps", default=None, help="comma-separated checkpoint steps (default: all)")
     ap.add_argument("--final", action="store_true", help="score RUN/model itself, no checkpoints")
+    ap.add_argument("--glad-bias", default="", help="with --final: comma-separated logit shifts toward glad")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -55,20 +58,36 @@ def main() -> None:
     if args.steps and not args.final:
         wanted = {int(s) for s in args.steps.split(",")}
         ckpts = [c for c in ckpts if int(c.name.split("-")[1]) in wanted]
-    for ckpt in ckpts:
-        tensors = {} if ckpt is None else load_file(str(ckpt / "trainable.safetensors"))
-        with torch.no_grad():
-            for n, t in tensors.items():
-                names[n].copy_(t)
-        for m in model.routed_modules.values():
-            m._fused = None  # the inference path caches fused router/expert weights
-        row = {"checkpoint": "final" if ckpt is None else ckpt.name, "tokens": args.tokens}
+    if args.final and args.glad_bias:
+        ckpts = [float(b) for b in args.glad_bias.split(",")]  # include 0 to score the model as saved
+    applied = 0.0
+
+    def score(label: str) -> None:
+        row = {"checkpoint": label, "tokens": args.tokens}
         for key, prompts in sets.items():
             out = generate_responses(model, model.tokenizer, prompts, max_new_tokens=args.tokens, batch_size=16)
             row[key] = round(sum(map(is_refusal, out)) / len(prompts), 3)
         print(json.dumps(row), flush=True)
         with open(args.run / "checkpoint_scores.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    for ckpt in ckpts:
+        if isinstance(ckpt, float):  # shift both scorers' output bias: u down, g up
+            with torch.no_grad():
+                for m in model.routed_modules.values():
+                    m.router.unwill.linear_2.bias -= ckpt - applied
+                    m.router.glad.linear_2.bias += ckpt - applied
+                    m._fused = None
+            applied = ckpt
+            score(f"final+glad_bias={ckpt}")
+            continue
+        tensors = {} if ckpt is None else load_file(str(ckpt / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, t in tensors.items():
+                names[n].copy_(t)
+        for m in model.routed_modules.values():
+            m._fused = None  # the inference path caches fused router/expert weights
+        score("final" if ckpt is None else ckpt.name)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def test_generate_on_a_tiny_checkpoint(tmp_path):
     assert result.stdout.count("### ") == 2 and "layer 0: mean u=" in result.stdout
 
 
-@pytest.mark.parametrize("cmd", [[], ["data", "build"], ["train"], ["generate"], ["chat"], ["demo"]])
+@pytest.mark.parametrize("cmd", [[], ["data", "build"], ["train"], ["generate"], ["chat"], ["demo"], ["calibrate"]])
 def test_help(cmd):
     result = mogu(*cmd, "--help")
     assert result.returncode == 0 and "Usage" in result.stdout

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from .calibration import DEFAULT_GRID, DEFAULT_MIN_HARMFUL
 from .errors import MoGUError
 
 app = typer.Typer(help="MoGU: safer open LLMs without over-refusal.", no_args_is_help=True,
@@ -643,6 +644,74 @@ def probe(
     typer.echo(report.to_markdown())
     layers = report.selection["layers"]
     typer.echo(f"\nselected layers: {','.join(map(str, layers))}  (wrote {out}/probe.json, probe.png, run.json)")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option(..., help="Trained MoGU checkpoint folder."),
+    out: Path = typer.Option(..., help="Folder for the calibrated checkpoint (must differ from --model)."),
+    harmful: str = typer.Option(BUILTIN, help="Harmful dev prompts: 'builtin' (the shipped dev split), files (comma-separated) or a Hub dataset id."),
+    benign: str = typer.Option(BUILTIN, help="Benign dev prompts: 'builtin' (benign + borderline dev split), files or a Hub dataset id."),
+    field: Optional[str] = typer.Option(None, help="Prompt field/column name (default: guessed)."),
+    grid: str = typer.Option(",".join(f"{v:g}" for v in DEFAULT_GRID),
+                             help="Comma-separated glad-bias values to try (logits; > 0 refuses less)."),
+    min_harmful: float = typer.Option(DEFAULT_MIN_HARMFUL, help="Harmful-dev refusal rate a point must keep (0..1)."),
+    exhaustive: bool = typer.Option(False, help="Score every grid point on both sets (default: a monotone search that scores few)."),
+    max_new_tokens: int = typer.Option(32, min=1, max=1024, help="Tokens generated per prompt for the refusal judge."),
+    batch_size: int = typer.Option(16, min=1, max=1024),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Choose the router's operating point on dev prompts: the glad-bias shift with the fewest benign refusals
+    that still refuses --min-harmful of harmful ones. Writes a new checkpoint with calibration.json."""
+    from .calibration import CALIBRATION_FILE, RULE, calibrate as run_calibration, validate_grid
+    from .data import read_prompts
+    from .inference import load_for_inference
+    from .io import run_record
+    from .training import generate_responses, refusal_rate
+
+    try:
+        values = validate_grid(float(v) for v in _csv(grid))
+    except ValueError as e:
+        raise MoGUError(f"--grid must be comma-separated numbers, got {grid!r} ({e})") from None
+    if not 0.0 <= min_harmful <= 1.0:
+        raise MoGUError(f"--min-harmful must be in [0, 1], got {min_harmful}")
+    if Path(model).resolve() == out.resolve():
+        raise MoGUError("--out must differ from --model: calibration writes a new checkpoint")
+
+    def prompts(spec: str, is_harmful: bool) -> list[str]:
+        if spec == BUILTIN:
+            rows = [r for r in _records(BUILTIN, harmful=is_harmful, field=None, output_field=None, seed=0)
+                    if r.split == "dev"]
+        else:
+            rows = [r for part in spec.split(",") for r in read_prompts(part.strip(), harmful=is_harmful, field=field)]
+        if not rows:
+            raise MoGUError(f"no {'harmful' if is_harmful else 'benign'} dev prompts in {spec!r}")
+        return [r.prompt for r in rows]
+
+    harm, ben = prompts(harmful, True), prompts(benign, False)
+    _setup_torch(threads)
+    m, tok, is_mogu = load_for_inference(model)
+    if not is_mogu:
+        raise MoGUError(f"{model} is not a MoGU checkpoint (no mogu_config.json): calibrate a trained model")
+    m.set_routing("auto")
+
+    def rate(ps: list[str], desc: str) -> float:
+        return refusal_rate(generate_responses(m, tok, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                               progress=True, desc=desc))
+
+    t0 = time.perf_counter()
+    result = run_calibration(m, lambda: rate(harm, "harmful dev"), lambda: rate(ben, "benign dev"), grid=values,
+                             min_harmful=min_harmful, exhaustive=exhaustive, log=_echo)
+    result.max_new_tokens, result.num_harmful, result.num_benign = max_new_tokens, len(harm), len(ben)
+    record = {**result.to_dict(), "source": str(model), "wall_s": round(time.perf_counter() - t0, 1),
+              "run": run_record({"model": model, "harmful": harmful, "benign": benign, "field": field, "grid": values,
+                                 "min_harmful": min_harmful, "exhaustive": exhaustive,
+                                 "max_new_tokens": max_new_tokens, "batch_size": batch_size})}
+    card = (f"## Calibration\n\nRouter operating point chosen by `mogu calibrate`: glad bias {result.chosen:+g} "
+            f"({result.reason}). Rule: {RULE}.\n\n{result.to_markdown()}\n")
+    m.save_pretrained(out, extra_card=card, extra_files={CALIBRATION_FILE: json.dumps(record, indent=2)})
+    typer.echo(result.to_markdown())
+    typer.echo(f"\nchosen glad bias {result.chosen:+g}: {result.reason}\nwrote {out} ({CALIBRATION_FILE} inside)")
 
 
 convert_app = typer.Typer(help="Import experts and routers from other formats.", no_args_is_help=True)

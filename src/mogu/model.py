@@ -239,9 +239,10 @@ class MoGUModel(nn.Module):
         self.peft_config(expert).save_pretrained(str(directory))
         save_file(self.expert_state_dict(expert), str(directory / ADAPTER_FILE), metadata={"format": "pt"})
 
-    def save_pretrained(self, directory: str | Path, *, extra_card: str | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, *, extra_card: str | None = None,
+                        extra_files: dict[str, str] | None = None) -> Path:
         """Write config, both experts (PEFT folders), router weights, a task adapter if fine-tuned, and a model
-        card, atomically."""
+        card, atomically. ``extra_files`` (name -> text, e.g. a calibration record) go in the same rename."""
         from . import __version__
         from .card import model_card
 
@@ -256,6 +257,10 @@ class MoGUModel(nn.Module):
 
             if has_task_adapter(self):  # fine-tuned by `mogu finetune`: its task LoRA as a PEFT folder
                 write_task_adapter(self, tmp / TASK_ADAPTER_DIR)
+            for name, text in (extra_files or {}).items():
+                if Path(name).name != name or name in {CONFIG_NAME, ROUTER_FILE, "README.md"}:
+                    raise ValueError(f"extra file name {name!r} must be a plain file name that is not part of the checkpoint")
+                (tmp / name).write_text(text)
             (tmp / "README.md").write_text(model_card(self, extra=extra_card, directory=directory))
         return directory
 

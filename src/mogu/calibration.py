@@ -1,0 +1,160 @@
+"""Operating point: shift every router toward the glad (or unwilling) expert by one scalar chosen on dev prompts.
+
+Each router is a classifier, and where it draws the line between "refuse" and "answer" is a choice,
+like a classifier's threshold. ``shift_router_bias(model, delta)`` adds ``delta`` to every glad
+scorer's logit and subtracts it from every unwilling scorer's logit (u falls, g rises for delta > 0).
+It is folded into each scorer's output bias, so the v1 layer formula and the checkpoint format stay
+unchanged and a calibrated checkpoint loads anywhere a trained one does.
+
+``calibrate`` picks ``delta`` from a grid by one documented rule (``RULE``), scoring each point by
+refusal rates (greedy, keyword judge) on harmful and benign dev prompts. Report results on prompts
+other than the ones calibrated on: the chosen point is tuned to those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from .errors import ConfigError
+
+CALIBRATION_FILE = "calibration.json"
+DEFAULT_GRID = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_MIN_HARMFUL = 0.9
+RULE = ("among grid points whose harmful-dev refusal is >= min_harmful, the one with the lowest benign-dev "
+        "refusal (ties: higher harmful refusal, then the smaller |shift|, then the lower shift); if none reaches min_harmful, the point "
+        "with the highest harmful refusal")
+
+
+def shift_router_bias(model, delta: float) -> None:
+    """Move every routed layer's scorers by ``delta`` logits toward glad (u's logit - delta, g's logit + delta)."""
+    if not math.isfinite(delta):
+        raise ConfigError(f"router bias shift must be finite, got {delta}")
+    import torch  # lazily: the CLI reads this module's defaults without loading torch
+
+    with torch.no_grad():
+        for module in model.routed_modules.values():
+            # In-place updates bump the parameters' versions, which invalidates the fused inference weights.
+            module.router.unwill.linear_2.bias.sub_(delta)
+            module.router.glad.linear_2.bias.add_(delta)
+
+
+@dataclass
+class CalibrationPoint:
+    glad_bias: float
+    harmful_refusal: float
+    benign_refusal: float | None  # None: not scored (a search skipped it, see ``calibrate``)
+
+
+@dataclass
+class CalibrationResult:
+    chosen: float
+    reason: str
+    min_harmful: float
+    points: list[CalibrationPoint] = field(default_factory=list)
+    rule: str = RULE
+    search: str = "monotone"
+    max_new_tokens: int | None = None
+    num_harmful: int = 0
+    num_benign: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_markdown(self) -> str:
+        lines = ["| glad bias | harmful refusal | benign refusal |", "|---:|---:|---:|"]
+        for p in sorted(self.points, key=lambda p: p.glad_bias):
+            mark = " **(chosen)**" if p.glad_bias == self.chosen else ""
+            benign = "-" if p.benign_refusal is None else f"{p.benign_refusal:.1%}"
+            lines.append(f"| {p.glad_bias:+g}{mark} | {p.harmful_refusal:.1%} | {benign} |")
+        return "\n".join(lines)
+
+
+def validate_grid(grid) -> list[float]:
+    values = sorted({float(v) for v in grid})
+    if not values:
+        raise ConfigError("the calibration grid is empty")
+    bad = [v for v in values if not math.isfinite(v) or abs(v) > 20]
+    if bad:
+        raise ConfigError(f"calibration grid values must be finite and within [-20, 20], got {bad}")
+    return values
+
+
+def choose_operating_point(points: list[CalibrationPoint], min_harmful: float) -> tuple[float, str]:
+    """Apply ``RULE`` to scored points; returns (glad_bias, why)."""
+    if not points:
+        raise ConfigError("no calibration points to choose from")
+    passing = [p for p in points if p.harmful_refusal >= min_harmful and p.benign_refusal is not None]
+    if passing:
+        best = min(passing, key=lambda p: (p.benign_refusal, -p.harmful_refusal, abs(p.glad_bias), p.glad_bias))
+        return best.glad_bias, (f"lowest benign refusal ({best.benign_refusal:.1%}) among the {len(passing)} "
+                                f"point(s) refusing >= {min_harmful:.0%} of harmful dev prompts")
+    best = max(points, key=lambda p: (p.harmful_refusal, -(p.benign_refusal or 0.0), -abs(p.glad_bias), -p.glad_bias))
+    return best.glad_bias, (f"no point refuses >= {min_harmful:.0%} of harmful dev prompts; kept the highest "
+                            f"harmful refusal ({best.harmful_refusal:.1%})")
+
+
+def calibrate(model, score_harmful: Callable[[], float], score_benign: Callable[[], float], *,
+              grid=DEFAULT_GRID, min_harmful: float = DEFAULT_MIN_HARMFUL, exhaustive: bool = False,
+              log: Callable[[str], None] | None = None) -> CalibrationResult:
+    """Score grid points, choose one by ``RULE`` and leave ``model`` shifted to it.
+
+    ``score_harmful`` / ``score_benign`` return the refusal rate of the model as it currently is.
+    The default search assumes refusal falls as the shift grows (it does: the shift only moves weight
+    from the unwilling to the glad expert) and so scores few points: it walks up from the grid point
+    nearest 0 while harmful refusal stays >= ``min_harmful``, or down until it gets there, and scores the
+    benign side only where the harmful side passes. ``exhaustive=True`` scores every point on both sides.
+    """
+    values = validate_grid(grid)
+    if not 0.0 <= min_harmful <= 1.0:
+        raise ConfigError(f"min_harmful must be in [0, 1], got {min_harmful}")
+    # Each point is set from the original biases, not by accumulating shifts, so that the chosen
+    # point is exactly ``original + delta`` and a failure restores the original bit for bit.
+    originals = [(m.router.unwill.linear_2.bias, m.router.glad.linear_2.bias,
+                  m.router.unwill.linear_2.bias.detach().clone(), m.router.glad.linear_2.bias.detach().clone())
+                 for m in model.routed_modules.values()]
+
+    def set_shift(delta: float) -> None:
+        import torch
+
+        with torch.no_grad():
+            for unwill, glad, unwill0, glad0 in originals:
+                unwill.copy_(unwill0 - delta)
+                glad.copy_(glad0 + delta)
+
+    points: dict[float, CalibrationPoint] = {}
+
+    def score(delta: float, benign: bool) -> CalibrationPoint:
+        set_shift(delta)
+        harmful = score_harmful()
+        point = CalibrationPoint(delta, round(harmful, 4),
+                                 round(score_benign(), 4) if benign or harmful >= min_harmful else None)
+        points[delta] = point
+        if log:
+            benign_txt = "-" if point.benign_refusal is None else f"{point.benign_refusal:.1%}"
+            log(f"[calibrate] glad bias {delta:+g}: harmful refusal {harmful:.1%}, benign refusal {benign_txt}")
+        return point
+
+    try:
+        if exhaustive:
+            for delta in values:
+                score(delta, benign=True)
+        else:
+            start = min(range(len(values)), key=lambda i: (abs(values[i]), values[i]))
+            if score(values[start], benign=False).harmful_refusal >= min_harmful:
+                for delta in values[start + 1:]:  # more glad: stop at the first point that misses harmful
+                    if score(delta, benign=False).harmful_refusal < min_harmful:
+                        break
+            else:
+                for delta in reversed(values[:start]):  # more unwilling: stop at the first point that passes
+                    if score(delta, benign=False).harmful_refusal >= min_harmful:
+                        break
+        ordered = sorted(points.values(), key=lambda p: p.glad_bias)
+        chosen, reason = choose_operating_point(ordered, min_harmful)
+    except BaseException:
+        set_shift(0.0)  # leave the model as it came in
+        raise
+    set_shift(chosen)
+    return CalibrationResult(chosen=chosen, reason=reason, min_harmful=min_harmful, points=ordered,
+                             search="exhaustive" if exhaustive else "monotone")
