@@ -58,6 +58,7 @@ class CalibrationResult:
     max_new_tokens: int | None = None
     num_harmful: int = 0
     num_benign: int = 0
+    wall_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -526,6 +526,7 @@ def demo(
     model: str = typer.Option("smollm2-135m-instruct", help="Base model (default: the embedded SmolLM2-135M-Instruct)."),
     eval_tokens: int = typer.Option(64, min=1, max=1024, help="New tokens per dev answer when judging."),
     resume: bool = typer.Option(False, help="Reuse data and continue training already in --out."),
+    calibrate: bool = typer.Option(False, help="Also choose the routers' operating point on the dev split (`mogu calibrate`, about 5 more minutes on 2 CPU cores) and judge that model."),
     threads: Optional[int] = typer.Option(None),
 ):
     """The main job: build data, train MoGU on the embedded default, show before/after on dev prompts."""
@@ -555,6 +556,11 @@ def demo(
     mogu_model, summary = train_model(model, data_dir, out / "train", mogu_config=_mogu_config(None, None, 8, 16.0, 0.05, 512, 5),
                                       train_overrides={}, preset_name="cpu-fast", resume=resume, model=base,
                                       tokenizer=tok)
+    model_dir, calibration = out / "train" / "model", None
+    if calibrate:
+        model_dir = out / "calibrated"
+        calibration = calibrate_and_save(mogu_model, tok, harmful, benign, model_dir, source=str(out / "train" / "model"),
+                                         grid=DEFAULT_GRID, min_harmful=DEFAULT_MIN_HARMFUL, args={"demo": str(out)})
     t_after = time.perf_counter()
     after_h = generate_responses(mogu_model, tok, harmful, max_new_tokens=eval_tokens, progress=True, desc="after: harmful dev")
     after_b = generate_responses(mogu_model, tok, benign, max_new_tokens=eval_tokens, progress=True, desc="after: benign dev")
@@ -567,7 +573,9 @@ def demo(
              "data_s": round(t_data, 1), "before_s": round(before_s, 1), "after_s": round(after_s, 1),
              "train_s": {k: v["train_s"] for k, v in summary.items()},
              "router_init_s": summary.get("router", {}).get("init_s", 0.0),
-             "wall_s": round(wall, 1), "model_dir": str(out / "train" / "model")}
+             "wall_s": round(wall, 1), "model_dir": str(model_dir),
+             "calibration": None if calibration is None else {"glad_bias": calibration.chosen, "reason": calibration.reason,
+                                                                "calibrate_s": calibration.wall_s}}
     (out / "demo_results.json").write_text(json.dumps(rates, indent=2))
     samples = {"harmful": list(zip(harmful, before_h, after_h)), "benign": list(zip(benign, before_b, after_b))}
     (out / "demo_answers.json").write_text(json.dumps(samples, indent=2))
@@ -578,10 +586,12 @@ def demo(
     typer.echo(f"| harmful ({len(harmful)}) | {rates['harmful_dev_refusal_before']:.0%} | {rates['harmful_dev_refusal_after']:.0%} |")
     typer.echo(f"| benign ({len(benign)}) | {rates['benign_dev_refusal_before']:.0%} | {rates['benign_dev_refusal_after']:.0%} |")
     parts = {"data": rates["data_s"], "before": rates["before_s"], **rates["train_s"],
-             "router init": rates["router_init_s"], "after": rates["after_s"]}
+             "router init": rates["router_init_s"],
+             **({"calibrate": calibration.wall_s} if calibration else {}), "after": rates["after_s"]}
     typer.echo("\ntime (s): " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()))
-    typer.echo(f"wall time {wall / 60:.1f} min; model saved to {out / 'train' / 'model'}; "
-               f"chat with: mogu chat --model {out / 'train' / 'model'}")
+    if calibration:
+        typer.echo(f"operating point: glad bias {calibration.chosen:+g} ({calibration.reason})")
+    typer.echo(f"wall time {wall / 60:.1f} min; model saved to {model_dir}; chat with: mogu chat --model {model_dir}")
 
 
 @app.command()
@@ -657,17 +667,15 @@ def calibrate(
                              help="Comma-separated glad-bias values to try (logits; > 0 refuses less)."),
     min_harmful: float = typer.Option(DEFAULT_MIN_HARMFUL, help="Harmful-dev refusal rate a point must keep (0..1)."),
     exhaustive: bool = typer.Option(False, help="Score every grid point on both sets (default: a monotone search that scores few)."),
-    max_new_tokens: int = typer.Option(32, min=1, max=1024, help="Tokens generated per prompt for the refusal judge."),
+    max_new_tokens: int = typer.Option(16, min=1, max=1024, help="Tokens generated per prompt for the refusal judge (16 gave the same refusal rates as 64 here; docs/RESULTS.md)."),
     batch_size: int = typer.Option(16, min=1, max=1024),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Choose the router's operating point on dev prompts: the glad-bias shift with the fewest benign refusals
     that still refuses --min-harmful of harmful ones. Writes a new checkpoint with calibration.json."""
-    from .calibration import CALIBRATION_FILE, RULE, calibrate as run_calibration, validate_grid
+    from .calibration import CALIBRATION_FILE, validate_grid
     from .data import read_prompts
     from .inference import load_for_inference
-    from .io import run_record
-    from .training import generate_responses, refusal_rate
 
     try:
         values = validate_grid(float(v) for v in _csv(grid))
@@ -693,6 +701,22 @@ def calibrate(
     m, tok, is_mogu = load_for_inference(model)
     if not is_mogu:
         raise MoGUError(f"{model} is not a MoGU checkpoint (no mogu_config.json): calibrate a trained model")
+
+    result = calibrate_and_save(m, tok, harm, ben, out, source=model, grid=values, min_harmful=min_harmful,
+                                exhaustive=exhaustive, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                args={"model": model, "harmful": harmful, "benign": benign, "field": field})
+    typer.echo(result.to_markdown())
+    typer.echo(f"\nchosen glad bias {result.chosen:+g}: {result.reason}\nwrote {out} ({CALIBRATION_FILE} inside)")
+
+
+def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path, *, source: str, grid,
+                       min_harmful: float, exhaustive: bool = False, max_new_tokens: int = 16, batch_size: int = 16,
+                       args: dict | None = None):
+    """Calibrate ``m`` in place on dev prompts (keyword judge, greedy) and save it with calibration.json."""
+    from .calibration import CALIBRATION_FILE, RULE, calibrate as run_calibration
+    from .io import run_record
+    from .training import generate_responses, refusal_rate
+
     m.set_routing("auto")
 
     def rate(ps: list[str], desc: str) -> float:
@@ -700,18 +724,18 @@ def calibrate(
                                                progress=True, desc=desc))
 
     t0 = time.perf_counter()
-    result = run_calibration(m, lambda: rate(harm, "harmful dev"), lambda: rate(ben, "benign dev"), grid=values,
-                             min_harmful=min_harmful, exhaustive=exhaustive, log=_echo)
-    result.max_new_tokens, result.num_harmful, result.num_benign = max_new_tokens, len(harm), len(ben)
-    record = {**result.to_dict(), "source": str(model), "wall_s": round(time.perf_counter() - t0, 1),
-              "run": run_record({"model": model, "harmful": harmful, "benign": benign, "field": field, "grid": values,
-                                 "min_harmful": min_harmful, "exhaustive": exhaustive,
-                                 "max_new_tokens": max_new_tokens, "batch_size": batch_size})}
+    result = run_calibration(m, lambda: rate(harmful, "harmful dev"), lambda: rate(benign, "benign dev"),
+                             grid=grid, min_harmful=min_harmful, exhaustive=exhaustive, log=_echo)
+    result.max_new_tokens, result.num_harmful, result.num_benign = max_new_tokens, len(harmful), len(benign)
+    result.wall_s = round(time.perf_counter() - t0, 1)
+    record = {**result.to_dict(), "source": str(source),
+              "run": run_record({**(args or {}), "grid": list(grid), "min_harmful": min_harmful,
+                                 "exhaustive": exhaustive, "max_new_tokens": max_new_tokens,
+                                 "batch_size": batch_size})}
     card = (f"## Calibration\n\nRouter operating point chosen by `mogu calibrate`: glad bias {result.chosen:+g} "
             f"({result.reason}). Rule: {RULE}.\n\n{result.to_markdown()}\n")
     m.save_pretrained(out, extra_card=card, extra_files={CALIBRATION_FILE: json.dumps(record, indent=2)})
-    typer.echo(result.to_markdown())
-    typer.echo(f"\nchosen glad bias {result.chosen:+g}: {result.reason}\nwrote {out} ({CALIBRATION_FILE} inside)")
+    return result
 
 
 convert_app = typer.Typer(help="Import experts and routers from other formats.", no_args_is_help=True)
