@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mogu import MoGUModel  # noqa: E402
+from mogu.calibration import shift_router_bias  # noqa: E402
 from mogu.data import builtin_prompts, read_prompts  # noqa: E402
 from mogu.eval.judges import is_refusal  # noqa: E402
 from mogu.training import generate_responses  # noqa: E402
@@ -72,12 +73,8 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
     for ckpt in ckpts:
-        if isinstance(ckpt, float):  # shift both scorers' output bias: u down, g up
-            with torch.no_grad():
-                for m in model.routed_modules.values():
-                    m.router.unwill.linear_2.bias -= ckpt - applied
-                    m.router.glad.linear_2.bias += ckpt - applied
-                    m._fused = None
+        if isinstance(ckpt, float):  # the operating-point shift of `mogu calibrate`: u down, g up
+            shift_router_bias(model, ckpt - applied)
             applied = ckpt
             score(f"final+glad_bias={ckpt}")
             continue
