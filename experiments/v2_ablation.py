@@ -79,9 +79,17 @@ def main() -> None:
         if result_file.is_file():
             print(f"[{name}] done already: {result_file}")
             continue
+        trained = args.out / name / "stages" / "router" / "done.json"
         if name == "v1":
             model = MoGUModel.from_pretrained(args.v1 / "model", base_model=base, tokenizer=tok)
             train_s = sum(json.loads(p.read_text())["train_s"] for p in (args.v1 / "stages").glob("*/done.json"))
+            wall = None
+        elif trained.is_file() and (args.out / name / "model" / "mogu_config.json").is_file():
+            # Trained by an earlier run that stopped before judging: judge it, do not retrain.
+            print(f"[{name}] trained already: judging {args.out / name / 'model'}")
+            fresh, _ = load_base_model("smollm2-135m-instruct")
+            model = MoGUModel.from_pretrained(args.out / name / "model", base_model=fresh, tokenizer=tok)
+            train_s = sum(json.loads(p.read_text())["train_s"] for p in (args.out / name / "stages").glob("*/done.json"))
             wall = None
         else:
             cfg_kw, selection, overrides = SETTINGS[name]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mogu import MoGUConfig, MoGUModel
-from mogu.calibration import (CALIBRATION_FILE, CalibrationPoint, calibrate, choose_operating_point,
-                              shift_router_bias, validate_grid)
+from mogu.calibration import (CALIBRATION_FILE, FULL_ROUTING_JUDGED_TOKENS, CalibrationPoint, calibrate,
+                              choose_operating_point, judged_tokens, shift_router_bias, validate_grid)
 from mogu.errors import ConfigError
 from tiny_models import randomize_added, tiny_model, tiny_tokenizer
 
@@ -122,7 +122,7 @@ def test_monotone_search_walks_up_and_stops_at_the_first_miss():
     original = _biases(model)
     calls = []
     h, b = _scorers(model, original, lambda d: 0.96 - 0.1 * d, lambda d: 0.2 - 0.1 * d, calls)
-    result = calibrate(model, h, b, grid=GRID, min_harmful=0.9)
+    result = calibrate(model, h, b, grid=GRID, min_harmful=0.9, refine=0)
     # 0, 0.25 and 0.5 keep >= 90 %; 0.75 misses and stops the walk; 1.0 and the negatives are never scored
     assert [c for c in calls if c[0] == "h"] == [("h", 0.0), ("h", 0.25), ("h", 0.5), ("h", 0.75)]
     assert [c for c in calls if c[0] == "b"] == [("b", 0.0), ("b", 0.25), ("b", 0.5)]
@@ -139,8 +139,33 @@ def test_monotone_search_walks_down_when_the_model_misses_harmful():
     calls = []
     h, b = _scorers(model, original, lambda d: 0.8 - 0.1 * d, lambda d: 0.3 - 0.1 * d, calls)
     result = calibrate(model, h, b, grid=GRID, min_harmful=0.9)
-    assert [c[1] for c in calls if c[0] == "h"] == [0.0, -0.5, -1.0]
+    # The walk down stops at -1.0 (passes); bisection then tries -0.75 and -0.875, which both miss.
+    assert [c[1] for c in calls if c[0] == "h"] == [0.0, -0.5, -1.0, -0.75, -0.875]
+    assert [c[1] for c in calls if c[0] == "b"] == [-1.0]
     assert result.chosen == -1.0 and "lowest benign" in result.reason
+
+
+def test_bisection_refines_the_boundary_the_grid_leaves_coarse():
+    model = _model()
+    original = _biases(model)
+    calls = []
+    h, b = _scorers(model, original, lambda d: 0.96 - 0.1 * d, lambda d: 0.2 - 0.1 * d, calls)
+    result = calibrate(model, h, b, grid=GRID, min_harmful=0.9)
+    # Grid walk as above (0.5 passes, 0.75 misses); then 0.625 misses (0.8975) and 0.5625 passes (0.90375).
+    assert [c[1] for c in calls if c[0] == "h"] == [0.0, 0.25, 0.5, 0.75, 0.625, 0.5625]
+    assert [c[1] for c in calls if c[0] == "b"] == [0.0, 0.25, 0.5, 0.5625]
+    assert result.chosen == 0.5625 and result.refine == 2
+    for name, (u0, g0) in original.items():
+        router = model.routed_modules[name].router
+        assert torch.equal(router.glad.linear_2.bias, g0 + 0.5625)
+    calls.clear()  # every grid point passes: no boundary, so nothing to refine
+    model = _model()
+    original = _biases(model)
+    result = calibrate(model, *_scorers(model, original, lambda d: 1.0, lambda d: 0.2 - 0.1 * d, calls),
+                       grid=GRID, min_harmful=0.9, refine=3)
+    assert [c[1] for c in calls if c[0] == "h"] == [0.0, 0.25, 0.5, 0.75, 1.0] and result.chosen == 1.0
+    with pytest.raises(ConfigError, match="refine"):
+        calibrate(model, h, b, grid=GRID, refine=-1)
 
 
 def test_exhaustive_scores_every_point_and_the_table_marks_the_choice():
@@ -148,7 +173,7 @@ def test_exhaustive_scores_every_point_and_the_table_marks_the_choice():
     original = _biases(model)
     calls = []
     h, b = _scorers(model, original, lambda d: 0.96 - 0.1 * d, lambda d: 0.2 - 0.1 * d, calls)
-    result = calibrate(model, h, b, grid=GRID, min_harmful=0.9, exhaustive=True)
+    result = calibrate(model, h, b, grid=GRID, min_harmful=0.9, exhaustive=True, refine=0)
     assert len(calls) == 2 * len(GRID) and result.chosen == 0.5
     table = result.to_markdown()
     assert "+0.5 **(chosen)**" in table and table.count("\n") == len(GRID) + 1
@@ -210,6 +235,7 @@ def test_cli_calibrates_a_checkpoint_and_records_the_choice(tmp_path):
     record = json.loads((tmp_path / "cal" / CALIBRATION_FILE).read_text())
     assert record["chosen"] == 0.5 and [p["glad_bias"] for p in record["points"]] == [0.5, 1.0]
     assert record["num_harmful"] == 2 and record["num_benign"] == 1 and record["run"]["args"]["grid"] == [0.5, 1.0]
+    assert record["max_new_tokens"] == 2 and record["run"]["args"]["max_new_tokens"] == 2
     assert "## Calibration" in (tmp_path / "cal" / "README.md").read_text()
     calibrated = MoGUModel.from_pretrained(tmp_path / "cal")
     for name, m in model.routed_modules.items():
@@ -231,3 +257,11 @@ def test_cli_errors(tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert len(errors) == 1 and match in errors[0], result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_judged_tokens_default_to_the_routed_prefix():
+    assert judged_tokens(MoGUConfig(route_tokens=5)) == 5
+    assert judged_tokens(MoGUConfig(route_tokens=3), 12) == 12
+    assert judged_tokens(MoGUConfig(route_tokens=None)) == FULL_ROUTING_JUDGED_TOKENS
+    with pytest.raises(ConfigError, match=">= 1"):
+        judged_tokens(MoGUConfig(), 0)

@@ -99,7 +99,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     tiny_model("llama").save_pretrained(base_dir)
     tiny_tokenizer().save_pretrained(base_dir)
     result = mogu("demo", "--model", str(base_dir), "--out", str(tmp_path / "demo"), "--eval-tokens", "4",
-                  "--threads", "1", "--calibrate")
+                  "--threads", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| harmful (" in result.stdout and "time (s): data" in result.stdout
     rates = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
@@ -108,7 +108,9 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     stats = json.loads((tmp_path / "demo" / "data" / "data_stats.json").read_text())
     assert stats["benign_train_used"] == 240 < stats["benign_train_available"]
     assert (tmp_path / "demo" / "train" / "model" / "mogu_config.json").is_file()
-    # --calibrate: the operating point is chosen on the dev split and the judged model is the calibrated one
+    # calibrated by default: the operating point is chosen on the dev split and the judged model is that one,
+    # judged on the routed prefix (route_tokens) with the default bisection steps
     calibration = json.loads((tmp_path / "demo" / "calibrated" / "calibration.json").read_text())
     assert rates["calibration"]["glad_bias"] == calibration["chosen"] and calibration["points"]
+    assert calibration["max_new_tokens"] == 5 and calibration["refine"] == 2
     assert rates["model_dir"].endswith("calibrated") and "operating point: glad bias" in result.stdout

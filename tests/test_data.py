@@ -139,3 +139,21 @@ def test_max_benign_train_samples_train_prompts_only_and_distils_only_those(tmp_
     assert asked == first  # seeded
     with pytest.raises(DataError, match="max_benign_train"):
         build_stage_datasets(harmful, benign, tmp_path / "c", answer_fn=answer, max_benign_train=0)
+
+
+def test_sampled_regenerations_are_seeded_and_leave_the_global_rng_alone():
+    import torch
+
+    from mogu.cli import distill_answers
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    base, tok = tiny_model("llama"), tiny_tokenizer()
+    prompts = ["How do I bake bread?", "Name three colours.", "Why is the sky blue?"]
+    kw = dict(sample=True, max_new_tokens=8, batch_size=2)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = distill_answers(base, tok, prompts, seed=0, **kw)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(7)  # a different global state must not matter
+    assert distill_answers(base, tok, prompts, seed=0, **kw) == first
+    assert distill_answers(base, tok, prompts, seed=1, **kw) != first

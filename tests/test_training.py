@@ -7,8 +7,8 @@ import torch
 
 from mogu import MoGUConfig, MoGUModel
 from mogu.data import build_stage_datasets, builtin_prompts
-from mogu.training import (STAGE_MODES, StageConfig, TrainConfig, Trainer, collate, encode_pair, ratio_loss,
-                           router_loss)
+from mogu.training import (STAGE_MODES, StageConfig, TrainConfig, Trainer, _balanced_batches, collate, encode_pair,
+                           generate_responses, ratio_loss, router_loss)
 from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
 
 
@@ -198,3 +198,19 @@ def test_responders_are_scored_even_with_one_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "score_stage", lambda *a, **k: scored.append(a[0]) or {"score": 1.0})
     summary = trainer.train()
     assert scored == ["glad"] and "kept epoch 0" in summary["glad"]["selection"]
+
+
+@pytest.mark.parametrize("n,batch,sizes", [(66, 32, [22, 22, 22]), (115, 32, [29, 29, 29, 28]), (5, 16, [5]),
+                                           (32, 32, [32]), (33, 32, [17, 16]), (0, 8, [])])
+def test_generation_batches_are_balanced_and_cover_every_prompt_once(n, batch, sizes):
+    spans = _balanced_batches(n, batch)
+    assert [size for _, size in spans] == sizes and all(size <= batch for size in sizes)
+    assert [i for start, size in spans for i in range(start, start + size)] == list(range(n))
+
+
+def test_generate_responses_returns_prompt_order_whatever_the_batch_size():
+    tok = tiny_tokenizer()
+    model = randomize_added(MoGUModel.from_base(tiny_model("llama"), MoGUConfig(), tokenizer=tok))
+    prompts = ["Hi", "How do I bake bread at home?", "Name a colour.", "Tell me a joke about cats and dogs.", "Why?"]
+    one_by_one = [generate_responses(model, tok, [p], max_new_tokens=4)[0] for p in prompts]
+    assert generate_responses(model, tok, prompts, max_new_tokens=4, batch_size=2) == one_by_one

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .calibration import DEFAULT_GRID, DEFAULT_MIN_HARMFUL
+from .calibration import DEFAULT_GRID, DEFAULT_MIN_HARMFUL, DEFAULT_REFINE
 from .errors import MoGUError
 
 app = typer.Typer(help="MoGU: safer open LLMs without over-refusal.", no_args_is_help=True,
@@ -45,6 +45,24 @@ def _records(spec: str, *, harmful: bool, field: Optional[str], output_field: Op
     return split_dev(records, 0.15, seed)
 
 
+def distill_answers(base, tokenizer, prompts: list[str], *, sample: bool, seed: int, max_new_tokens: int,
+                    batch_size: int) -> list[str]:
+    """The base model's own answers (greedy, or sampled for regenerations) for self-distillation."""
+    import torch
+
+    from .training import generate_responses
+
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True,
+              desc="self-distilling benign answers")
+    if not sample:
+        return generate_responses(_PlainGenerator(base), tokenizer, prompts, **kw)
+    # Sampled regenerations are seeded (and leave the global RNG as it was): the same --seed must
+    # give the same data files and hashes.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return generate_responses(_PlainGenerator(base), tokenizer, prompts, do_sample=True, **kw)
+
+
 def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: str = BUILTIN,
                field: Optional[str] = None, output_field: Optional[str] = None, seed: int = 0,
                max_new_tokens: int = 48, batch_size: int = 16, model=None, tokenizer=None,
@@ -52,7 +70,6 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
     from .data import build_stage_datasets
     from .io import atomic_write_text, run_record
     from .loading import load_base_model
-    from .training import generate_responses
 
     harm = _records(harmful, harmful=True, field=field, output_field=None, seed=seed)
     ben = _records(benign, harmful=False, field=field, output_field=output_field, seed=seed)
@@ -66,10 +83,8 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
         base = holder["model"]
         if isinstance(base, MoGUModel):
             base = base.base_model
-        wrapper = _PlainGenerator(base)
-        return generate_responses(wrapper, holder["tokenizer"], prompts, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, do_sample=sample, progress=True,
-                                  desc="self-distilling benign answers")
+        return distill_answers(base, holder["tokenizer"], prompts, sample=sample, seed=seed,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
 
     stats = build_stage_datasets(harm, ben, out, answer_fn=answer, seed=seed, max_benign_train=max_benign, log=_echo)
     atomic_write_text(out / "run.json", json.dumps(run_record(
@@ -518,6 +533,9 @@ def eval_command(
 
 
 DEMO_BENIGN_TRAIN = 240
+# Generation batch for the demo's distillation, judging and calibration: on 2 CPU cores batch 32
+# decodes ~1.3x more rows per second than 16 (docs/RESULTS.md, "mogu demo"); memory is no concern at 135M.
+DEMO_BATCH = 32
 
 
 @app.command()
@@ -526,7 +544,7 @@ def demo(
     model: str = typer.Option("smollm2-135m-instruct", help="Base model (default: the embedded SmolLM2-135M-Instruct)."),
     eval_tokens: int = typer.Option(64, min=1, max=1024, help="New tokens per dev answer when judging."),
     resume: bool = typer.Option(False, help="Reuse data and continue training already in --out."),
-    calibrate: bool = typer.Option(False, help="Also choose the routers' operating point on the dev split (`mogu calibrate`, about 5 more minutes on 2 CPU cores) and judge that model."),
+    calibrate: bool = typer.Option(True, help="Choose the routers' operating point on the dev split (`mogu calibrate`, 1-3 minutes on 2 CPU cores) and judge that model; --no-calibrate keeps the routers as trained."),
     threads: Optional[int] = typer.Option(None),
 ):
     """The main job: build data, train MoGU on the embedded default, show before/after on dev prompts."""
@@ -542,7 +560,8 @@ def demo(
         # 32 tokens: cpu-fast trains on the first 32 response tokens, so longer answers are cut anyway.
         # DEMO_BENIGN_TRAIN of the benign train prompts: distilling all of them is the demo's slowest
         # step, and cpu-fast trains on fewer rows than that (docs/RESULTS.md, "mogu demo").
-        build_data(model, data_dir, model=base, tokenizer=tok, max_new_tokens=32, max_benign=DEMO_BENIGN_TRAIN)
+        build_data(model, data_dir, model=base, tokenizer=tok, max_new_tokens=32, max_benign=DEMO_BENIGN_TRAIN,
+                   batch_size=DEMO_BATCH)
     dev = load_stage_file(data_dir / DEV_FILE, ("prompt", "harmful"))
     harmful = [d["prompt"] for d in dev if d["harmful"]]
     benign = [d["prompt"] for d in dev if not d["harmful"]]
@@ -550,8 +569,9 @@ def demo(
 
     plain = _PlainGenerator(base)
     t_before = time.perf_counter()
-    before_h = generate_responses(plain, tok, harmful, max_new_tokens=eval_tokens, progress=True, desc="before: harmful dev")
-    before_b = generate_responses(plain, tok, benign, max_new_tokens=eval_tokens, progress=True, desc="before: benign dev")
+    judge = dict(max_new_tokens=eval_tokens, batch_size=DEMO_BATCH, progress=True)
+    before_h = generate_responses(plain, tok, harmful, desc="before: harmful dev", **judge)
+    before_b = generate_responses(plain, tok, benign, desc="before: benign dev", **judge)
     before_s = time.perf_counter() - t_before
     mogu_model, summary = train_model(model, data_dir, out / "train", mogu_config=_mogu_config(None, None, 8, 16.0, 0.05, 512, 5),
                                       train_overrides={}, preset_name="cpu-fast", resume=resume, model=base,
@@ -560,10 +580,11 @@ def demo(
     if calibrate:
         model_dir = out / "calibrated"
         calibration = calibrate_and_save(mogu_model, tok, harmful, benign, model_dir, source=str(out / "train" / "model"),
-                                         grid=DEFAULT_GRID, min_harmful=DEFAULT_MIN_HARMFUL, args={"demo": str(out)})
+                                         grid=DEFAULT_GRID, min_harmful=DEFAULT_MIN_HARMFUL, batch_size=DEMO_BATCH,
+                                         args={"demo": str(out)})
     t_after = time.perf_counter()
-    after_h = generate_responses(mogu_model, tok, harmful, max_new_tokens=eval_tokens, progress=True, desc="after: harmful dev")
-    after_b = generate_responses(mogu_model, tok, benign, max_new_tokens=eval_tokens, progress=True, desc="after: benign dev")
+    after_h = generate_responses(mogu_model, tok, harmful, desc="after: harmful dev", **judge)
+    after_b = generate_responses(mogu_model, tok, benign, desc="after: benign dev", **judge)
     after_s = time.perf_counter() - t_after
     wall = time.perf_counter() - t0
 
@@ -667,8 +688,9 @@ def calibrate(
                              help="Comma-separated glad-bias values to try (logits; > 0 refuses less)."),
     min_harmful: float = typer.Option(DEFAULT_MIN_HARMFUL, help="Harmful-dev refusal rate a point must keep (0..1)."),
     exhaustive: bool = typer.Option(False, help="Score every grid point on both sets (default: a monotone search that scores few)."),
-    max_new_tokens: int = typer.Option(16, min=1, max=1024, help="Tokens generated per prompt for the refusal judge (16 gave the same refusal rates as 64 here; docs/RESULTS.md)."),
-    batch_size: int = typer.Option(16, min=1, max=1024),
+    refine: int = typer.Option(DEFAULT_REFINE, min=0, max=10, help="Bisection steps between the last grid point keeping --min-harmful and the next one missing it (0: grid only)."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, max=1024, help="Tokens generated per prompt for the refusal judge (default: the model's route_tokens, i.e. the routed prefix alone, or 16 when it routes every token; on SmolLM2 5 tokens gave the same refusal rates as 16 and 64 at half the cost of 16; docs/RESULTS.md)."),
+    batch_size: int = typer.Option(32, min=1, max=1024),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Choose the router's operating point on dev prompts: the glad-bias shift with the fewest benign refusals
@@ -703,20 +725,27 @@ def calibrate(
         raise MoGUError(f"{model} is not a MoGU checkpoint (no mogu_config.json): calibrate a trained model")
 
     result = calibrate_and_save(m, tok, harm, ben, out, source=model, grid=values, min_harmful=min_harmful,
-                                exhaustive=exhaustive, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                exhaustive=exhaustive, refine=refine, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size,
                                 args={"model": model, "harmful": harmful, "benign": benign, "field": field})
     typer.echo(result.to_markdown())
     typer.echo(f"\nchosen glad bias {result.chosen:+g}: {result.reason}\nwrote {out} ({CALIBRATION_FILE} inside)")
 
 
 def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path, *, source: str, grid,
-                       min_harmful: float, exhaustive: bool = False, max_new_tokens: int = 16, batch_size: int = 16,
-                       args: dict | None = None):
-    """Calibrate ``m`` in place on dev prompts (keyword judge, greedy) and save it with calibration.json."""
-    from .calibration import CALIBRATION_FILE, RULE, calibrate as run_calibration
+                       min_harmful: float, exhaustive: bool = False, refine: int = DEFAULT_REFINE,
+                       max_new_tokens: int | None = None,
+                       batch_size: int = 32, args: dict | None = None):
+    """Calibrate ``m`` in place on dev prompts (keyword judge, greedy) and save it with calibration.json.
+
+    ``max_new_tokens`` None judges the routed prefix alone (the model's route_tokens): the shift acts
+    only there, the base model writes the rest, and no base hand-off prefill is paid per point.
+    """
+    from .calibration import CALIBRATION_FILE, RULE, calibrate as run_calibration, judged_tokens
     from .io import run_record
     from .training import generate_responses, refusal_rate
 
+    max_new_tokens = judged_tokens(m.config, max_new_tokens)
     m.set_routing("auto")
 
     def rate(ps: list[str], desc: str) -> float:
@@ -725,12 +754,12 @@ def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path,
 
     t0 = time.perf_counter()
     result = run_calibration(m, lambda: rate(harmful, "harmful dev"), lambda: rate(benign, "benign dev"),
-                             grid=grid, min_harmful=min_harmful, exhaustive=exhaustive, log=_echo)
+                             grid=grid, min_harmful=min_harmful, exhaustive=exhaustive, refine=refine, log=_echo)
     result.max_new_tokens, result.num_harmful, result.num_benign = max_new_tokens, len(harmful), len(benign)
     result.wall_s = round(time.perf_counter() - t0, 1)
     record = {**result.to_dict(), "source": str(source),
               "run": run_record({**(args or {}), "grid": list(grid), "min_harmful": min_harmful,
-                                 "exhaustive": exhaustive, "max_new_tokens": max_new_tokens,
+                                 "exhaustive": exhaustive, "refine": refine, "max_new_tokens": max_new_tokens,
                                  "batch_size": batch_size})}
     card = (f"## Calibration\n\nRouter operating point chosen by `mogu calibrate`: glad bias {result.chosen:+g} "
             f"({result.reason}). Rule: {RULE}.\n\n{result.to_markdown()}\n")

@@ -298,6 +298,20 @@ def _stack_batches(a: dict, b: dict) -> dict:
 
 # -- dev scoring (checkpoint selection) ------------------------------------------------------
 @torch.no_grad()
+def _balanced_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, size) of ceil(n / batch_size) batches whose sizes differ by at most one.
+
+    66 prompts at batch 32 run as 22+22+22, not 32+32+2: a tiny last batch pays a full
+    decode loop for a few rows (batched CPU decoding is ~1.3x faster per row at 32 than at 16).
+    """
+    if n <= 0:
+        return []
+    count = -(-n // max(1, batch_size))
+    sizes = [n // count + (1 if i < n % count else 0) for i in range(count)]
+    starts = [sum(sizes[:i]) for i in range(count)]
+    return list(zip(starts, sizes))
+
+
 def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16,
                        mode: str = "auto", route_tokens: int | None | str = "config", do_sample: bool = False,
                        progress: bool = False, desc: str = "generating") -> list[str]:
@@ -309,7 +323,7 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
     # Longest prompts first keeps padding low; results are put back in order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[str] = [""] * len(prompts)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i:i + size] for i, size in _balanced_batches(len(order), batch_size)]
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         texts = [render_prompt(tokenizer, prompts[i]) for i in idx]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
