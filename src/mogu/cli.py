@@ -544,7 +544,7 @@ def demo(
     model: str = typer.Option("smollm2-135m-instruct", help="Base model (default: the embedded SmolLM2-135M-Instruct)."),
     eval_tokens: int = typer.Option(64, min=1, max=1024, help="New tokens per dev answer when judging."),
     resume: bool = typer.Option(False, help="Reuse data and continue training already in --out."),
-    calibrate: bool = typer.Option(True, help="Choose the routers' operating point on the dev split (`mogu calibrate`, 1-3 minutes on 2 CPU cores) and judge that model; --no-calibrate keeps the routers as trained."),
+    calibrate: bool = typer.Option(True, help="Choose the routers' operating point on the dev split (`mogu calibrate`, 1-4 minutes on 2 CPU cores) and judge that model; --no-calibrate keeps the routers as trained."),
     threads: Optional[int] = typer.Option(None),
 ):
     """The main job: build data, train MoGU on the embedded default, show before/after on dev prompts."""
