@@ -117,12 +117,18 @@ def _scorers(model, original, harmful_at, benign_at, calls):
 GRID = (-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def test_monotone_search_walks_up_and_stops_at_the_first_miss():
+def _calibrated(harmful_at, benign_at, **kw):
+    """Calibrate a fresh model against scripted rates; returns (model, original biases, scored calls, result)."""
     model = _model()
     original = _biases(model)
     calls = []
-    h, b = _scorers(model, original, lambda d: 0.96 - 0.1 * d, lambda d: 0.2 - 0.1 * d, calls)
-    result = calibrate(model, h, b, grid=GRID, min_harmful=0.9, refine=0)
+    result = calibrate(model, *_scorers(model, original, harmful_at, benign_at, calls), grid=GRID, **kw)
+    return model, original, calls, result
+
+
+def test_monotone_search_walks_up_and_stops_at_the_first_miss():
+    model, original, calls, result = _calibrated(lambda d: 0.96 - 0.1 * d, lambda d: 0.2 - 0.1 * d,
+                                                 min_harmful=0.9, refine=0)
     # 0, 0.25 and 0.5 keep >= 90 %; 0.75 misses and stops the walk; 1.0 and the negatives are never scored
     assert [c for c in calls if c[0] == "h"] == [("h", 0.0), ("h", 0.25), ("h", 0.5), ("h", 0.75)]
     assert [c for c in calls if c[0] == "b"] == [("b", 0.0), ("b", 0.25), ("b", 0.5)]
@@ -134,11 +140,7 @@ def test_monotone_search_walks_up_and_stops_at_the_first_miss():
 
 
 def test_monotone_search_walks_down_when_the_model_misses_harmful():
-    model = _model()
-    original = _biases(model)
-    calls = []
-    h, b = _scorers(model, original, lambda d: 0.8 - 0.1 * d, lambda d: 0.3 - 0.1 * d, calls)
-    result = calibrate(model, h, b, grid=GRID, min_harmful=0.9)
+    _, _, calls, result = _calibrated(lambda d: 0.8 - 0.1 * d, lambda d: 0.3 - 0.1 * d, min_harmful=0.9)
     # The walk down stops at -1.0 (passes); bisection then tries -0.75 and -0.875, which both miss.
     assert [c[1] for c in calls if c[0] == "h"] == [0.0, -0.5, -1.0, -0.75, -0.875]
     assert [c[1] for c in calls if c[0] == "b"] == [-1.0]
@@ -146,11 +148,7 @@ def test_monotone_search_walks_down_when_the_model_misses_harmful():
 
 
 def test_bisection_refines_the_boundary_the_grid_leaves_coarse():
-    model = _model()
-    original = _biases(model)
-    calls = []
-    h, b = _scorers(model, original, lambda d: 0.96 - 0.1 * d, lambda d: 0.2 - 0.1 * d, calls)
-    result = calibrate(model, h, b, grid=GRID, min_harmful=0.9)
+    model, original, calls, result = _calibrated(lambda d: 0.96 - 0.1 * d, lambda d: 0.2 - 0.1 * d, min_harmful=0.9)
     # Grid walk as above (0.5 passes, 0.75 misses); then 0.625 misses (0.8975) and 0.5625 passes (0.90375).
     assert [c[1] for c in calls if c[0] == "h"] == [0.0, 0.25, 0.5, 0.75, 0.625, 0.5625]
     assert [c[1] for c in calls if c[0] == "b"] == [0.0, 0.25, 0.5, 0.5625]
@@ -158,22 +156,16 @@ def test_bisection_refines_the_boundary_the_grid_leaves_coarse():
     for name, (u0, g0) in original.items():
         router = model.routed_modules[name].router
         assert torch.equal(router.glad.linear_2.bias, g0 + 0.5625)
-    calls.clear()  # every grid point passes: no boundary, so nothing to refine
-    model = _model()
-    original = _biases(model)
-    result = calibrate(model, *_scorers(model, original, lambda d: 1.0, lambda d: 0.2 - 0.1 * d, calls),
-                       grid=GRID, min_harmful=0.9, refine=3)
+    # every grid point passes: no boundary, so nothing to refine
+    _, _, calls, result = _calibrated(lambda d: 1.0, lambda d: 0.2 - 0.1 * d, min_harmful=0.9, refine=3)
     assert [c[1] for c in calls if c[0] == "h"] == [0.0, 0.25, 0.5, 0.75, 1.0] and result.chosen == 1.0
     with pytest.raises(ConfigError, match="refine"):
-        calibrate(model, h, b, grid=GRID, refine=-1)
+        calibrate(model, lambda: 1.0, lambda: 0.0, grid=GRID, refine=-1)
 
 
 def test_exhaustive_scores_every_point_and_the_table_marks_the_choice():
-    model = _model()
-    original = _biases(model)
-    calls = []
-    h, b = _scorers(model, original, lambda d: 0.96 - 0.1 * d, lambda d: 0.2 - 0.1 * d, calls)
-    result = calibrate(model, h, b, grid=GRID, min_harmful=0.9, exhaustive=True, refine=0)
+    _, _, calls, result = _calibrated(lambda d: 0.96 - 0.1 * d, lambda d: 0.2 - 0.1 * d, min_harmful=0.9,
+                                      exhaustive=True, refine=0)
     assert len(calls) == 2 * len(GRID) and result.chosen == 0.5
     table = result.to_markdown()
     assert "+0.5 **(chosen)**" in table and table.count("\n") == len(GRID) + 1
