@@ -7,6 +7,9 @@ max_new_tokens`` so every row of every batch generates exactly N new tokens and 
 * ``mogu m=5``        -- ``MoGUModel.generate(route_tokens=5)`` in ``auto`` mode: 5 routed tokens, then
                          the hand-off (one base prefill of prompt + 5 tokens) and the plain base model;
 * ``mogu all tokens`` -- ``route_tokens=None`` in ``auto`` mode: every token routed (KV-cached);
+* ``mogu prompt gate m=5`` -- ``router_type="prompt"`` (mogu.gate): one routing-off pass over the prompt
+                         (up to the deepest probed projection) decides the expert, then as ``mogu m=5``;
+                         its random probes send some rows to each expert;
 * ``x-lora (peft)``   -- PEFT's X-LoRA with two rank-8 LoRA experts on the same projection as MoGU
                          (X-LoRA needs ``use_cache=False``, so it recomputes the whole sequence twice
                          per step; it runs ``--xlora-new-tokens`` tokens, default 64, at most N).
@@ -27,7 +30,7 @@ Reproduce (embedded SmolLM2-135M-Instruct, 2 threads, batch 1 and 8, 128 new tok
     python benchmarks/speed.py
 
 Other options: ``--model PATH`` (any base model mogu can load), ``--batch-sizes 1,8``, ``--new-tokens``,
-``--xlora-new-tokens``, ``--repeats``, ``--threads``, ``--no-xlora``, ``--json PATH``;
+``--xlora-new-tokens``, ``--repeats``, ``--threads``, ``--no-xlora``, ``--no-gate``, ``--json PATH``;
 ``--tiny`` is a seconds-long smoke test on a tiny random Llama (hidden 32, 2 layers, random prompt ids).
 
 Run it on otherwise idle cores: with more busy threads than cores, OpenMP's spin-waits make multi-thread
@@ -62,6 +65,7 @@ PROMPTS = [
 
 ROUTE_TOKENS = 5
 BASE, MOGU_M, MOGU_ALL, XLORA = "base", f"mogu m={ROUTE_TOKENS}", "mogu all tokens", "x-lora (peft)"
+MOGU_GATE = f"mogu prompt gate m={ROUTE_TOKENS}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the median is reported)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--no-xlora", action="store_true", help="skip the PEFT X-LoRA peer")
+    p.add_argument("--no-gate", action="store_true", help="skip the prompt-gate MoGU row")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
@@ -247,6 +252,17 @@ def main(argv=None) -> int:
     model.set_routing("auto")
     randomize_mogu(model)
 
+    gated = None
+    if not args.no_gate:
+        gated = MoGUModel.from_base(copy.deepcopy(pristine), MoGUConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                                        route_tokens=ROUTE_TOKENS, router_type="prompt"),
+                                    tokenizer=tokenizer)
+        gated.eval()
+        randomize_mogu(gated)
+        with torch.no_grad():  # random probes, so a batch mixes both experts
+            g = torch.Generator().manual_seed(2)
+            gated.gate.weight.copy_(torch.randn(gated.gate.weight.shape, generator=g) * 0.05)
+
     gen = generation_config(pristine, args.new_tokens)
     xgen = generation_config(pristine, args.xlora_new_tokens)
     settings = {  # name -> (callable, generation config, extra kwargs, new tokens)
@@ -254,6 +270,8 @@ def main(argv=None) -> int:
         MOGU_M: (model.generate, gen, {"route_tokens": ROUTE_TOKENS}, args.new_tokens),
         MOGU_ALL: (model.generate, gen, {"route_tokens": None}, args.new_tokens),
     }
+    if gated is not None:
+        settings[MOGU_GATE] = (gated.generate, gen, {"route_tokens": ROUTE_TOKENS}, args.new_tokens)
     unavailable: dict[str, str] = {}
     tmp = tempfile.TemporaryDirectory(prefix="mogu-speed-")
     if not args.no_xlora:
@@ -312,7 +330,7 @@ def main(argv=None) -> int:
             r["x_base"] = r["tokens_per_s"] / base_tps[r["batch"]]
     env = environment(args.threads)
 
-    order = [BASE, MOGU_M, MOGU_ALL, XLORA]
+    order = [BASE, MOGU_M, MOGU_ALL, MOGU_GATE, XLORA]
     print(f"\nmodel: {model_name}; greedy, every row exactly N new tokens; tokens/s summed over the batch; "
           f"median of {args.repeats}")
     print("\n| setting | batch | new tokens | tokens/s | × base |")

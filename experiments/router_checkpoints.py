@@ -66,7 +66,7 @@ def main() -> None:
     def score(label: str) -> None:
         row = {"checkpoint": label, "tokens": args.tokens}
         for key, prompts in sets.items():
-            out = generate_responses(model, model.tokenizer, prompts, max_new_tokens=args.tokens, batch_size=16)
+            out = generate_responses(model, model.tokenizer, prompts, max_new_tokens=args.tokens, batch_size=32)
             row[key] = round(sum(map(is_refusal, out)) / len(prompts), 3)
         print(json.dumps(row), flush=True)
         with open(args.run / "checkpoint_scores.jsonl", "a") as f:

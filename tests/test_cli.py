@@ -43,6 +43,10 @@ def test_out_of_range_hyperparameters(tmp_path):
                         "r must be")
     _assert_clean_error(mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--router-lr", "3"),
                         "lr must be")
+    _assert_clean_error(mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                             "--router-response-tokens", "first"), "--router-response-tokens must be")
+    _assert_clean_error(mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                             "--router-response-tokens", "0"), "router_response_tokens must be")
 
 
 def test_missing_model_and_unknown_family(tmp_path):
@@ -104,7 +108,13 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert "| harmful (" in result.stdout and "time (s): data" in result.stdout
     rates = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert {"data_s", "before_s", "after_s", "router_init_s", "wall_s"} <= set(rates)
-    assert rates["router_init_s"] > 0 and set(rates["train_s"]) == {"glad", "unwill", "router"}
+    # The demo's default router is the prompt gate: fitted in the router stage, no probe init of routers.
+    assert rates["router_type"] == "prompt" and rates["router_init_s"] == 0
+    assert set(rates["train_s"]) == {"glad", "unwill", "router"} and rates["train_s"]["router"] > 0
+    config = json.loads((tmp_path / "demo" / "train" / "model" / "mogu_config.json").read_text())
+    assert config["router_type"] == "prompt"
+    done = json.loads((tmp_path / "demo" / "train" / "stages" / "router" / "done.json").read_text())
+    assert done["steps"] == 0 and "prompt gate fitted" in done["selection"]
     stats = json.loads((tmp_path / "demo" / "data" / "data_stats.json").read_text())
     assert stats["benign_train_used"] == 240 < stats["benign_train_available"]
     assert (tmp_path / "demo" / "train" / "model" / "mogu_config.json").is_file()
@@ -114,3 +124,4 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert rates["calibration"]["glad_bias"] == calibration["chosen"] and calibration["points"]
     assert calibration["max_new_tokens"] == 5 and calibration["refine"] == 2
     assert rates["model_dir"].endswith("calibrated") and "operating point: glad bias" in result.stdout
+    assert "generated once per expert" in result.stderr  # the gate's exact calibration, not one pass per point

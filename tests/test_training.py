@@ -214,3 +214,34 @@ def test_generate_responses_returns_prompt_order_whatever_the_batch_size():
     prompts = ["Hi", "How do I bake bread at home?", "Name a colour.", "Tell me a joke about cats and dogs.", "Why?"]
     one_by_one = [generate_responses(model, tok, [p], max_new_tokens=4)[0] for p in prompts]
     assert generate_responses(model, tok, prompts, max_new_tokens=4, batch_size=2) == one_by_one
+
+
+@pytest.mark.parametrize("setting,expected", [(None, 8), ("all", 8), ("route", 3), (2, 2), (50, 8)])
+def test_router_rows_keep_the_configured_number_of_response_tokens(tmp_path, setting, expected):
+    model, trainer = _tiny_run(tmp_path, "run", train_kw={"router_response_tokens": setting})
+    model.config.route_tokens = 3
+    rows = trainer._rows("router")
+    encoded = trainer._encode("router", rows)
+    full = [encode_pair(trainer.tokenizer, r["prompt"], r["response"], 8) for r in rows]
+    assert trainer.router_response_tokens() == expected
+    for ((ids, n_resp), _), (full_ids, full_resp) in zip(encoded, full):
+        # The same prompt, and the response's first tokens: a prefix of the full-length row.
+        assert n_resp == min(expected, full_resp) and ids == full_ids[:len(ids)]
+        assert len(full_ids) - full_resp == len(ids) - n_resp
+    # The responders always train on max_response_tokens.
+    glad = trainer._encode("glad", trainer._rows("glad"))
+    assert max(n for (_, n), _ in glad) == 8
+
+
+def test_route_setting_follows_full_routing(tmp_path):
+    model, trainer = _tiny_run(tmp_path, "run", train_kw={"router_response_tokens": "route"})
+    model.config.route_tokens = None  # every token routed at inference: train on whole targets
+    assert trainer.router_response_tokens() == 8
+
+
+@pytest.mark.parametrize("bad", [0, -1, 5000, "first", 2.5, True])
+def test_bad_router_response_tokens_are_rejected(bad):
+    from mogu.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="router_response_tokens"):
+        TrainConfig(data_dir=".", output_dir=".", router_response_tokens=bad).validate()

@@ -56,10 +56,45 @@ def shift_router_bias(model, delta: float) -> None:
     import torch  # lazily: the CLI reads this module's defaults without loading torch
 
     with torch.no_grad():
+        if getattr(model, "gate", None) is not None:
+            # A prompt gate: the same move is a higher harmfulness threshold (fewer prompts flagged).
+            model.gate.threshold.add_(delta)
+            return
         for module in model.routed_modules.values():
             # In-place updates bump the parameters' versions, which invalidates the fused inference weights.
             module.router.unwill.linear_2.bias.sub_(delta)
             module.router.glad.linear_2.bias.add_(delta)
+
+
+def gate_rate_functions(model, prompts_by_set: dict[str, list[str]],
+                        refusals: Callable[[list[str], str], list[bool]], *, batch_size: int = 32
+                        ) -> dict[str, Callable[[], float]]:
+    """Refusal-rate functions of a prompt-gated model that read its current threshold, without generating.
+
+    The gate sends a whole prompt to one expert (gate.py), so a prompt's routed answer depends only on
+    which side of the threshold its score falls. ``refusals(prompts, expert)`` generates every prompt
+    once with that expert (routed prefix, as in calibration) and judges it; each threshold's rate then
+    follows exactly from the scores. Two generation passes per set replace two per calibration point.
+    """
+    import torch
+
+    from .probe import collect_layer_features
+
+    gate = model.gate
+    rates = {}
+    for name, prompts in prompts_by_set.items():
+        feats = collect_layer_features(model, model.tokenizer, prompts, batch_size=batch_size)
+        with torch.no_grad():
+            scores = gate.score({i: feats[i]["last"].to(gate.weight.device) for i in gate.layers})
+        unwill = torch.tensor(refusals(prompts, "unwill"), dtype=torch.float64)
+        glad = torch.tensor(refusals(prompts, "glad"), dtype=torch.float64)
+
+        def rate(scores=scores, unwill=unwill, glad=glad) -> float:
+            flagged = (scores > gate.threshold).cpu()  # the comparison PromptGate.weights makes
+            return float(torch.where(flagged, unwill, glad).mean())
+
+        rates[name] = rate
+    return rates
 
 
 @dataclass
@@ -140,14 +175,21 @@ def calibrate(model, score_harmful: Callable[[], float], score_benign: Callable[
         raise ConfigError(f"refine must be an integer in [0, 10], got {refine!r}")
     # Each point is set from the original biases, not by accumulating shifts, so that the chosen
     # point is exactly ``original + delta`` and a failure restores the original bit for bit.
-    originals = [(m.router.unwill.linear_2.bias, m.router.glad.linear_2.bias,
-                  m.router.unwill.linear_2.bias.detach().clone(), m.router.glad.linear_2.bias.detach().clone())
-                 for m in model.routed_modules.values()]
+    gate = getattr(model, "gate", None)
+    if gate is not None:  # a prompt gate: the shift moves its threshold (shift_router_bias)
+        threshold0 = gate.threshold.detach().clone()
+    else:
+        originals = [(m.router.unwill.linear_2.bias, m.router.glad.linear_2.bias,
+                      m.router.unwill.linear_2.bias.detach().clone(), m.router.glad.linear_2.bias.detach().clone())
+                     for m in model.routed_modules.values()]
 
     def set_shift(delta: float) -> None:
         import torch
 
         with torch.no_grad():
+            if gate is not None:
+                gate.threshold.copy_(threshold0 + delta)
+                return
             for unwill, glad, unwill0, glad0 in originals:
                 unwill.copy_(unwill0 - delta)
                 glad.copy_(glad0 + delta)

@@ -155,8 +155,12 @@ def data_task(
     typer.echo(json.dumps({k: v for k, v in stats.items() if k != "sha256"}, indent=2))
 
 
+ROUTER_TYPE_HELP = ("'token' (the paper's per-layer, per-token routers, trained) or 'prompt' (one decision per "
+                    "prompt from every layer's probe, fitted in seconds; mogu.gate, docs/RESULTS.md \"Prompt gate\").")
+
+
 def _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens,
-                 version: str = "v1"):
+                 version: str = "v1", router_type: str = "token"):
     from .config import MoGUConfig
     from .errors import ConfigError
 
@@ -168,7 +172,7 @@ def _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, rou
             raise ConfigError(f"--routed-layers takes comma-separated integers, 'all' or 'probe', got {routed_layers!r}") from None
     return MoGUConfig(version=version, target_modules=target_modules.split(",") if target_modules else None,
                       routed_layers=layers, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                      router_hidden=router_hidden, route_tokens=route_tokens or None)
+                      router_hidden=router_hidden, route_tokens=route_tokens or None, router_type=router_type)
 
 
 def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_overrides: dict,
@@ -291,6 +295,7 @@ def train(
     r: int = typer.Option(8), lora_alpha: float = typer.Option(16.0), lora_dropout: float = typer.Option(0.05),
     router_hidden: Optional[int] = typer.Option(None, help="Router width (default 512 for v1, 16 for v2)."),
     route_tokens: int = typer.Option(5, help="0 routes every token."),
+    router_type: str = typer.Option("token", help=ROUTER_TYPE_HELP),
     glad_epochs: Optional[float] = typer.Option(None), unwill_epochs: Optional[float] = typer.Option(None),
     router_epochs: Optional[float] = typer.Option(None),
     glad_lr: Optional[float] = typer.Option(None), unwill_lr: Optional[float] = typer.Option(None),
@@ -305,6 +310,9 @@ def train(
     router_init_refits: Optional[int] = typer.Option(None, help="Probe init: refit rounds under routing (1)."),
     router_init_glad_bias: Optional[float] = typer.Option(None, help="Probe init: logit shift toward glad; raise it to cut over-refusal (0)."),
     max_response_tokens: Optional[int] = typer.Option(None, help="Response tokens trained on (48)."),
+    router_response_tokens: Optional[str] = typer.Option(
+        None, help="Router stage: response tokens trained on: a number, 'route' (the model's --route-tokens, "
+                   "the tokens generate() routes) or 'all' (--max-response-tokens, the reference)."),
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints (50)."),
     keep_checkpoints: Optional[int] = typer.Option(None, min=0, help="Newest step checkpoints kept per stage (2; 0 keeps all)."),
     seed: Optional[int] = typer.Option(None),
@@ -313,7 +321,7 @@ def train(
     """Train glad -> unwill -> router on a frozen base model."""
     _setup_torch(threads)
     cfg = _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens,
-                       version=version)
+                       version=version, router_type=router_type)
     selection = None
     if routed_layers == "probe" or (routed_layers is None and version == "v2"):
         selection = {k: v for k, v in {"top_k": select_top_k, "threshold": select_threshold}.items() if v is not None}
@@ -323,12 +331,27 @@ def train(
                  "glad.max_examples": glad_max_examples, "unwill.max_examples": unwill_max_examples,
                  "router.max_examples": router_max_examples,
                  "router_loss_weight": router_loss_weight, "max_response_tokens": max_response_tokens,
+                 "router_response_tokens": _router_response_tokens(router_response_tokens),
                  "save_every": save_every, "keep_checkpoints": keep_checkpoints, "seed": seed,
                  "responder_loss": responder_loss, "router_init": router_init,
                  "router_init_refits": router_init_refits, "router_init_glad_bias": router_init_glad_bias,
                  "stages": stages.split(",") if stages else None}
     train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume,
                 layer_selection=selection)
+
+
+def _router_response_tokens(value: str | None):
+    """--router-response-tokens: None (preset), 'route', 'all' (-> TrainConfig None) or a number."""
+    from .errors import ConfigError
+
+    if value is None:
+        return None
+    if value in ("route", "all"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--router-response-tokens must be a number, 'route' or 'all', got {value!r}") from None
 
 
 @app.command()
@@ -545,6 +568,8 @@ def demo(
     eval_tokens: int = typer.Option(64, min=1, max=1024, help="New tokens per dev answer when judging."),
     resume: bool = typer.Option(False, help="Reuse data and continue training already in --out."),
     calibrate: bool = typer.Option(True, help="Choose the routers' operating point on the dev split (`mogu calibrate`, 1-4 minutes on 2 CPU cores) and judge that model; --no-calibrate keeps the routers as trained."),
+    router_type: str = typer.Option("prompt", help=ROUTER_TYPE_HELP + " The demo uses 'prompt': on the same "
+                                    "data and experts it refused 4 % of Just-Eval against 14 % for 'token'."),
     threads: Optional[int] = typer.Option(None),
 ):
     """The main job: build data, train MoGU on the embedded default, show before/after on dev prompts."""
@@ -573,7 +598,7 @@ def demo(
     before_h = generate_responses(plain, tok, harmful, desc="before: harmful dev", **judge)
     before_b = generate_responses(plain, tok, benign, desc="before: benign dev", **judge)
     before_s = time.perf_counter() - t_before
-    mogu_model, summary = train_model(model, data_dir, out / "train", mogu_config=_mogu_config(None, None, 8, 16.0, 0.05, 512, 5),
+    mogu_model, summary = train_model(model, data_dir, out / "train", mogu_config=_mogu_config(None, None, 8, 16.0, 0.05, 512, 5, router_type=router_type),
                                       train_overrides={}, preset_name="cpu-fast", resume=resume, model=base,
                                       tokenizer=tok)
     model_dir, calibration = out / "train" / "model", None
@@ -593,7 +618,7 @@ def demo(
              "n_harmful_dev": len(harmful), "n_benign_dev": len(benign), "eval_tokens": eval_tokens,
              "data_s": round(t_data, 1), "before_s": round(before_s, 1), "after_s": round(after_s, 1),
              "train_s": {k: v["train_s"] for k, v in summary.items()},
-             "router_init_s": summary.get("router", {}).get("init_s", 0.0),
+             "router_init_s": summary.get("router", {}).get("init_s", 0.0), "router_type": router_type,
              "wall_s": round(wall, 1), "model_dir": str(model_dir),
              "calibration": None if calibration is None else {"glad_bias": calibration.chosen, "reason": calibration.reason,
                                                                 "calibrate_s": calibration.wall_s}}
@@ -607,7 +632,7 @@ def demo(
     typer.echo(f"| harmful ({len(harmful)}) | {rates['harmful_dev_refusal_before']:.0%} | {rates['harmful_dev_refusal_after']:.0%} |")
     typer.echo(f"| benign ({len(benign)}) | {rates['benign_dev_refusal_before']:.0%} | {rates['benign_dev_refusal_after']:.0%} |")
     parts = {"data": rates["data_s"], "before": rates["before_s"], **rates["train_s"],
-             "router init": rates["router_init_s"],
+             **({"router init": rates["router_init_s"]} if router_type == "token" else {}),
              **({"calibrate": calibration.wall_s} if calibration else {}), "after": rates["after_s"]}
     typer.echo("\ntime (s): " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()))
     if calibration:
@@ -753,7 +778,26 @@ def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path,
                                                progress=True, desc=desc))
 
     t0 = time.perf_counter()
-    result = run_calibration(m, lambda: rate(harmful, "harmful dev"), lambda: rate(benign, "benign dev"),
+    score_harmful = lambda: rate(harmful, "harmful dev")  # noqa: E731
+    score_benign = lambda: rate(benign, "benign dev")  # noqa: E731
+    if m.gate is not None:
+        import torch
+
+        from .calibration import gate_rate_functions
+        from .eval.judges import is_refusal
+
+        def refusals(ps: list[str], expert: str) -> list[bool]:
+            weights = torch.tensor([[1.0, 0.0] if expert == "unwill" else [0.0, 1.0]])
+            with m.pin_routing(weights):  # one row: repeated for every row of each batch
+                out = generate_responses(m, tok, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         progress=True, desc=f"{expert} expert")
+            return [is_refusal(o) for o in out]
+
+        _echo("[calibrate] prompt gate: each dev prompt is generated once per expert; every threshold's "
+              "refusal rates follow from the gate's scores")
+        fns = gate_rate_functions(m, {"harmful": harmful, "benign": benign}, refusals, batch_size=batch_size)
+        score_harmful, score_benign = fns["harmful"], fns["benign"]
+    result = run_calibration(m, score_harmful, score_benign,
                              grid=grid, min_harmful=min_harmful, exhaustive=exhaustive, refine=refine, log=_echo)
     result.max_new_tokens, result.num_harmful, result.num_benign = max_new_tokens, len(harmful), len(benign)
     result.wall_s = round(time.perf_counter() - t0, 1)

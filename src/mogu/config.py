@@ -15,6 +15,9 @@ VERSIONS = ("v1", "v2")
 # so h changes parameter count and optimisation, never what a scorer can express; v2's default
 # is the ablation's choice (docs/RESULTS.md, "MoGU v2").
 DEFAULT_ROUTER_HIDDEN = {"v1": 512, "v2": 16}
+# "token": the paper's routers, per layer and per token. "prompt": one decision per prompt from every
+# layer's probe (gate.py); the experts and the layer formula stay v1's.
+ROUTER_TYPES = ("token", "prompt")
 
 
 @dataclass
@@ -31,6 +34,10 @@ class MoGUConfig:
     router (``router_hidden`` defaults to ``DEFAULT_ROUTER_HIDDEN["v2"]``), routers and
     experts only in ``routed_layers`` (``mogu train --version v2`` picks them with
     ``mogu probe``), and a router stage that trains the experts jointly.
+
+    ``router_type="prompt"`` replaces the per-layer, per-token routers with one prompt-level gate
+    (``mogu.gate``): every layer's probe votes at the prompt's last token and the whole routed prefix
+    goes to one expert. It is fitted, not trained, and has no ``router_hidden``.
     """
 
     version: str = "v1"
@@ -41,6 +48,7 @@ class MoGUConfig:
     lora_dropout: float = 0.05
     router_hidden: int | None = None  # None: DEFAULT_ROUTER_HIDDEN[version]
     route_tokens: int | None = 5
+    router_type: str = "token"
     # Filled in by MoGUModel.from_base so a checkpoint knows what it belongs to.
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
@@ -58,6 +66,10 @@ class MoGUConfig:
     def validate(self) -> None:
         if self.version not in VERSIONS:
             raise ConfigError(f"version must be one of {VERSIONS}, got {self.version!r}")
+        if self.router_type not in ROUTER_TYPES:
+            raise ConfigError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.router_type == "prompt" and self.version != "v1":
+            raise ConfigError("router_type 'prompt' is a v1 option: v2's joint stage trains per-token routers")
         if self.router_hidden is None:
             self.router_hidden = DEFAULT_ROUTER_HIDDEN[self.version]
         if isinstance(self.target_modules, str):

@@ -415,6 +415,9 @@ class FineTuner:
             raise MoGUError("mogu finetune runs in a single process; start it without accelerate launch/torchrun")
         self.model, self.tokenizer, self.cfg, self.log, self.progress = model, tokenizer, cfg, log, progress
         self.is_mogu = isinstance(model, MoGUModel)
+        if self.is_mogu and model.gate is not None:
+            # Training forwards see prompt + response; the gate must decide on the prompt alone.
+            raise MoGUError("mogu finetune does not support prompt-gated models (router_type='prompt') yet")
         self.model_name = model_name or (model.config.base_model_name_or_path if self.is_mogu
                                          else getattr(model.config, "_name_or_path", None))
         self.out = Path(cfg.output_dir)

@@ -54,6 +54,19 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     attention_mask = kwargs.pop("attention_mask", None)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if getattr(model, "gate", None) is not None and model.routing_mode == "auto" and model._state.pinned is None:
+        # A prompt-gated model decides once per prompt (gate.py), then generates with that decision pinned.
+        start = time.perf_counter()
+        weights = model.routing_weights(input_ids, attention_mask)
+        gate_s = time.perf_counter() - start
+        with model.pin_routing(weights):
+            out = routed_generate(model, input_ids=input_ids, attention_mask=attention_mask, route_tokens=route_tokens,
+                                  generation_config=generation_config, streamer=streamer,
+                                  stopping_criteria=stopping_criteria, logits_processor=logits_processor, **kwargs)
+        timing = model.last_generate_timing
+        timing["gate_s"] = gate_s
+        timing["total_s"] = timing.get("total_s", 0.0) + gate_s
+        return out
     gen_config = copy.deepcopy(generation_config if generation_config is not None else base.generation_config)
     model_kwargs = gen_config.update(**kwargs)
     common = dict(stopping_criteria=stopping_criteria, logits_processor=logits_processor, **model_kwargs)

@@ -341,18 +341,26 @@ def _materialise(model) -> None:
     """Give meta-device experts and routers real (CPU, float32) storage, freshly initialised."""
     from .router import Router
 
+    gate = getattr(model, "gate", None)
+    if gate is not None and any(t.is_meta for t in [*gate.parameters(), *gate.buffers()]):
+        gate.to_empty(device="cpu")
+        with torch.no_grad():  # an unfitted gate: every probe zero, threshold 0
+            for t in [*gate.parameters(), *gate.buffers()]:
+                t.zero_()
     for m in model.routed_modules.values():
-        if not any(p.is_meta for p in [*m.lora_A.parameters(), *m.lora_B.parameters(), *m.router.parameters()]):
+        router = list(m.router.parameters()) if m.router is not None else []
+        if not any(p.is_meta for p in [*m.lora_A.parameters(), *m.lora_B.parameters(), *router]):
             continue
         m.lora_A.to_empty(device="cpu")
         m.lora_B.to_empty(device="cpu")
-        m.router.to_empty(device="cpu")
         m.lora_A.float()
         m.lora_B.float()
-        m.router.float()
         m.reset_lora_parameters()
-        fresh = Router(m.in_features, model.config.router_hidden, device="cpu", dtype=torch.float32)
-        m.router.load_state_dict(fresh.state_dict())
+        if m.router is not None:
+            m.router.to_empty(device="cpu")
+            m.router.float()
+            fresh = Router(m.in_features, model.config.router_hidden, device="cpu", dtype=torch.float32)
+            m.router.load_state_dict(fresh.state_dict())
         m._fused = None
 
 

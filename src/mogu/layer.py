@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MoGUError
 from .families import projection_shape
 from .router import Router
 
@@ -34,11 +35,13 @@ class RoutingState:
     # During router training the layers hand their (u, g) here for the weight loss.
     collect: bool = False
     collected: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # A prompt-gated model's per-sequence (u, g), [B, 2], pinned for the routed calls of one prompt batch.
+    pinned: torch.Tensor | None = None
 
 
 class RoutedLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, layer_idx: int, *, r: int, lora_alpha: float,
-                 lora_dropout: float, router_hidden: int, state: RoutingState):
+                 lora_dropout: float, router_hidden: int | None, state: RoutingState):
         super().__init__()
         self.base_layer = base_layer
         self.layer_idx = layer_idx
@@ -51,7 +54,8 @@ class RoutedLinear(nn.Module):
         self.lora_A = nn.ModuleDict({e: nn.Linear(self.in_features, r, bias=False, **kw) for e in EXPERTS})
         self.lora_B = nn.ModuleDict({e: nn.Linear(r, self.out_features, bias=False, **kw) for e in EXPERTS})
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.router = Router(self.in_features, router_hidden, **kw)
+        # None: a prompt-gated model (gate.py) pins per-sequence weights in ``state`` instead.
+        self.router = Router(self.in_features, router_hidden, **kw) if router_hidden is not None else None
         self._state = state
         self._fused: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.reset_lora_parameters()
@@ -64,8 +68,9 @@ class RoutedLinear(nn.Module):
 
     # -- fused inference weights ------------------------------------------------------------
     def _fused_params(self) -> list[torch.Tensor]:
+        router = list(self.router.parameters()) if self.router is not None else []
         return [self.lora_A["unwill"].weight, self.lora_A["glad"].weight,
-                self.lora_B["unwill"].weight, self.lora_B["glad"].weight, *self.router.parameters()]
+                self.lora_B["unwill"].weight, self.lora_B["glad"].weight, *router]
 
     def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One down matrix [2r+2, d] = [A_u; A_g; w_u; w_g], its bias, and B = [B_u | B_g].
@@ -77,11 +82,14 @@ class RoutedLinear(nn.Module):
         if self._fused is None or self._fused[0] != key:
             with torch.no_grad():
                 dtype = self.lora_A["glad"].weight.dtype
-                w_router, b_router = self.router.affine()
-                down = torch.cat([self.lora_A["unwill"].weight, self.lora_A["glad"].weight,
-                                  w_router.to(dtype)], dim=0)
-                bias = torch.cat([torch.zeros(2 * self.r, dtype=dtype, device=down.device),
-                                  b_router.to(dtype)])
+                parts = [self.lora_A["unwill"].weight, self.lora_A["glad"].weight]
+                biases = [torch.zeros(2 * self.r, dtype=dtype, device=parts[0].device)]
+                if self.router is not None:
+                    w_router, b_router = self.router.affine()
+                    parts.append(w_router.to(dtype))
+                    biases.append(b_router.to(dtype))
+                down = torch.cat(parts, dim=0)
+                bias = torch.cat(biases)
                 up = torch.cat([self.lora_B["unwill"].weight, self.lora_B["glad"].weight], dim=1)
             self._fused = (key, down, bias, up)
         return self._fused[1], self._fused[2], self._fused[3]
@@ -100,7 +108,12 @@ class RoutedLinear(nn.Module):
 
         x = x.to(self.lora_A["glad"].weight.dtype)
         r = self.r
-        if torch.is_grad_enabled() or self.training:
+        if self.router is None:
+            u, g = self._pinned_weights(x)
+            down = F.linear(self.lora_dropout(x), torch.cat([self.lora_A["unwill"].weight,
+                                                             self.lora_A["glad"].weight]))
+            up = torch.cat([self.lora_B["unwill"].weight, self.lora_B["glad"].weight], dim=1)
+        elif torch.is_grad_enabled() or self.training:
             # Training path: the factorised router, so gradients follow the paper's parametrisation.
             u, g = self.router(x)
             down = F.linear(self.lora_dropout(x), torch.cat([self.lora_A["unwill"].weight,
@@ -118,9 +131,23 @@ class RoutedLinear(nn.Module):
         if state.collect:
             state.collected.append((u, g))
         if state.trace_enabled:
-            state.trace.setdefault(self.layer_idx, []).append(
-                torch.cat([u, g], dim=-1).detach().float().cpu())
+            state.trace.setdefault(self.layer_idx, []).append(  # per token, also for a per-sequence gate
+                torch.cat([u, g], dim=-1).expand(*x.shape[:-1], 2).detach().float().cpu())
         return out
+
+    def _pinned_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt gate's (u, g) for this batch, shaped [B, 1, 1] to broadcast over tokens."""
+        pinned = self._state.pinned
+        if pinned is None:
+            raise MoGUError("a prompt-gated layer runs inside MoGUModel.forward/generate, which pin the "
+                            "gate's decision; use model.pin_routing(...) to call the base model directly")
+        if pinned.shape[0] != x.shape[0]:
+            if x.shape[0] % pinned.shape[0]:
+                raise MoGUError(f"pinned routing has {pinned.shape[0]} rows for a batch of {x.shape[0]}")
+            # generate() expands each prompt into num_return_sequences consecutive rows.
+            pinned = pinned.repeat_interleave(x.shape[0] // pinned.shape[0], dim=0)
+        pinned = pinned.to(device=x.device, dtype=x.dtype).view(x.shape[0], *([1] * (x.dim() - 2)), 2)
+        return pinned[..., :1], pinned[..., 1:]
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, r={self.r}, scaling={self.scaling}"

@@ -13,7 +13,8 @@ from torch import nn
 
 from .config import CONFIG_NAME, MoGUConfig, read_json_object
 from .errors import CheckpointMismatchError, ConfigError, MoGUError
-from .families import candidate_targets, is_projection, layer_index, matches_target, resolve_target_modules
+from .families import (candidate_targets, is_projection, layer_index, matches_target, projection_shape,
+                       resolve_target_modules)
 from .io import atomic_directory, atomic_write_text
 from .layer import EXPERTS, MODES, RoutedLinear, RoutingState
 
@@ -52,6 +53,7 @@ class MoGUModel(nn.Module):
         self.tokenizer = tokenizer
         self._state = RoutingState()
         self._inject()
+        self.gate = self._make_gate() if config.router_type == "prompt" else None
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -102,12 +104,86 @@ class MoGUModel(nn.Module):
         for name, idx, module in found:
             parent_name, _, child = name.rpartition(".")
             parent = base.get_submodule(parent_name) if parent_name else base
+            hidden = config.router_hidden if config.router_type == "token" else None
             routed = RoutedLinear(module, idx, r=config.r, lora_alpha=config.lora_alpha,
-                                  lora_dropout=config.lora_dropout, router_hidden=config.router_hidden,
-                                  state=self._state)
+                                  lora_dropout=config.lora_dropout, router_hidden=hidden, state=self._state)
             routed.train(module.training)  # a fresh module defaults to train mode (dropout on)
             setattr(parent, child, routed)
             self._routed[name] = routed
+
+    def _make_gate(self):
+        from .gate import PromptGate
+        from .probe import _probe_modules
+
+        # Every layer's target module votes, routed or not: the features are read with routing off.
+        self._gate_modules = _probe_modules(self.base_model, self.config.target_modules)
+        first = next(iter(self._gate_modules.values()))[1]
+        if isinstance(first, RoutedLinear):
+            in_features, device = first.in_features, first.base_layer.weight.device
+        else:
+            in_features, device = projection_shape(first)[0], first.weight.device
+        return PromptGate(list(self._gate_modules), in_features, device=device)
+
+    # -- prompt gate -----------------------------------------------------------------------
+    @torch.no_grad()
+    def gate_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt gate's harmfulness logit per sequence, [B], read at each row's last real token.
+
+        One forward pass with routing off that stops after the deepest probed module. Position ids
+        follow the attention mask, as in ``generate`` and ``mogu.probe``, so padding does not move them.
+        """
+        from .features import stop_after
+
+        if self.gate is None:
+            raise MoGUError("gate_scores needs a model with router_type='prompt'")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(dim=1)  # last 1 per row
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        features: dict[int, torch.Tensor] = {}
+        handles = []
+        for idx, (_, module) in self._gate_modules.items():
+            def pre_hook(_module, args, idx=idx):
+                features[idx] = args[0][rows, last.to(args[0].device)].float()
+            handles.append(module.register_forward_pre_hook(pre_hook))
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        deepest = self._gate_modules[max(self._gate_modules)][1]
+        try:
+            with self.routing("off"), stop_after(deepest) as run:
+                run(self.base_model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return self.gate.score({i: f.to(self.gate.weight.device) for i, f in features.items()})
+
+    def routing_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A prompt-gated model's (u, g) per sequence, [B, 2]."""
+        return self.gate.weights(self.gate_scores(input_ids, attention_mask))
+
+    @contextlib.contextmanager
+    def pin_routing(self, weights: torch.Tensor) -> Iterator["MoGUModel"]:
+        """Route every call inside with fixed per-sequence weights ([B, 2] rows of (u, g)); prompt gate only."""
+        if self.gate is None:
+            raise MoGUError("pin_routing is for router_type='prompt' models")
+        if weights.dim() != 2 or weights.shape[1] != 2:
+            raise MoGUError(f"pinned routing weights must be [batch, 2], got {tuple(weights.shape)}")
+        previous = self._state.pinned
+        self._state.pinned = weights
+        try:
+            yield self
+        finally:
+            self._state.pinned = previous
+
+    @contextlib.contextmanager
+    def gated(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Iterator["MoGUModel"]:
+        """Pin the gate's decision on these prompts for the calls inside (nothing to do without a gate,
+        when routing is not ``auto``, or when a decision is pinned already)."""
+        if self.gate is None or self._state.mode != "auto" or self._state.pinned is not None:
+            yield self
+            return
+        with self.pin_routing(self.routing_weights(input_ids, attention_mask)):
+            yield self
 
     # -- routing control -------------------------------------------------------------------
     @property
@@ -156,6 +232,8 @@ class MoGUModel(nn.Module):
         return [p for m in self._routed.values() for p in (m.lora_A[expert].weight, m.lora_B[expert].weight)]
 
     def router_parameters(self) -> list[nn.Parameter]:
+        if self.gate is not None:
+            return list(self.gate.parameters())
         return [p for m in self._routed.values() for p in m.router.parameters()]
 
     def added_parameters(self) -> list[nn.Parameter]:
@@ -172,6 +250,16 @@ class MoGUModel(nn.Module):
 
     # -- running ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if self.gate is not None and self._state.mode == "auto" and self._state.pinned is None:
+            # The gate decides per sequence from its last real token; a cached step cannot re-decide.
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                raise MoGUError("a prompt-gated model needs input_ids (or a decision pinned with pin_routing)")
+            if kwargs.get("past_key_values") is not None:
+                raise MoGUError("a prompt-gated model decides once per prompt: pin the prompt's decision with "
+                                "model.gated(prompt_ids, mask) around cached calls")
+            with self.gated(input_ids, kwargs.get("attention_mask")):
+                return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, route_tokens: int | None | str = "config", **kwargs):
@@ -194,6 +282,8 @@ class MoGUModel(nn.Module):
         return sd
 
     def router_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.gate is not None:  # weight, bias and the calibrated threshold
+            return {f"gate.{k}": v.detach().contiguous() for k, v in self.gate.state_dict().items()}
         return {f"{name}.router.{k}": v.detach().contiguous()
                 for name, m in self._routed.items() for k, v in m.router.state_dict().items()}
 
@@ -209,6 +299,10 @@ class MoGUModel(nn.Module):
         expected = self.router_state_dict()
         _check_keys(expected, sd, source)
         with torch.no_grad():
+            if self.gate is not None:
+                for k, v in self.gate.state_dict(keep_vars=True).items():
+                    v.copy_(sd[f"gate.{k}"])
+                return
             for name, m in self._routed.items():
                 for k, v in m.router.state_dict(keep_vars=True).items():
                     v.copy_(sd[f"{name}.router.{k}"])

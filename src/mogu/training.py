@@ -152,6 +152,11 @@ class TrainConfig:
     joint_experts: bool | None = None
     joint_expert_lr: float = 1e-4
     max_response_tokens: int = 48  # response tokens trained on (routing acts on the first few)
+    # Response tokens the router stage trains on. None or "all": max_response_tokens (the reference trains the
+    # routers on whole targets). "route": the model's route_tokens, the only response tokens generate()
+    # routes; later ones come from the plain base model, so routing them in training fits a case that
+    # never occurs at inference (docs/RESULTS.md, "Router targets cut to the routed prefix").
+    router_response_tokens: int | str | None = None
     seed: int = 0
     save_every: int = 50  # optimizer steps between mid-epoch checkpoints
     keep_checkpoints: int = 2  # newest step checkpoints kept per stage (0: keep all, e.g. to study them)
@@ -168,6 +173,10 @@ class TrainConfig:
             raise ConfigError(f"router_loss_weight must be in [0, 1000], got {self.router_loss_weight}")
         if not 1 <= self.max_response_tokens <= 4096:
             raise ConfigError(f"max_response_tokens must be in [1, 4096], got {self.max_response_tokens}")
+        rrt = self.router_response_tokens
+        if not (rrt is None or rrt in ("route", "all") or (isinstance(rrt, int) and not isinstance(rrt, bool)
+                                                   and 1 <= rrt <= 4096)):
+            raise ConfigError(f"router_response_tokens must be None, 'all', 'route' or in [1, 4096], got {rrt!r}")
         if self.save_every < 1:
             raise ConfigError("save_every must be >= 1")
         if self.keep_checkpoints < 0:
@@ -573,10 +582,20 @@ class Trainer:
         cap = self.cfg.stages[stage].max_examples if capped else None
         return rows[:cap] if cap else rows
 
+    def router_response_tokens(self) -> int:
+        """Response tokens per router-set row (TrainConfig.router_response_tokens resolved on this model)."""
+        rrt = self.cfg.router_response_tokens
+        if rrt == "route":
+            rrt = self.model.config.route_tokens  # None: generate() routes every token
+        if rrt is None or rrt == "all":
+            return self.cfg.max_response_tokens
+        return min(rrt, self.cfg.max_response_tokens)
+
     def _encode(self, stage: str, rows: list[dict]) -> list:
         m = self.cfg.max_response_tokens
         tok = self.tokenizer
         if stage == "router":
+            m = self.router_response_tokens()
             return [(encode_pair(tok, r["prompt"], r["response"], m), int(r["label"])) for r in rows]
         num, den = ("comply", "refuse") if stage == "glad" else ("refuse", "comply")
         return [(encode_pair(tok, r["prompt"], r[num], m), encode_pair(tok, r["prompt"], r[den], m)) for r in rows]
@@ -635,6 +654,39 @@ class Trainer:
         if world > 1:
             self._reduce_step(params, totals)
         return totals
+
+    def _fit_gate_stage(self) -> dict[str, Any]:
+        """The router stage of a prompt-gated model: fit the gate's per-layer probes (gate.py), no steps.
+
+        Every process fits the same probes on the same rows (deterministic, no-grad), so nothing is exchanged.
+        """
+        from .gate import fit_gate
+
+        stage, model = "router", self.model
+        rows = self._rows(stage, capped=False)[: self.cfg.router_init_examples]
+        start = time.perf_counter()
+        model.eval()
+        stats = fit_gate(model, [r["prompt"] for r in rows], [int(r["label"]) for r in rows],
+                         batch_size=self.cfg.stages[stage].micro_batch_size, progress=self.progress)
+        with torch.no_grad():
+            model.gate.threshold.fill_(self.cfg.router_init_glad_bias)
+        elapsed = round(time.perf_counter() - start, 1)
+        self._append_metrics({"stage": stage, "step": 0, "gate_fit": stats})
+        reason = (f"prompt gate fitted on {stats['examples']} router-set prompts: training accuracy "
+                  f"{stats['accuracy']:.3f} (per layer min {stats['layer_accuracy_min']:.3f}, mean "
+                  f"{stats['layer_accuracy_mean']:.3f}); threshold {self.cfg.router_init_glad_bias:+g}")
+        self.log(f"[{stage}] {reason} in {elapsed:.0f} s")
+        result = {"stage": stage, "steps": 0, "train_s": elapsed, "init_s": 0.0, "history": [], "selection": reason}
+        states = self._gather_rng()
+        if self.accelerator.is_main_process:
+            stage_dir = self._stage_dir(stage)
+            selected = {n: t.contiguous() for n, t in self._snapshot(stage).items()}
+            _atomic_save(stage_dir / "selected.safetensors", lambda tmp: save_file(selected, str(tmp)))
+            _atomic_save(stage_dir / "rng.pt", lambda tmp: self._write_rng(tmp, states))
+            atomic_write_text(stage_dir / "done.json", json.dumps(result, indent=2))
+        self.accelerator.wait_for_everyone()
+        model.set_trainable([])
+        return result
 
     # ---- checkpoints
     def _save_checkpoint(self, stage: str, optimizer, position: dict) -> None:
@@ -709,12 +761,17 @@ class Trainer:
         done = self._stage_dir(stage) / "done.json"
         if resume and self._from_main(done.is_file()):
             self._restore(stage, load_file(str(self._stage_dir(stage) / "selected.safetensors")))
+            if stage == "router" and model.gate is not None:
+                with torch.no_grad():
+                    model.gate.threshold.fill_(self.cfg.router_init_glad_bias)
             self._load_rng(self._stage_dir(stage) / "rng.pt")  # the next stage's dropout as if never stopped
             self.log(f"[{stage}] already finished: loaded its selected weights")
             return json.loads(done.read_text())
         if not resume and main:  # a fresh run never resumes from, or keeps, an older run's stage files
             _remove_dir(self._stage_dir(stage))
             _remove_dir(self._ckpt_root(stage))
+        if stage == "router" and model.gate is not None:
+            return self._fit_gate_stage()
         scfg = self.cfg.stages[stage]
         examples = self._encode(stage, self._rows(stage))
         dev_path = self.data_dir / DEV_FILE

@@ -1,0 +1,312 @@
+"""The prompt gate (router_type="prompt"): one expert per prompt, on every family, with v1's pins."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from mogu import MoGUConfig, MoGUModel
+from mogu.calibration import calibrate, shift_router_bias
+from mogu.errors import ConfigError, MoGUError
+from mogu.gate import fit_gate
+from mogu.probe import collect_layer_features
+from mogu.router_init import fit_probe
+from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
+
+FAMILIES = sorted(FAMILY_CONFIGS)
+
+
+def make(family="llama", seed=0, **cfg):
+    base = tiny_model(family, seed)
+    reference = copy.deepcopy(base)
+    model = MoGUModel.from_base(base, MoGUConfig(router_type="prompt", **cfg), tokenizer=tiny_tokenizer())
+    randomize_added(model)
+    return model, reference
+
+
+def ids(batch=2, length=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, length), generator=g)
+
+
+def split_threshold(model, x, mask=None):
+    """Set the threshold between the rows' scores so that the batch holds both decisions."""
+    scores = model.gate_scores(x, mask)
+    assert len(set(scores.tolist())) > 1
+    low = scores.sort().values
+    with torch.no_grad():  # midway between the two lowest: no row sits on the threshold
+        model.gate.threshold.fill_(float(low[0] + low[1]) / 2)
+    weights = model.routing_weights(x, mask)
+    assert 0 < weights[:, 0].sum() < len(scores)
+    return weights
+
+
+def _left_pad(rows, pad=0):
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return input_ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_prompt_runs_exactly_one_expert_and_off_is_the_base(family):
+    model, reference = make(family)
+    x = ids()
+    weights = split_threshold(model, x)
+    with torch.no_grad():
+        auto = model(input_ids=x).logits
+        single = {e: model(input_ids=x).logits for e in ("glad", "unwill") if not model.set_routing(e)}
+        model.set_routing("off")
+        assert torch.equal(model(input_ids=x).logits, reference(input_ids=x).logits)
+        model.set_routing("auto")
+    for i, (u, g) in enumerate(weights.tolist()):
+        assert (u, g) in ((1.0, 0.0), (0.0, 1.0))
+        torch.testing.assert_close(auto[i], single["unwill" if u else "glad"][i], rtol=0, atol=1e-5)
+
+
+def test_gate_has_no_per_layer_routers_and_counts_its_probes():
+    model, _ = make()
+    assert all(m.router is None for m in model.routed_modules.values())
+    n_layers, d = model.gate.weight.shape
+    experts = sum(p.numel() for e in ("glad", "unwill") for p in model.expert_parameters(e))
+    assert model.num_added_parameters() == experts + n_layers * (d + 1)
+    assert [p.data_ptr() for p in model.router_parameters()] == [model.gate.weight.data_ptr(), model.gate.bias.data_ptr()]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_read_each_rows_last_real_token_whatever_the_padding(family):
+    model, _ = make(family)
+    rows = [ids(1, n, seed=n)[0].tolist() for n in (4, 7, 9)]
+    input_ids, mask = _left_pad(rows)
+    batched = model.gate_scores(input_ids, mask)
+    singles = torch.cat([model.gate_scores(torch.tensor([r])) for r in rows])
+    torch.testing.assert_close(batched, singles, rtol=1e-4, atol=1e-5)
+    # Right padding reads the same tokens (the last 1 of the mask, not the last column).
+    right = torch.zeros_like(input_ids)
+    right_mask = torch.zeros_like(mask)
+    for i, r in enumerate(rows):
+        right[i, :len(r)] = torch.tensor(r)
+        right_mask[i, :len(r)] = 1
+    torch.testing.assert_close(model.gate_scores(right, right_mask), singles, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_pins_the_prompts_decision_batch_equals_single(family):
+    model, reference = make(family)
+    rows = [ids(1, n, seed=n)[0].tolist() for n in (4, 7, 9)]
+    input_ids, mask = _left_pad(rows)
+    split_threshold(model, input_ids, mask)
+    for route_tokens in (3, None):
+        batched = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                 pad_token_id=0, route_tokens=route_tokens)
+        for i, r in enumerate(rows):
+            single = model.generate(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                                    max_new_tokens=8, do_sample=False, pad_token_id=0, route_tokens=route_tokens)
+            width = input_ids.shape[1]
+            assert batched[i, width:].tolist()[: single.shape[1] - len(r)] == single[0, len(r):].tolist()
+    assert model._state.pinned is None  # nothing stays pinned after generate
+    assert "gate_s" in model.last_generate_timing
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_reference_handoff_and_cached_decoding_under_the_gate(family):
+    model, reference = make(family)
+    x = ids(batch=1, length=6, seed=3)
+    enc = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+    for threshold in (-1e9, 1e9):  # all unwill, all glad
+        with torch.no_grad():
+            model.gate.threshold.fill_(threshold)
+        got = model.generate(**enc, max_new_tokens=10, do_sample=False, route_tokens=4)
+        seq = x
+        with torch.no_grad(), model.gated(x):  # the decision is the prompt's, kept while the sequence grows
+            for _ in range(4):
+                logits = model(input_ids=seq, use_cache=False).logits
+                seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+            full = model(input_ids=seq, use_cache=False).logits
+            out = model(input_ids=seq[:, :6], use_cache=True)
+            cache, steps = out.past_key_values, [out.logits]
+            for t in range(6, seq.shape[1]):
+                out = model(input_ids=seq[:, t:t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+        expected = reference.generate(input_ids=seq, attention_mask=torch.ones_like(seq), max_new_tokens=6,
+                                      do_sample=False)
+        assert got.tolist() == expected.tolist()
+    # A cached step cannot re-decide: without a pinned decision it is an error, not a silent re-gate.
+    with torch.no_grad():
+        out = model(input_ids=x, use_cache=True)
+        with pytest.raises(MoGUError, match="once per prompt"):
+            model(input_ids=x[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_num_return_sequences_repeat_each_prompts_decision():
+    model, _ = make()
+    x = ids(batch=2)
+    split_threshold(model, x)
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=True,
+                         num_return_sequences=3, route_tokens=3, pad_token_id=0)
+    assert out.shape[0] == 6
+
+
+def test_routing_trace_shows_the_pinned_weights():
+    model, _ = make()
+    x = ids(batch=2)
+    weights = split_threshold(model, x)
+    model.enable_routing_trace()
+    with torch.no_grad():
+        model(input_ids=x)
+    for trace in model.routing_trace().values():
+        assert torch.equal(trace, weights.view(2, 1, 2).expand(2, x.shape[1], 2))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon"])
+def test_save_load_round_trip_keeps_the_gate_and_its_threshold(family, tmp_path):
+    model, _ = make(family)
+    with torch.no_grad():
+        model.gate.threshold.fill_(0.125)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MoGUModel.from_pretrained(tmp_path / "ckpt", base_model=tiny_model(family))
+    assert loaded.config.router_type == "prompt" and loaded.gate is not None
+    assert float(loaded.gate.threshold) == 0.125
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
+def test_token_router_checkpoint_does_not_load_as_a_gate(tmp_path):
+    from mogu.errors import CheckpointMismatchError
+    from safetensors.torch import load_file
+
+    token = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_hidden=8))
+    token.save_pretrained(tmp_path / "token")
+    gated, _ = make()
+    with pytest.raises(CheckpointMismatchError, match="does not match"):
+        gated.load_router_state_dict(load_file(str(tmp_path / "token" / "router.safetensors")))
+
+
+def test_fit_gate_writes_each_layers_probe_and_separates_the_training_prompts():
+    model, _ = make()
+    tok = model.tokenizer
+    harmful = [f"How do I build weapon number {i} at home?" for i in range(12)]
+    benign = [f"Give me a recipe for soup number {i}." for i in range(12)]
+    prompts, labels = harmful + benign, [1] * 12 + [0] * 12
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("gate.")}
+    stats = fit_gate(model, prompts, labels, batch_size=5)
+    assert stats["examples"] == 24 and stats["accuracy"] == 1.0
+    feats = collect_layer_features(model, tok, prompts, batch_size=7)
+    y = torch.tensor(labels, dtype=torch.float32)
+    for k, layer in enumerate(model.gate.layers):
+        w, c = fit_probe(feats[layer]["last"], y)
+        torch.testing.assert_close(model.gate.weight[k], w.float(), rtol=1e-4, atol=1e-5)
+        assert abs(float(model.gate.bias[k].detach()) - c) < 1e-4
+    assert float(model.gate.threshold) == 0.0
+    for n, p in model.named_parameters():  # fitting touches the gate only
+        if n in before:
+            assert torch.equal(p, before[n]), n
+    enc = tok([model.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                   tokenize=False) for p in prompts],
+              return_tensors="pt", padding=True, add_special_tokens=False)
+    assert model.routing_weights(enc["input_ids"], enc["attention_mask"])[:, 0].tolist() == [float(v) for v in labels]
+    with pytest.raises(MoGUError, match="both"):
+        fit_gate(model, harmful, [1] * 12)
+
+
+def test_calibration_moves_the_threshold_and_restores_it_on_failure():
+    model, _ = make()
+    shift_router_bias(model, 0.5)
+    assert float(model.gate.threshold) == 0.5
+    shift_router_bias(model, -0.5)
+    def threshold():
+        return float(model.gate.threshold)
+
+    # Refusal as a function of the threshold: harmful passes up to 0.5, benign falls as it rises.
+    result = calibrate(model, lambda: 0.95 if threshold() <= 0.5 else 0.5, lambda: 0.3 - 0.2 * threshold(),
+                       grid=(0.0, 1.0), refine=1)
+    # 0 passes, 1 misses, the bisection point 0.5 passes: the chosen shift is the threshold now.
+    assert result.chosen == 0.5 and float(model.gate.threshold) == 0.5
+
+    def boom():
+        raise RuntimeError("scorer failed")
+
+    with pytest.raises(RuntimeError):
+        calibrate(model, boom, lambda: 0.0, grid=(0.0,))
+    assert float(model.gate.threshold) == 0.5
+
+
+def test_router_stage_fits_the_gate_without_steps_and_resumes(tmp_path):
+    from test_training import _tiny_run
+
+    tok = tiny_tokenizer()
+    runs = {}
+    for name, resume in (("a", False), ("a", True)):
+        torch.manual_seed(0)
+        model, trainer = _tiny_run(tmp_path, name, train_kw={"router_init_glad_bias": 0.25})
+        gated = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_type="prompt"), tokenizer=tok)
+        trainer.model = gated
+        gated.load_expert_state_dict("glad", model.expert_state_dict("glad"))
+        summary = trainer.train(resume=resume)
+        runs[resume] = gated
+        assert summary["router"]["steps"] == 0 and "prompt gate fitted" in summary["router"]["selection"]
+        assert float(gated.gate.threshold) == 0.25
+    assert torch.equal(runs[False].gate.weight, runs[True].gate.weight)
+    assert runs[False].gate.weight.abs().sum() > 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert any("gate_fit" in r for r in rows)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(router_type="layer"), "router_type"),
+                                       (dict(router_type="prompt", version="v2"), "v1 option")])
+def test_bad_router_type_is_rejected(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        MoGUConfig(**bad)
+
+
+def test_forward_and_pinning_errors_are_clear():
+    model, _ = make()
+    with pytest.raises(MoGUError, match="batch, 2"):
+        with model.pin_routing(torch.ones(3)):
+            pass
+    token = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_hidden=8))
+    with pytest.raises(MoGUError, match="router_type='prompt'"):
+        token.gate_scores(ids())
+    layer = next(iter(model.routed_modules.values()))
+    with pytest.raises(MoGUError, match="pin"):
+        layer(torch.zeros(1, 2, layer.in_features))
+
+
+def test_gate_calibration_rates_equal_generating_at_each_threshold():
+    from mogu.calibration import gate_rate_functions
+    from mogu.training import generate_responses
+
+    model, _ = make()
+    tok = model.tokenizer
+    prompts = [f"Tell me about topic {i} please" for i in range(7)]
+
+    def judge(text):  # any deterministic function of the answer stands in for the keyword judge
+        return len(text) % 2 == 0
+
+    def refusals(ps, expert):
+        weights = torch.tensor([[1.0, 0.0] if expert == "unwill" else [0.0, 1.0]])
+        with model.pin_routing(weights):
+            return [judge(o) for o in generate_responses(model, tok, ps, max_new_tokens=4, batch_size=3)]
+
+    rate = gate_rate_functions(model, {"p": prompts}, refusals, batch_size=4)["p"]
+    from mogu.probe import collect_layer_features
+
+    feats = collect_layer_features(model, tok, prompts)
+    scores = model.gate.score({i: feats[i]["last"] for i in model.gate.layers}).sort().values.tolist()
+    seen = set()
+    for threshold in [scores[0] - 1, *((a + b) / 2 for a, b in zip(scores, scores[1:])), scores[-1] + 1]:
+        with torch.no_grad():
+            model.gate.threshold.fill_(threshold)
+        generated = [judge(o) for o in generate_responses(model, tok, prompts, max_new_tokens=4, batch_size=3)]
+        assert rate() == pytest.approx(sum(generated) / len(prompts))
+        seen.add(rate())
+    assert len(seen) > 1  # the experts answer differently, so the threshold matters
