@@ -12,7 +12,7 @@ from mogu.errors import ConfigError, MoGUError
 from mogu.gate import fit_gate
 from mogu.probe import collect_layer_features
 from mogu.router_init import fit_probe
-from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
+from tiny_models import FAMILY_CONFIGS, assert_batch_equals_single, left_pad, randomize_added, tiny_model, tiny_tokenizer
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 
@@ -40,16 +40,6 @@ def split_threshold(model, x, mask=None):
     weights = model.routing_weights(x, mask)
     assert 0 < weights[:, 0].sum() < len(scores)
     return weights
-
-
-def _left_pad(rows, pad=0):
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return input_ids, mask
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -81,7 +71,7 @@ def test_gate_has_no_per_layer_routers_and_counts_its_probes():
 def test_scores_read_each_rows_last_real_token_whatever_the_padding(family):
     model, _ = make(family)
     rows = [ids(1, n, seed=n)[0].tolist() for n in (4, 7, 9)]
-    input_ids, mask = _left_pad(rows)
+    input_ids, mask = left_pad(rows)
     batched = model.gate_scores(input_ids, mask)
     singles = torch.cat([model.gate_scores(torch.tensor([r])) for r in rows])
     torch.testing.assert_close(batched, singles, rtol=1e-4, atol=1e-5)
@@ -98,16 +88,10 @@ def test_scores_read_each_rows_last_real_token_whatever_the_padding(family):
 def test_generation_pins_the_prompts_decision_batch_equals_single(family):
     model, reference = make(family)
     rows = [ids(1, n, seed=n)[0].tolist() for n in (4, 7, 9)]
-    input_ids, mask = _left_pad(rows)
+    input_ids, mask = left_pad(rows)
     split_threshold(model, input_ids, mask)
     for route_tokens in (3, None):
-        batched = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                 pad_token_id=0, route_tokens=route_tokens)
-        for i, r in enumerate(rows):
-            single = model.generate(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
-                                    max_new_tokens=8, do_sample=False, pad_token_id=0, route_tokens=route_tokens)
-            width = input_ids.shape[1]
-            assert batched[i, width:].tolist()[: single.shape[1] - len(r)] == single[0, len(r):].tolist()
+        assert_batch_equals_single(model, rows, route_tokens)
     assert model._state.pinned is None  # nothing stays pinned after generate
     assert "gate_s" in model.last_generate_timing
 

@@ -8,7 +8,7 @@ from peft import PeftModel
 
 from mogu import MoGUConfig, MoGUModel
 from mogu.errors import CheckpointMismatchError, ConfigError, UnknownFamilyError
-from tiny_models import EXPECTED_TARGET, FAMILY_CONFIGS, randomize_added, tiny_model
+from tiny_models import EXPECTED_TARGET, FAMILY_CONFIGS, assert_batch_equals_single, randomize_added, tiny_model
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 
@@ -100,29 +100,11 @@ def test_cached_decoding_equals_uncached(family):
     assert torch.equal(cached, uncached)
 
 
-def _left_pad(rows, pad=0):
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return input_ids, mask
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("route_tokens", [3, None])
 def test_batch_equals_single_items(family, route_tokens):
     model, _ = make(family)
-    rows = [ids(1, n, seed=n)[0].tolist() for n in (4, 7, 9)]
-    input_ids, mask = _left_pad(rows)
-    batched = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                             pad_token_id=0, route_tokens=route_tokens)
-    for i, r in enumerate(rows):
-        single = model.generate(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
-                                max_new_tokens=8, do_sample=False, pad_token_id=0, route_tokens=route_tokens)
-        width = input_ids.shape[1]
-        assert batched[i, width:].tolist()[: single.shape[1] - len(r)] == single[0, len(r):].tolist()
+    assert_batch_equals_single(model, [ids(1, n, seed=n)[0].tolist() for n in (4, 7, 9)], route_tokens)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -54,6 +54,30 @@ def randomize_added(model, seed: int = 1, router_bias: float = 0.0):
     return model
 
 
+def left_pad(rows, pad=0):
+    """Token-id lists as one left-padded batch: (input_ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return input_ids, mask
+
+
+def assert_batch_equals_single(model, rows, route_tokens, max_new_tokens=8):
+    """Greedy generation of the left-padded batch of ``rows`` gives each row's tokens when run alone."""
+    input_ids, mask = left_pad(rows)
+    batched = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0, route_tokens=route_tokens)
+    width = input_ids.shape[1]
+    for i, r in enumerate(rows):
+        single = model.generate(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                                route_tokens=route_tokens)
+        assert batched[i, width:].tolist()[: single.shape[1] - len(r)] == single[0, len(r):].tolist()
+
+
 _TOKENIZER = None
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant: {% endif %}")
