@@ -778,8 +778,13 @@ def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path,
                                                progress=True, desc=desc))
 
     t0 = time.perf_counter()
-    score_harmful = lambda: rate(harmful, "harmful dev")  # noqa: E731
-    score_benign = lambda: rate(benign, "benign dev")  # noqa: E731
+
+    def score_harmful() -> float:
+        return rate(harmful, "harmful dev")
+
+    def score_benign() -> float:
+        return rate(benign, "benign dev")
+
     if m.gate is not None:
         import torch
 

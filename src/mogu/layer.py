@@ -108,24 +108,22 @@ class RoutedLinear(nn.Module):
 
         x = x.to(self.lora_A["glad"].weight.dtype)
         r = self.r
-        if self.router is None:
-            u, g = self._pinned_weights(x)
-            down = F.linear(self.lora_dropout(x), torch.cat([self.lora_A["unwill"].weight,
-                                                             self.lora_A["glad"].weight]))
-            up = torch.cat([self.lora_B["unwill"].weight, self.lora_B["glad"].weight], dim=1)
-        elif torch.is_grad_enabled() or self.training:
+        if torch.is_grad_enabled() or self.training:
             # Training path: the factorised router, so gradients follow the paper's parametrisation.
-            u, g = self.router(x)
+            u, g = self.router(x) if self.router is not None else self._pinned_weights(x)
             down = F.linear(self.lora_dropout(x), torch.cat([self.lora_A["unwill"].weight,
                                                              self.lora_A["glad"].weight]))
             up = torch.cat([self.lora_B["unwill"].weight, self.lora_B["glad"].weight], dim=1)
         else:
-            # Inference path: LoRA down-projections and both collapsed scorers in one matmul.
+            # Inference path: LoRA down-projections and both collapsed scorers (if any) in one cached matmul.
             fused_down, fused_bias, up = self._fused_weights()
             z = F.linear(x, fused_down, fused_bias)
             down = z[..., : 2 * r]
-            scores = torch.sigmoid(z[..., 2 * r:])
-            u, g = scores[..., :1], scores[..., 1:]
+            if self.router is None:  # a prompt gate's per-sequence weights
+                u, g = self._pinned_weights(x)
+            else:
+                scores = torch.sigmoid(z[..., 2 * r:])
+                u, g = scores[..., :1], scores[..., 1:]
         mixed = torch.cat([u * down[..., :r], g * down[..., r:]], dim=-1)
         out = (u + g) * result + F.linear(mixed, up) * self.scaling
         if state.collect:

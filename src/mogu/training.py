@@ -677,6 +677,10 @@ class Trainer:
                   f"{stats['layer_accuracy_mean']:.3f}); threshold {self.cfg.router_init_glad_bias:+g}")
         self.log(f"[{stage}] {reason} in {elapsed:.0f} s")
         result = {"stage": stage, "steps": 0, "train_s": elapsed, "init_s": 0.0, "history": [], "selection": reason}
+        return self._finish_stage(stage, result)
+
+    def _finish_stage(self, stage: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Write the stage's selected tensors, RNG state and done.json (last: it marks the stage finished)."""
         states = self._gather_rng()
         if self.accelerator.is_main_process:
             stage_dir = self._stage_dir(stage)
@@ -685,7 +689,7 @@ class Trainer:
             _atomic_save(stage_dir / "rng.pt", lambda tmp: self._write_rng(tmp, states))
             atomic_write_text(stage_dir / "done.json", json.dumps(result, indent=2))
         self.accelerator.wait_for_everyone()
-        model.set_trainable([])
+        self.model.set_trainable([])
         return result
 
     # ---- checkpoints
@@ -901,14 +905,4 @@ class Trainer:
         result = {"stage": stage, "steps": position["step"], "train_s": round(time.perf_counter() - start, 1),
                   "init_s": init_s,
                   "history": history, "selection": reason}
-        states = self._gather_rng()
-        if main:
-            # done.json goes last: it is what marks the stage finished, so its companions are complete.
-            stage_dir = self._stage_dir(stage)
-            selected = {n: t.contiguous() for n, t in self._snapshot(stage).items()}
-            _atomic_save(stage_dir / "selected.safetensors", lambda tmp: save_file(selected, str(tmp)))
-            _atomic_save(stage_dir / "rng.pt", lambda tmp: self._write_rng(tmp, states))
-            atomic_write_text(stage_dir / "done.json", json.dumps(result, indent=2))
-        acc.wait_for_everyone()
-        model.set_trainable([])
-        return result
+        return self._finish_stage(stage, result)
