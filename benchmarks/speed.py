@@ -33,6 +33,13 @@ Other options: ``--model PATH`` (any base model mogu can load), ``--batch-sizes 
 ``--xlora-new-tokens``, ``--repeats``, ``--threads``, ``--no-xlora``, ``--no-gate``, ``--json PATH``;
 ``--tiny`` is a seconds-long smoke test on a tiny random Llama (hidden 32, 2 layers, random prompt ids).
 
+On a GPU, ``--shape llama-3-8b`` (or ``qwen2.5-7b``, ``llama-3.2-1b``) builds a randomly initialised model of
+that published architecture (no download; speed depends on shapes, not weights) and feeds random prompt ids of
+chat-prompt lengths; ``--device cuda --dtype bfloat16`` puts it there (CUDA is synchronised around every timed
+call). All rows share one copy of the base weights, so an 8B model fits four settings on one 80 GB card:
+
+    python benchmarks/speed.py --shape llama-3-8b --device cuda --dtype bfloat16 --batch-sizes 1,8,32
+
 Run it on otherwise idle cores: with more busy threads than cores, OpenMP's spin-waits make multi-thread
 timings meaningless (a ``--tiny`` run went from ~10 s to 4 min); ``--threads 1`` is the safe choice there.
 """
@@ -68,11 +75,34 @@ BASE, MOGU_M, MOGU_ALL, XLORA = "base", f"mogu m={ROUTE_TOKENS}", "mogu all toke
 MOGU_GATE = f"mogu prompt gate m={ROUTE_TOKENS}"
 
 
+# Published architectures, random weights: (transformers config class, its arguments).
+SHAPES = {
+    "llama-3-8b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                       rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5)),
+    "llama-3.2-1b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                         rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                                         tie_word_embeddings=True)),
+    "qwen2.5-7b": ("Qwen2Config", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                       rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6)),
+}
+MAX_RANDOM_BATCH = 64
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model (folder, Hub id or the default alias)")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama and random prompt ids (smoke test)")
-    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (at most 8)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="random-weight model of a published architecture (random prompt ids); for GPUs")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--batch-sizes", default="1,8",
+                   help=f"comma-separated batch sizes (at most {len(PROMPTS)} with chat prompts, "
+                        f"{MAX_RANDOM_BATCH} with --tiny/--shape)")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row (base and MoGU rows)")
     p.add_argument("--xlora-new-tokens", type=int, default=64,
                    help="new tokens per row for X-LoRA (capped at --new-tokens)")
@@ -83,8 +113,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    if not args.batch_sizes or any(b < 1 or b > len(PROMPTS) for b in args.batch_sizes):
-        p.error(f"--batch-sizes must be between 1 and {len(PROMPTS)}")
+    if args.tiny and args.shape:
+        p.error("--tiny and --shape are exclusive")
+    max_batch = MAX_RANDOM_BATCH if (args.tiny or args.shape) else len(PROMPTS)
+    if not args.batch_sizes or any(b < 1 or b > max_batch for b in args.batch_sizes):
+        p.error(f"--batch-sizes must be between 1 and {max_batch}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.new_tokens <= ROUTE_TOKENS:
         p.error(f"--new-tokens must exceed {ROUTE_TOKENS} so that the m={ROUTE_TOKENS} run hands off")
     if args.repeats < 1 or args.xlora_new_tokens < 1 or args.threads < 1:
@@ -106,17 +143,43 @@ def tiny_base():
     return model
 
 
-def tiny_inputs(batch: int) -> dict[str, torch.Tensor]:
-    """Random prompt ids of varied lengths (12..26), left-padded with pad id 0."""
+def shape_base(name: str, dtype: torch.dtype, device: str):
+    """A randomly initialised model of a published architecture, built directly on ``device``."""
+    import transformers as tf
+
+    cls_name, kwargs = SHAPES[name]
+    config = getattr(tf, cls_name)(bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    return model
+
+
+def random_inputs(batch: int, vocab: int, base_length: int = 12, step: int = 2) -> dict[str, torch.Tensor]:
+    """Random prompt ids of varied lengths (base_length, +step, ...), left-padded with pad id 0."""
     g = torch.Generator().manual_seed(1234)
-    lengths = [12 + 2 * i for i in range(len(PROMPTS))][:batch]
+    lengths = [base_length + step * (i % 8) for i in range(batch)]
     width = max(lengths)
     ids = torch.zeros(batch, width, dtype=torch.long)
     mask = torch.zeros(batch, width, dtype=torch.long)
     for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, 128, (n,), generator=g)
+        ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=g)
         mask[row, width - n:] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_inputs(batch: int) -> dict[str, torch.Tensor]:
+    return random_inputs(batch, 128)
+
+
+def shared_weights_copy(model):
+    """A structural copy that shares every parameter and buffer with ``model`` (no second copy of the weights).
+
+    MoGU wraps target modules of its copy in place and never writes the base weights, so the unwrapped
+    original stays the plain base model."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def chat_inputs(tokenizer, batch: int) -> dict[str, torch.Tensor]:
@@ -148,11 +211,11 @@ def randomize_mogu(model, seed: int = 1) -> None:
         for m in model.routed_modules.values():
             for expert in ("glad", "unwill"):
                 w = m.lora_B[expert].weight
-                w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.dtype) * 0.02)
+                w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float32).to(device=w.device, dtype=w.dtype) * 0.02)
 
 
 def build_xlora(pristine, targets: list[str], workdir: Path):
-    """Two random rank-8 LoRA adapters saved with PEFT, then X-LoRA over a fresh copy of the base."""
+    """Two random rank-8 LoRA adapters saved with PEFT, then X-LoRA over a weight-sharing copy of the base."""
     from peft import LoraConfig, XLoraConfig, get_peft_model
 
     adapters = {}
@@ -160,11 +223,11 @@ def build_xlora(pristine, targets: list[str], workdir: Path):
         torch.manual_seed(100 + i)
         lora_cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(targets),
                               bias="none", task_type="CAUSAL_LM", init_lora_weights=False)  # B non-zero
-        peft_model = get_peft_model(copy.deepcopy(pristine), lora_cfg)
+        peft_model = get_peft_model(shared_weights_copy(pristine), lora_cfg)
         peft_model.save_pretrained(str(workdir / name))
         adapters[str(i)] = str(workdir / name)  # peft loads them as "0", "1": keys must match
         del peft_model
-    xbase = copy.deepcopy(pristine)
+    xbase = shared_weights_copy(pristine)
     xbase.config.use_cache = False
     hidden = getattr(xbase.config, "hidden_size", None) or getattr(xbase.config, "n_embd")
     xcfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden, adapters=adapters, xlora_depth=1)
@@ -176,9 +239,16 @@ def build_xlora(pristine, targets: list[str], workdir: Path):
 
 
 # -- timing --------------------------------------------------------------------------------------
+def synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed_generate(fn, inputs, gen_cfg, **kw) -> tuple[float, torch.Tensor]:
+    synchronize()
     start = time.perf_counter()
     out = fn(**inputs, generation_config=gen_cfg, **kw)
+    synchronize()
     return time.perf_counter() - start, out
 
 
@@ -195,8 +265,10 @@ def time_prefill(base, inputs, prefix_out: torch.Tensor, repeats: int) -> list[f
     mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(ids.shape[0], ROUTE_TOKENS)], 1)
     times = []
     for i in range(repeats + 1):  # the first is a warm-up
+        synchronize()
         start = time.perf_counter()
         base(input_ids=ids, attention_mask=mask, use_cache=True)
+        synchronize()
         if i:
             times.append(time.perf_counter() - start)
     return times
@@ -207,7 +279,7 @@ def reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int, device: str = "cpu", dtype: str = "float32") -> dict:
     import peft
     import transformers
 
@@ -221,7 +293,9 @@ def environment(threads: int) -> dict:
                 break
     except OSError:
         pass
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     return {"torch_threads": torch.get_num_threads(), "requested_threads": threads, "cpu": cpu,
+            "device": device, "gpu": gpu, "dtype": dtype,
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "mogu": getattr(mogu, "__version__", "?")}
@@ -234,18 +308,27 @@ def main(argv=None) -> int:
     from mogu.families import resolve_target_modules
 
     # Base model and inputs.
+    dtype = getattr(torch, args.dtype)
     if args.tiny:
         base, tokenizer, model_name = tiny_base(), None, "tiny random llama (hidden 32, 2 layers, vocab 128)"
         inputs = {b: tiny_inputs(b) for b in args.batch_sizes}
+    elif args.shape:
+        base, tokenizer = shape_base(args.shape, dtype, args.device), None
+        model_name = f"{args.shape} shapes, random weights, {args.dtype}"
+        # chat-prompt lengths: a system-less chat template around a one-sentence question (~40-55 tokens)
+        inputs = {b: random_inputs(b, base.config.vocab_size, base_length=40, step=2) for b in args.batch_sizes}
     else:
         from mogu.loading import load_base_model
 
         base, tokenizer = load_base_model(args.model)
         model_name = args.model
         inputs = {b: chat_inputs(tokenizer, b) for b in args.batch_sizes}
+    base.to(device=args.device, dtype=dtype)
     base.eval()
+    inputs = {b: {k: v.to(args.device) for k, v in enc.items()} for b, enc in inputs.items()}
     targets = resolve_target_modules(base, None)
-    pristine = copy.deepcopy(base)           # kept unwrapped: the `base` row, X-LoRA and the prefill
+    pristine = base                          # kept unwrapped: the `base` row, X-LoRA and the prefill
+    base = shared_weights_copy(pristine)
     model = MoGUModel.from_base(base, MoGUConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                  route_tokens=ROUTE_TOKENS), tokenizer=tokenizer)
     model.eval()
@@ -254,14 +337,14 @@ def main(argv=None) -> int:
 
     gated = None
     if not args.no_gate:
-        gated = MoGUModel.from_base(copy.deepcopy(pristine), MoGUConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+        gated = MoGUModel.from_base(shared_weights_copy(pristine), MoGUConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                                         route_tokens=ROUTE_TOKENS, router_type="prompt"),
                                     tokenizer=tokenizer)
         gated.eval()
         randomize_mogu(gated)
         with torch.no_grad():  # random probes, so a batch mixes both experts
             g = torch.Generator().manual_seed(2)
-            gated.gate.weight.copy_(torch.randn(gated.gate.weight.shape, generator=g) * 0.05)
+            gated.gate.weight.copy_(torch.randn(gated.gate.weight.shape, generator=g).to(gated.gate.weight.device) * 0.05)
 
     gen = generation_config(pristine, args.new_tokens)
     xgen = generation_config(pristine, args.xlora_new_tokens)
@@ -328,7 +411,7 @@ def main(argv=None) -> int:
     for r in results:
         if "tokens_per_s" in r:
             r["x_base"] = r["tokens_per_s"] / base_tps[r["batch"]]
-    env = environment(args.threads)
+    env = environment(args.threads, args.device, args.dtype)
 
     order = [BASE, MOGU_M, MOGU_ALL, MOGU_GATE, XLORA]
     print(f"\nmodel: {model_name}; greedy, every row exactly N new tokens; tokens/s summed over the batch; "
@@ -349,7 +432,8 @@ def main(argv=None) -> int:
     for h in handoff:
         print(f"| {h['batch']} | {h['routed_s'] * 1e3:.1f} | {h['base_s'] * 1e3:.1f} | {h['total_s'] * 1e3:.1f} | "
               f"{h['prefill_s'] * 1e3:.1f} | {h['prefill_fraction_of_total']:.1%} |")
-    print(f"\ntorch threads {env['torch_threads']}; CPU {env['cpu']}; python {env['python']}, "
+    print(f"\ndevice {env['device']} ({env['gpu'] or 'cpu'}), {env['dtype']}; "
+          f"torch threads {env['torch_threads']}; CPU {env['cpu']}; python {env['python']}, "
           f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, mogu {env['mogu']}")
 
     if args.json is not None:

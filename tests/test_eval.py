@@ -149,3 +149,8 @@ def test_sft_defense_finds_the_router_set_of_the_training_run(tmp_path):
     assert r._training_router_set() == data / "router.jsonl"
     r = EvalRunner(_cfg(tmp_path, model=str(tmp_path / "elsewhere")), log=lambda m: None)
     assert r._training_router_set() is None
+    # a calibrated checkpoint leads back to the run it was calibrated from
+    (tmp_path / "calibrated").mkdir()
+    (tmp_path / "calibrated" / "calibration.json").write_text(json.dumps({"source": str(tmp_path / "train" / "model")}))
+    r = EvalRunner(_cfg(tmp_path, model=str(tmp_path / "calibrated")), log=lambda m: None)
+    assert r._training_router_set() == data / "router.jsonl"

@@ -220,8 +220,17 @@ class EvalRunner:
         return build_defense(name, model=base, tokenizer=tok, mogu_model=self.mogu, **opts)
 
     def _training_router_set(self) -> Path | None:
-        """router.jsonl of the `mogu train` run that wrote --model, when it can be found (its run.json)."""
-        run = Path(self.cfg.model).parent / "run.json"
+        """router.jsonl of the `mogu train` run that wrote --model, when it can be found (its run.json).
+
+        A `mogu calibrate` output (the demo's `calibrated/`) is followed back to the checkpoint it was calibrated
+        from, recorded as calibration.json's ``source``."""
+        model = Path(self.cfg.model)
+        try:
+            source = json.loads((model / "calibration.json").read_text())["source"]
+            model = Path(source) if Path(source).is_absolute() or Path(source).exists() else model.parent / source
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        run = model.parent / "run.json"
         try:
             data_dir = json.loads(run.read_text())["args"]["train_config"]["data_dir"]
         except (OSError, ValueError, KeyError, TypeError):
