@@ -56,8 +56,13 @@ def _tuner(model, cfg):
 
 def _logits(model, seed=0):
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(next(model.parameters()).device)  # the tuner moves its model to the accelerator, if any
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.cpu()
+
+
+def _device(model):
+    return next(model.parameters()).device
 
 
 def _save_base(tmp_path, family="llama"):
@@ -208,7 +213,7 @@ def test_training_moves_only_the_task_lora(tmp_path, kind):
     assert set(before) == {id(p) for p in model.parameters()} - task_ids
     for name, p in model.named_parameters():
         if id(p) not in task_ids:
-            assert torch.equal(p, before[id(p)]), name  # backbone, experts and routers untouched
+            assert torch.equal(p.cpu(), before[id(p)].cpu()), name  # backbone, experts and routers untouched
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in task_adapter_parameters(model).items()
                if "lora_B" in n)
 
@@ -268,7 +273,7 @@ def test_mogu_with_task_adapter_saves_and_loads_bit_exact(tmp_path, family):
     _tuner(model, _cfg(tmp_path, "run", steps=3)).train()
     folder = tmp_path / "run" / "model"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (folder / "task_adapter").iterdir()}
-    loaded = MoGUModel.from_pretrained(folder)
+    loaded = MoGUModel.from_pretrained(folder).to(_device(model))  # compare on one device: bit-exact
     assert has_task_adapter(loaded) and not loaded.training
     assert not any(p.requires_grad for p in task_adapter_parameters(loaded).values())
     for mode in ("auto", "off", "unwill"):
@@ -276,10 +281,11 @@ def test_mogu_with_task_adapter_saves_and_loads_bit_exact(tmp_path, family):
             assert torch.equal(_logits(model), _logits(loaded)), mode
     # The task adapter is a standard PEFT folder: on the plain base it is the MoGU model with routing off.
     peft_model = PeftModel.from_pretrained(load_base_model(base)[0], str(folder / "task_adapter")).eval()
+    peft_model.to(_device(model))
     with loaded.routing("off"):
         assert torch.equal(_logits(peft_model), _logits(loaded))
     loaded.save_pretrained(tmp_path / "again")  # a loaded fine-tuned model round-trips
-    assert torch.equal(_logits(MoGUModel.from_pretrained(tmp_path / "again")), _logits(loaded))
+    assert torch.equal(_logits(MoGUModel.from_pretrained(tmp_path / "again").to(_device(model))), _logits(loaded))
 
 
 def test_base_adapter_saves_loads_bit_exact_and_loads_with_peft(tmp_path):
@@ -294,10 +300,10 @@ def test_base_adapter_saves_loads_bit_exact_and_loads_with_peft(tmp_path):
     assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == sorted(targets)
     assert config["base_model_name_or_path"] == base  # the base id is recorded
     expected = _logits(model)
-    peft_model = PeftModel.from_pretrained(load_base_model(base)[0], str(tuner_out)).eval()
+    peft_model = PeftModel.from_pretrained(load_base_model(base)[0], str(tuner_out)).eval().to(_device(model))
     assert torch.equal(_logits(peft_model), expected)
     loaded, tok = load_finetuned_base(tuner_out, base=base)
-    assert torch.equal(_logits(loaded), expected)
+    assert torch.equal(_logits(loaded.to(_device(model))), expected)
     run = json.loads((tmp_path / "b" / "run.json").read_text())
     assert {"args", "versions", "git_commit", "data_sha256"} <= set(run) and len(run["data_sha256"]) == 1
 

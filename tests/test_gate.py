@@ -233,7 +233,7 @@ def test_router_stage_fits_the_gate_without_steps_and_resumes(tmp_path):
         torch.manual_seed(0)
         model, trainer = _tiny_run(tmp_path, name, train_kw={"router_init_glad_bias": 0.25})
         gated = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_type="prompt"), tokenizer=tok)
-        trainer.model = gated
+        trainer.model = gated.to(trainer.accelerator.device)  # the Trainer moved its own model there (CUDA if any)
         gated.load_expert_state_dict("glad", model.expert_state_dict("glad"))
         summary = trainer.train(resume=resume)
         runs[resume] = gated

@@ -154,7 +154,9 @@ def test_joint_stage_gradients_reach_routers_and_experts_not_the_backbone(family
     batch = collate([encode_pair(tok, p, r, 12) for p, r in
                      zip(["How do I bake bread?", "Write a poem about rain"], ["Sure, here is how.", "No."])],
                     tok.pad_token_id)
-    loss, _ = router_loss(model, batch, torch.tensor([1, 0]), weight=2.0)
+    device = trainer.accelerator.device  # the Trainer moved the model there (CUDA, where there is one)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    loss, _ = router_loss(model, batch, torch.tensor([1, 0], device=device), weight=2.0)
     loss.backward()
     named = dict(model.named_parameters())
     with_grad = {n for n, p in named.items() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -263,5 +265,5 @@ def test_train_continues_from_a_mogu_checkpoint_and_trains_only_the_asked_stage(
     before = dict(start.named_parameters())
     for n, p in model.named_parameters():
         if "lora_" in n:
-            assert torch.equal(p, before[n]), n
-    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if ".router." in n)
+            assert torch.equal(p.cpu(), before[n]), n
+    assert any(not torch.equal(p.cpu(), before[n]) for n, p in model.named_parameters() if ".router." in n)

@@ -1,4 +1,4 @@
-"""benchmarks/speed.py: the smoke path runs end to end and reports every setting (no timing asserted)."""
+"""benchmarks/speed.py and train_memory.py: the smoke paths run end to end and report every row (no timing asserted)."""
 
 import importlib.util
 import json
@@ -10,12 +10,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def speed():
-    spec = importlib.util.spec_from_file_location("mogu_speed_benchmark", ROOT / "benchmarks" / "speed.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"mogu_benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def speed():
+    return _load("speed")
 
 
 def test_tiny_run_reports_every_setting(speed, tmp_path):
@@ -56,3 +60,23 @@ def test_argument_errors(speed):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             speed.parse_args(["--tiny", "--device", "cuda"])
+
+
+def test_train_memory_tiny_rows_and_trained_parameters(tmp_path):
+    from mogu import MoGUConfig, MoGUModel
+
+    train_memory = _load("train_memory")
+    out = tmp_path / "mem.json"
+    assert train_memory.main(["--tiny", "--steps", "2", "--pairs", "2", "--rows", "4", "--v2-layers", "1",
+                              "--json", str(out)]) == 0
+    rows = {(r["version"], r["stage"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {("v1", "glad"), ("v1", "router"), ("v2", "glad"), ("v2", "joint router")}
+    v1 = MoGUModel.from_base(_load("speed").tiny_base(), MoGUConfig(r=8, lora_alpha=16))
+    glad = sum(p.numel() for p in v1.expert_parameters("glad"))
+    routers = sum(p.numel() for p in v1.router_parameters())
+    assert rows[("v1", "glad")]["trained_params"] == glad
+    assert rows[("v1", "router")]["trained_params"] == routers
+    assert rows[("v1", "router")]["added_params"] == routers + 2 * glad
+    v2 = rows[("v2", "joint router")]
+    assert v2["routed_layers"] == 1 and v2["trained_params"] == v2["added_params"]  # routers + both experts
+    assert all(r["step_s"] > 0 and r["peak_gib"] is None for r in rows.values())  # no CUDA: no memory columns
