@@ -413,3 +413,55 @@ def test_lora_defenses_refuse_a_model_with_a_task_adapter():
     with pytest.raises(ConfigError, match="already carries"):
         with peft_adapter(model.base_model, None, config=LoraConfig(r=2, target_modules=["q_proj"])):
             pass
+
+
+def _gated(family="llama", base=None):
+    model = MoGUModel.from_base(base if base is not None else tiny_model(family),
+                                MoGUConfig(router_type="prompt", lora_dropout=0.0), tokenizer=tiny_tokenizer())
+    randomize_added(model)
+    with torch.no_grad():  # random probes: each decision depends on the prompt
+        model.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def test_gated_model_pins_the_prompt_decision_in_training(tmp_path):
+    model = _gated()
+    tuner = _tuner(model, _cfg(tmp_path, "g", mix_ratio=0.25))
+    seqs = tuner.encode()["task"][:3] + tuner.encode()["mix"][:2]
+    tok = tiny_tokenizer()
+    weights = tuner._gate_weights(seqs)
+    for row, (ids, n_resp) in enumerate(seqs):  # each row: the gate on its prompt alone, unpadded
+        prompt = torch.tensor([ids[:len(ids) - n_resp]], device=_device(model))
+        assert torch.equal(weights[row], model.routing_weights(prompt)[0].to(weights.device)), row
+    # Thresholds either side of every score: all rows glad, then all unwill, in the training forward too.
+    from mogu.training import collate, sequence_nll
+
+    batch = {k: v.to(_device(model)) for k, v in collate(seqs, tok.pad_token_id).items()}
+    scores = model.gate_scores(*[collate([(i[:len(i) - n], 0) for i, n in seqs], tok.pad_token_id)[k].to(_device(model))
+                                 for k in ("input_ids", "attention_mask")])
+    for threshold, mode in ((float(scores.max()) + 1, "glad"), (float(scores.min()) - 1, "unwill")):
+        with torch.no_grad():
+            model.gate.threshold.fill_(threshold)
+            tuner._train_mode()
+            with model.pin_routing(tuner._gate_weights(seqs)):
+                pinned = sequence_nll(model, batch)
+            model.set_routing(mode)
+            single = sequence_nll(model, batch)
+        torch.testing.assert_close(pinned, single)  # float32 tolerance: the pinned path sums u·(...) + g·(...)
+
+
+def test_gated_model_finetunes_only_the_task_lora_and_round_trips(tmp_path):
+    base = _save_base(tmp_path)
+    model = _gated(base=base)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    tuner = _tuner(model, _cfg(tmp_path, "gr", steps=3, mix_ratio=0.25))
+    task_ids = {id(p) for p in task_adapter_parameters(model).values()}
+    tuner.train()
+    for name, p in model.named_parameters():
+        if id(p) not in task_ids:
+            assert torch.equal(p.cpu(), before[id(p)].cpu()), name  # backbone, experts and gate untouched
+    loaded = MoGUModel.from_pretrained(tmp_path / "gr" / "model").to(_device(model))
+    assert loaded.gate is not None and has_task_adapter(loaded)
+    for mode in ("auto", "off", "glad"):
+        with model.routing(mode), loaded.routing(mode):
+            assert torch.equal(_logits(model), _logits(loaded)), mode

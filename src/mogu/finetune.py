@@ -415,9 +415,9 @@ class FineTuner:
             raise MoGUError("mogu finetune runs in a single process; start it without accelerate launch/torchrun")
         self.model, self.tokenizer, self.cfg, self.log, self.progress = model, tokenizer, cfg, log, progress
         self.is_mogu = isinstance(model, MoGUModel)
-        if self.is_mogu and model.gate is not None:
-            # Training forwards see prompt + response; the gate must decide on the prompt alone.
-            raise MoGUError("mogu finetune does not support prompt-gated models (router_type='prompt') yet")
+        # A prompt gate decides on the prompt alone, but training rows hold prompt + response: each micro-batch
+        # pins the gate's decision on its prompts (see _gate_weights), as generate() does at inference.
+        self.gated = self.is_mogu and model.gate is not None
         self.model_name = model_name or (model.config.base_model_name_or_path if self.is_mogu
                                          else getattr(model.config, "_name_or_path", None))
         self.out = Path(cfg.output_dir)
@@ -538,9 +538,13 @@ class FineTuner:
         sums = {"task": 0.0, "mix": 0.0}
         for i in range(0, n, micro):
             chunk = picks[i:i + micro]
-            batch = {k: v.to(device) for k, v in
-                     collate([encoded[src][j] for src, j in chunk], self.tokenizer.pad_token_id).items()}
-            nll = sequence_nll(self._lm, batch)
+            seqs = [encoded[src][j] for src, j in chunk]
+            batch = {k: v.to(device) for k, v in collate(seqs, self.tokenizer.pad_token_id).items()}
+            if self.gated:
+                with self.model.pin_routing(self._gate_weights(seqs)):
+                    nll = sequence_nll(self._lm, batch)
+            else:
+                nll = sequence_nll(self._lm, batch)
             self.accelerator.backward(nll.sum() / n)  # every micro-batch's share of the batch mean
             for (src, _), value in zip(chunk, nll.detach().tolist()):
                 sums[src] += value
@@ -550,6 +554,21 @@ class FineTuner:
         if n_mix:
             logs["mix_ce"] = sums["mix"] / n_mix
         return logs
+
+    def _gate_weights(self, seqs: list[tuple[list[int], int]]) -> torch.Tensor:
+        """The prompt gate's (u, g) per row, decided on the rows' prompts alone with the current backbone
+        (task adapter included, as at inference) and without dropout."""
+        from .training import collate
+
+        prompts = collate([(ids[:len(ids) - n_resp], 0) for ids, n_resp in seqs], self.tokenizer.pad_token_id)
+        device = self.accelerator.device
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.model.routing_weights(prompts["input_ids"].to(device),
+                                                  prompts["attention_mask"].to(device))
+        finally:
+            self._train_mode()
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         from tqdm.auto import tqdm
