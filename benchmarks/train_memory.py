@@ -43,8 +43,12 @@ def _speed_module():
     return module
 
 
+SPEED = _speed_module()  # shared with the decode benchmark: model shapes, random models, CUDA sync
+synchronize = SPEED.synchronize
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    shapes = sorted(_speed_module().SHAPES)
+    shapes = sorted(SPEED.SHAPES)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=shapes, default="llama-3-8b")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama on CPU (smoke test)")
@@ -80,11 +84,6 @@ def random_batch(n: int, seq_len: int, response_tokens: int, vocab: int, device,
     labels = torch.full_like(ids, -100)
     labels[:, -response_tokens:] = ids[:, -response_tokens:]
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def gib(n_bytes: float | None) -> float | None:
@@ -142,7 +141,7 @@ def run_stage(model, stage: str, args, vocab: int, on_cuda: bool) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    speed = _speed_module()
+    speed = SPEED
     from mogu import MoGUConfig, MoGUModel
 
     dtype = getattr(torch, args.dtype)
