@@ -454,7 +454,7 @@ def test_gated_model_finetunes_only_the_task_lora_and_round_trips(tmp_path):
     base = _save_base(tmp_path)
     model = _gated(base=base)
     before = {id(p): p.detach().clone() for p in model.parameters()}
-    tuner = _tuner(model, _cfg(tmp_path, "gr", steps=3, mix_ratio=0.25))
+    tuner = _tuner(model, _cfg(tmp_path, "gr", steps=3, mix_ratio=0.25, refit_gate=False))
     task_ids = {id(p) for p in task_adapter_parameters(model).values()}
     tuner.train()
     for name, p in model.named_parameters():
@@ -465,3 +465,31 @@ def test_gated_model_finetunes_only_the_task_lora_and_round_trips(tmp_path):
     for mode in ("auto", "off", "glad"):
         with model.routing(mode), loaded.routing(mode):
             assert torch.equal(_logits(model), _logits(loaded)), mode
+
+
+def test_gated_model_refits_the_gate_on_the_mix_set_and_keeps_the_threshold(tmp_path):
+    from mogu.gate import fit_gate
+
+    model = _gated(base=_save_base(tmp_path))
+    with torch.no_grad():
+        model.gate.threshold.fill_(0.75)
+    before = model.gate.weight.detach().clone()
+    tuner = _tuner(model, _cfg(tmp_path, "refit", steps=2, mix_ratio=0.25))
+    summary = tuner.train()
+    refit = summary["gate_refit"]
+    assert refit["examples"] == 6 and refit["threshold"] == 0.75 and float(model.gate.threshold) == 0.75
+    assert not torch.equal(model.gate.weight.cpu(), before)
+    # The refit is fit_gate on the fine-tuned model (task adapter active) over the mix rows.
+    refitted = model.gate.weight.detach().clone()
+    rows = tuner.mix_rows
+    fit_gate(model, [r["prompt"] for r in rows], [int(r["label"]) for r in rows])
+    assert torch.equal(model.gate.weight, refitted)
+    loaded = MoGUModel.from_pretrained(tmp_path / "refit" / "model")
+    assert torch.equal(loaded.gate.weight, refitted.cpu()) and float(loaded.gate.threshold) == 0.75
+
+
+def test_gated_model_without_mix_data_keeps_its_gate(tmp_path):
+    model = _gated()
+    before = model.gate.weight.detach().clone()
+    summary = _tuner(model, _cfg(tmp_path, "nomix", steps=2)).train()
+    assert "gate_refit" not in summary and torch.equal(model.gate.weight.cpu(), before)

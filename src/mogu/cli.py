@@ -374,6 +374,8 @@ def finetune(
     save_every: int = typer.Option(50, help="Optimizer steps between checkpoints."),
     keep_checkpoints: int = typer.Option(2, min=0, help="Newest checkpoints kept (0 keeps all)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
+    refit_gate: bool = typer.Option(True, help="Prompt-gated models: refit the gate's probes on --mix-data's prompts "
+                                              "after fine-tuning (the threshold is kept)."),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -388,7 +390,7 @@ def finetune(
                          micro_batch_size=micro_batch_size, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          target_modules=_csv(target_modules) if target_modules else None,
                          max_response_tokens=max_response_tokens, save_every=save_every,
-                         keep_checkpoints=keep_checkpoints, seed=seed)
+                         keep_checkpoints=keep_checkpoints, seed=seed, refit_gate=refit_gate)
     _, _, summary = run_finetune(model, cfg, resume=resume, log=_echo)
     typer.echo(json.dumps(summary, indent=2))
 

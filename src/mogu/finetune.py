@@ -304,6 +304,9 @@ class FinetuneConfig:
     save_every: int = 50
     keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
     seed: int = 0
+    # Prompt-gated MoGU models: refit the gate's probes on the mix set's labelled prompts after training, since
+    # the task adapter moves the features they read (the calibrated threshold is kept).
+    refit_gate: bool = True
 
     def validate(self) -> None:
         """Ranges and input files, checked before any model is loaded."""
@@ -555,6 +558,27 @@ class FineTuner:
             logs["mix_ce"] = sums["mix"] / n_mix
         return logs
 
+    def _refit_gate(self) -> dict[str, Any] | None:
+        """Refit the prompt gate's probes on the fine-tuned backbone (the mix set's prompts and labels), keeping
+        the threshold; None when not asked for or without labelled mix rows (then the gate reads shifted features)."""
+        from .gate import fit_gate
+
+        labelled = [r for r in self.mix_rows if r.get("label") in (0, 1)]
+        if not self.cfg.refit_gate or not labelled or len({r["label"] for r in labelled}) < 2:
+            self.log("[finetune] the prompt gate was not refit (needs --mix-data with harmful and benign rows): its "
+                     "probes read the fine-tuned backbone's features with the weights fitted before fine-tuning")
+            return None
+        start = time.perf_counter()
+        threshold = float(self.model.gate.threshold)
+        stats = fit_gate(self.model, [r["prompt"] for r in labelled], [int(r["label"]) for r in labelled],
+                         batch_size=self.cfg.micro_batch_size or self.cfg.batch_size, progress=self.progress)
+        with torch.no_grad():
+            self.model.gate.threshold.fill_(threshold)
+        stats = {**stats, "threshold": threshold, "seconds": round(time.perf_counter() - start, 1)}
+        self.log(f"[finetune] refit the prompt gate on {stats['examples']} mix-set prompts: training accuracy "
+                 f"{stats['accuracy']:.3f}, threshold kept at {threshold:+g}")
+        return stats
+
     def _gate_weights(self, seqs: list[tuple[list[int], int]]) -> torch.Tensor:
         """The prompt gate's (u, g) per row, decided on the rows' prompts alone with the current backbone
         (task adapter included, as at inference) and without dropout."""
@@ -614,6 +638,7 @@ class FineTuner:
         model.eval()
         for p in self.params.values():
             p.requires_grad_(False)
+        gate_refit = self._refit_gate() if self.gated else None
         model_dir = self._save_model()
         mix_seen = self.schedule.mix_before(step)
         summary = {"steps": step, "total_steps": self.total_steps, "train_s": round(time.perf_counter() - start, 1),
@@ -622,6 +647,8 @@ class FineTuner:
                    "trainable_params": sum(p.numel() for p in self.params.values()),
                    "target_modules": sorted(self.lora_config.target_modules), "model_dir": str(model_dir),
                    "is_mogu": self.is_mogu}
+        if gate_refit is not None:
+            summary["gate_refit"] = gate_refit
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         self.log(f"[finetune] {step} steps; saved {'the MoGU checkpoint' if self.is_mogu else 'the task adapter'} "
                  f"to {model_dir}")
