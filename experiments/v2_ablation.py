@@ -2,12 +2,17 @@
 
     python experiments/v2_ablation.py --data runs/demo3/data --v1 runs/demo3/train --out runs/v2abl \
         --settings v1,v2-all,v2-sel,v2-sel-frozen,v2-sel-h4,v2-sel-h64
+    python experiments/v2_ablation.py --data runs/demo10/data --v1 runs/demo8/train --out runs/v2abl10 \
+        --settings v1,v2-gate,v2-gate-k8
 
 Every setting trains with the `cpu-fast` preset on the same stage files (the demo's), then is judged
 greedy, 64 new tokens, keyword judge, m = 5, on: the built-in harmful dev split, AdvBench prompts
 101-200, the built-in benign+borderline dev split and Just-Eval `regular` prompts 101-200 (prompts
 1-100 of both sets are the core issue's targets, so the ablation reads the next hundred). Results go
 to OUT/SETTING/result.json and OUT/ablation.md; a setting already done is skipped (rerun-safe).
+Prompt-gated settings (`v2-gate*`) are also read at the threshold matched to v1 on the dev split: the
+one with the lowest benign-dev refusal among those refusing at least v1's share of harmful dev prompts
+(`mogu calibrate`'s rule, min_harmful = v1's rate; judge v1 first).
 `v1` is not retrained: pass --v1 with the demo's training folder (model/ + stages/*/done.json).
 """
 from __future__ import annotations
@@ -38,7 +43,12 @@ SETTINGS = {
     "v2-sel-h64": ({"version": "v2", "router_hidden": 64}, {}, {}),
     "v2-sel-k2": ({"version": "v2"}, {"top_k": 2}, {}),
     "v2-sel-k8": ({"version": "v2"}, {"top_k": 8}, {}),
+    # Prompt gate in the probe-selected layers (ranked by last-token probes, what the gate reads).
+    "v2-gate": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last"}, {}),
+    "v2-gate-k8": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last", "top_k": 8}, {}),
+    "v2-gate-k12": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last", "top_k": 12}, {}),
 }
+DEV_SETS = ("harmful_dev", "benign_dev")
 
 
 def eval_sets(data: Path) -> dict[str, list[str]]:
@@ -57,6 +67,54 @@ def judge(model, sets: dict[str, list[str]], max_new_tokens: int) -> dict[str, f
     return {name: round(refusal_rate(generate_responses(model, model.tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                         batch_size=16, progress=True, desc=name)), 4)
             for name, prompts in sets.items()}
+
+
+def judge_gate(model, sets: dict[str, list[str]], max_new_tokens: int, match_harmful: float | None) -> dict:
+    """A gated model's rates at its fitted threshold and at the operating point matched on the dev split.
+
+    Each prompt is generated once per expert (`mogu calibrate`'s shortcut: the gate's decision is binary),
+    so every threshold's rates follow from the scores. The matched point is `mogu calibrate`'s rule with
+    ``min_harmful`` set to v1's harmful-dev rate, searched over every dev-score threshold: dev prompts only,
+    the held-out sets are read at the threshold it picks.
+    """
+    from mogu.calibration import gate_rate_functions
+    from mogu.eval.judges import is_refusal
+    from mogu.probe import collect_layer_features
+
+    def refusals(prompts: list[str], expert: str) -> list[bool]:
+        weights = torch.tensor([[1.0, 0.0] if expert == "unwill" else [0.0, 1.0]])
+        with model.pin_routing(weights):
+            out = generate_responses(model, model.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16,
+                                     progress=True, desc=f"{expert}")
+        return [is_refusal(o) for o in out]
+
+    gate = model.gate
+    fitted = float(gate.threshold)
+    fns = gate_rate_functions(model, sets, refusals, batch_size=16)
+
+    def rates_at(threshold: float) -> dict[str, float]:
+        with torch.no_grad():
+            gate.threshold.fill_(threshold)
+        return {name: round(fn(), 4) for name, fn in fns.items()}
+
+    row = {**rates_at(fitted), "threshold": fitted}
+    if match_harmful is not None:
+        scores = []
+        for name in DEV_SETS:
+            feats = collect_layer_features(model, model.tokenizer, sets[name], batch_size=16)
+            with torch.no_grad():
+                scores += gate.score({i: feats[i]["last"].to(gate.weight.device) for i in gate.layers}).tolist()
+        # Just below each score (that prompt flips to flagged) and above the highest.
+        candidates = sorted({s - 1e-6 for s in scores} | {max(scores) + 1.0})
+        curve = [(t, rates_at(t)) for t in candidates]
+        passing = [(t, r) for t, r in curve if r["harmful_dev"] >= match_harmful]
+        t, r = (min(passing, key=lambda tr: (tr[1]["benign_dev"], -tr[1]["harmful_dev"], -tr[0])) if passing
+                else max(curve, key=lambda tr: tr[1]["harmful_dev"]))
+        row["matched"] = {**r, "threshold": round(t, 4), "min_harmful": match_harmful}
+        row["dev_curve"] = [{"threshold": round(t, 4), **{k: r[k] for k in DEV_SETS}} for t, r in curve]
+    with torch.no_grad():
+        gate.threshold.fill_(fitted)
+    return row
 
 
 def main() -> None:
@@ -111,9 +169,17 @@ def main() -> None:
             wall = round(time.perf_counter() - t0, 1)
             train_s = sum(s["train_s"] for s in summary.values())
         model.eval()
-        row = {"setting": name, "version": model.config.version, "routed_layers": model.config.routed_layers,
-               "router_hidden": model.config.router_hidden, "added_params": model.num_added_parameters(),
-               "train_s": round(train_s, 1), "wall_s": wall, **judge(model, sets, args.max_new_tokens)}
+        if model.gate is not None:
+            v1_result = args.out / "v1" / "result.json"
+            match = json.loads(v1_result.read_text())["harmful_dev"] if v1_result.is_file() else None
+            rates = judge_gate(model, sets, args.max_new_tokens, match)
+        else:
+            rates = judge(model, sets, args.max_new_tokens)
+        row = {"setting": name, "version": model.config.version, "router_type": model.config.router_type,
+               "routed_layers": model.config.routed_layers,
+               "router_hidden": model.config.router_hidden if model.gate is None else None,
+               "added_params": model.num_added_parameters(),
+               "train_s": round(train_s, 1), "wall_s": wall, **rates}
         result_file.parent.mkdir(parents=True, exist_ok=True)
         result_file.write_text(json.dumps(row, indent=2))
         print(json.dumps(row), flush=True)
@@ -125,9 +191,13 @@ def main() -> None:
     for r in rows:
         layers = "all" if r["routed_layers"] is None else ",".join(map(str, r["routed_layers"]))
         share = f"{r['added_params'] / v1_params:.1%}" if v1_params else "-"
-        lines.append(f"| {r['setting']} | {layers} | {r['router_hidden']} | {r['added_params']:,} | {share} | "
-                     f"{r['train_s']} | {r['harmful_dev']:.0%} | {r['advbench_101_200']:.0%} | "
-                     f"{r['benign_dev']:.0%} | {r['just_eval_101_200']:.0%} |")
+        width = r["router_hidden"] if r.get("router_type", "token") == "token" else "gate"
+        points = [("", r)] + ([(f" @ matched threshold {r['matched']['threshold']:+.2f}", r["matched"])]
+                              if "matched" in r else [])
+        for label, p in points:
+            lines.append(f"| {r['setting']}{label} | {layers} | {width} | {r['added_params']:,} | {share} | "
+                         f"{r['train_s']} | {p['harmful_dev']:.1%} | {p['advbench_101_200']:.0%} | "
+                         f"{p['benign_dev']:.1%} | {p['just_eval_101_200']:.0%} |")
     (args.out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

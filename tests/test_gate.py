@@ -245,11 +245,63 @@ def test_router_stage_fits_the_gate_without_steps_and_resumes(tmp_path):
     assert any("gate_fit" in r for r in rows)
 
 
-@pytest.mark.parametrize("bad,match", [(dict(router_type="layer"), "router_type"),
-                                       (dict(router_type="prompt", version="v2"), "v1 option")])
-def test_bad_router_type_is_rejected(bad, match):
-    with pytest.raises(ConfigError, match=match):
-        MoGUConfig(**bad)
+def test_bad_router_type_is_rejected():
+    with pytest.raises(ConfigError, match="router_type"):
+        MoGUConfig(router_type="layer")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_v2_gate_sits_in_the_selected_layers_only(family, tmp_path):
+    """v2 + prompt gate: experts and probes in routed_layers alone; v1's pins and round-trip still hold."""
+    model, reference = make(family, version="v2", routed_layers=[1])
+    assert model.gate.layers == [1] and [m.layer_idx for m in model.routed_modules.values()] == [1]
+    experts = sum(p.numel() for e in ("glad", "unwill") for p in model.expert_parameters(e))
+    assert model.num_added_parameters() == experts + model.gate.weight.shape[1] + 1
+    x = ids(batch=3)
+    weights = split_threshold(model, x)
+    with torch.no_grad():
+        auto = model(input_ids=x).logits
+        single = {e: model(input_ids=x).logits for e in ("glad", "unwill") if not model.set_routing(e)}
+        model.set_routing("off")
+        assert torch.equal(model(input_ids=x).logits, reference(input_ids=x).logits)
+        model.set_routing("auto")
+    for i, (u, g) in enumerate(weights.tolist()):
+        torch.testing.assert_close(auto[i], single["unwill" if u else "glad"][i], rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MoGUModel.from_pretrained(tmp_path / "ckpt", base_model=tiny_model(family))
+    assert loaded.config.version == "v2" and loaded.gate.layers == [1]
+    assert float(loaded.gate.threshold) == float(model.gate.threshold)
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    with torch.no_grad():
+        assert torch.equal(auto, loaded(input_ids=x).logits)
+
+
+def test_v1_gate_still_reads_every_layer_when_experts_sit_in_some():
+    model, _ = make(routed_layers=[1])
+    assert model.gate.layers == [0, 1]
+
+
+def test_v2_gate_router_stage_is_a_fit_and_joint_training_is_refused(tmp_path):
+    from test_training import _tiny_run
+
+    from mogu.cli import selection_pooling
+    from mogu.training import Trainer
+
+    model, trainer = _tiny_run(tmp_path, "v2gate")
+    gated = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_type="prompt", version="v2", routed_layers=[1]),
+                                tokenizer=tiny_tokenizer())
+    v2 = Trainer(gated, gated.tokenizer, trainer.cfg, log=lambda m: None, progress=False)
+    assert v2.joint is False  # v2's default joint stage has nothing to train with a fitted gate
+    before = {n: p.detach().clone() for n, p in gated.named_parameters() if "lora" in n}
+    summary = v2.train()
+    assert summary["router"]["steps"] == 0 and "prompt gate fitted" in summary["router"]["selection"]
+    assert gated.gate.weight.abs().sum() > 0
+    assert any(not torch.equal(p, before[n]) for n, p in gated.named_parameters() if n in before)  # experts trained
+    trainer.cfg.joint_experts = True
+    with pytest.raises(ConfigError, match="prompt gate is fitted"):
+        Trainer(gated, gated.tokenizer, trainer.cfg, log=lambda m: None, progress=False)
+    assert selection_pooling("prompt") == "last" and selection_pooling("token") == "mean"
 
 
 def test_forward_and_pinning_errors_are_clear():

@@ -267,3 +267,30 @@ def test_train_continues_from_a_mogu_checkpoint_and_trains_only_the_asked_stage(
         if "lora_" in n:
             assert torch.equal(p.cpu(), before[n]), n
     assert any(not torch.equal(p.cpu(), before[n]) for n, p in model.named_parameters() if ".router." in n)
+
+
+def test_cli_trains_a_v2_prompt_gate_in_the_last_token_probe_selected_layers(tmp_path):
+    """`mogu train --version v2 --router-type prompt`: layers ranked by last-token probes, gate reads only them."""
+    import json
+
+    from test_cli import mogu
+
+    from mogu.probe import ProbeReport
+
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    _stage_data(tmp_path / "data", per_class=8)
+    result = mogu("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--model", str(base_dir),
+                  "--version", "v2", "--router-type", "prompt", "--select-top-k", "1", "--preset", "cpu-fast",
+                  "--glad-epochs", "0.5", "--unwill-epochs", "0.5", "--max-response-tokens", "6", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    report = ProbeReport.load(tmp_path / "run" / "probe")
+    assert report.selection["pooling"] == "last" and report.selection["top_k"] == 1
+    layers = report.selection["layers"]
+    saved = json.loads((tmp_path / "run" / "model" / "mogu_config.json").read_text())
+    assert saved["version"] == "v2" and saved["router_type"] == "prompt" and saved["routed_layers"] == layers
+    model = MoGUModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.gate.layers == layers and model.gate.weight.abs().sum() > 0
+    done = json.loads((tmp_path / "run" / "stages" / "router" / "done.json").read_text())
+    assert done["steps"] == 0 and "prompt gate fitted" in done["selection"]

@@ -156,7 +156,8 @@ def data_task(
 
 
 ROUTER_TYPE_HELP = ("'token' (the paper's per-layer, per-token routers, trained) or 'prompt' (one decision per "
-                    "prompt from every layer's probe, fitted in seconds; mogu.gate, docs/RESULTS.md \"Prompt gate\").")
+                    "prompt from layer probes, fitted in seconds: every layer's for v1, the probe-selected layers' for v2; "
+                    "mogu.gate, docs/RESULTS.md \"Prompt gate\").")
 
 
 def _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens,
@@ -292,6 +293,9 @@ def train(
                                                 "`mogu probe`'s rule). Default: all for v1, probe for v2."),
     select_top_k: Optional[int] = typer.Option(None, help="Probe selection: keep the k best layers."),
     select_threshold: Optional[float] = typer.Option(None, help="Probe selection: keep layers at or above this held-out score."),
+    select_pooling: Optional[str] = typer.Option(None, help="Probe selection: rank layers by 'last' or 'mean' pooled "
+                                                 "probes (default: 'last' for a prompt gate, which reads the last "
+                                                 "prompt token; 'mean' for token routers)."),
     r: int = typer.Option(8), lora_alpha: float = typer.Option(16.0), lora_dropout: float = typer.Option(0.05),
     router_hidden: Optional[int] = typer.Option(None, help="Router width (default 512 for v1, 16 for v2)."),
     route_tokens: int = typer.Option(5, help="0 routes every token."),
@@ -324,7 +328,9 @@ def train(
                        version=version, router_type=router_type)
     selection = None
     if routed_layers == "probe" or (routed_layers is None and version == "v2"):
-        selection = {k: v for k, v in {"top_k": select_top_k, "threshold": select_threshold}.items() if v is not None}
+        pooling = select_pooling or selection_pooling(router_type)
+        selection = {k: v for k, v in {"top_k": select_top_k, "threshold": select_threshold,
+                                       "pooling": pooling}.items() if v is not None}
     overrides = {"joint_experts": joint_experts, "joint_expert_lr": joint_expert_lr,
                  "glad.epochs": glad_epochs, "unwill.epochs": unwill_epochs, "router.epochs": router_epochs,
                  "glad.lr": glad_lr, "unwill.lr": unwill_lr, "router.lr": router_lr,
@@ -338,6 +344,13 @@ def train(
                  "stages": stages.split(",") if stages else None}
     train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume,
                 layer_selection=selection)
+
+
+def selection_pooling(router_type: str) -> str:
+    """The probe pooling that ranks layers for a router type: a prompt gate reads the last prompt token."""
+    from .probe import DEFAULT_SELECTION
+
+    return "last" if router_type == "prompt" else DEFAULT_SELECTION["pooling"]
 
 
 def _router_response_tokens(value: str | None):

@@ -15,8 +15,9 @@ VERSIONS = ("v1", "v2")
 # so h changes parameter count and optimisation, never what a scorer can express; v2's default
 # is the ablation's choice (docs/RESULTS.md, "MoGU v2").
 DEFAULT_ROUTER_HIDDEN = {"v1": 512, "v2": 16}
-# "token": the paper's routers, per layer and per token. "prompt": one decision per prompt from every
-# layer's probe (gate.py); the experts and the layer formula stay v1's.
+# "token": the paper's routers, per layer and per token. "prompt": one decision per prompt from the
+# layers' probes (gate.py): every layer's for v1, the routed (probe-selected) layers' for v2; the
+# experts and the layer formula stay v1's.
 ROUTER_TYPES = ("token", "prompt")
 
 
@@ -36,8 +37,10 @@ class MoGUConfig:
     ``mogu probe``), and a router stage that trains the experts jointly.
 
     ``router_type="prompt"`` replaces the per-layer, per-token routers with one prompt-level gate
-    (``mogu.gate``): every layer's probe votes at the prompt's last token and the whole routed prefix
-    goes to one expert. It is fitted, not trained, and has no ``router_hidden``.
+    (``mogu.gate``): layer probes vote at the prompt's last token and the whole routed prefix goes to
+    one expert. It is fitted, not trained, and has no ``router_hidden``. A v1 gate reads every layer;
+    a v2 gate reads only ``routed_layers`` (v2's "routers only where the features separate"), so a
+    v2 gated model adds experts and probes in the selected layers alone.
     """
 
     version: str = "v1"
@@ -68,8 +71,6 @@ class MoGUConfig:
             raise ConfigError(f"version must be one of {VERSIONS}, got {self.version!r}")
         if self.router_type not in ROUTER_TYPES:
             raise ConfigError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
-        if self.router_type == "prompt" and self.version != "v1":
-            raise ConfigError("router_type 'prompt' is a v1 option: v2's joint stage trains per-token routers")
         if self.router_hidden is None:
             self.router_hidden = DEFAULT_ROUTER_HIDDEN[self.version]
         if isinstance(self.target_modules, str):

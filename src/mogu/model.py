@@ -115,8 +115,12 @@ class MoGUModel(nn.Module):
         from .gate import PromptGate
         from .probe import _probe_modules
 
-        # Every layer's target module votes, routed or not: the features are read with routing off.
-        self._gate_modules = _probe_modules(self.base_model, self.config.target_modules)
+        # v1: every layer's target module votes, routed or not (the features are read with routing off).
+        # v2: only the routed layers, the ones probe selection found most separable.
+        modules = _probe_modules(self.base_model, self.config.target_modules)
+        if self.config.version == "v2" and self.config.routed_layers is not None:
+            modules = {i: m for i, m in modules.items() if i in self.config.routed_layers}
+        self._gate_modules = modules
         first = next(iter(self._gate_modules.values()))[1]
         if isinstance(first, RoutedLinear):
             in_features, device = first.in_features, first.base_layer.weight.device

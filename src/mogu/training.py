@@ -412,7 +412,12 @@ class Trainer:
         self.progress = progress and acc.is_main_process
         self.model.to(acc.device)
         self.metrics_path = self.out / "metrics.jsonl"
-        self.joint = cfg.joint_experts if cfg.joint_experts is not None else model.config.version == "v2"
+        if model.gate is not None and cfg.joint_experts:
+            raise ConfigError("joint_experts trains the experts with token routers; a prompt gate is fitted, "
+                              "not trained (leave joint_experts unset or pass --frozen-experts)")
+        # A gate's router stage takes no gradient steps, so it has nothing to train the experts with.
+        self.joint = model.gate is None and (cfg.joint_experts if cfg.joint_experts is not None
+                                             else model.config.version == "v2")
         # DeepSpeed and FSDP shard a model handed to prepare(); the Trainer keeps its own data-parallel
         # step for the (small) trainable part under every launcher, so there the backbone is replicated.
         self._own_step = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
