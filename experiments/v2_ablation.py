@@ -13,7 +13,9 @@ to OUT/SETTING/result.json and OUT/ablation.md; a setting already done is skippe
 Prompt-gated settings (`v2-gate*`) are also read at the threshold matched to v1 on the dev split: the
 one with the lowest benign-dev refusal among those refusing at least v1's share of harmful dev prompts
 (`mogu calibrate`'s rule, min_harmful = v1's rate; judge v1 first).
-`v1` is not retrained: pass --v1 with the demo's training folder (model/ + stages/*/done.json).
+`v1` is not retrained: pass --v1 with the demo's training folder (model/ + stages/*/done.json). Where
+--data or --v1 does not exist yet, it is built the way `mogu demo --router-type token` builds it (same
+seeded data step, same v1 training), without the demo's before/after judging.
 """
 from __future__ import annotations
 
@@ -47,6 +49,11 @@ SETTINGS = {
     "v2-gate": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last"}, {}),
     "v2-gate-k8": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last", "top_k": 8}, {}),
     "v2-gate-k12": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last", "top_k": 12}, {}),
+    # Experts in 4-8 layers learn a hedge ("I'm not sure how to ...") in cpu-fast's one unwilling epoch,
+    # not a refusal: three epochs for the unwilling expert.
+    "v2-gate-k8-u3": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last", "top_k": 8},
+                      {"unwill.epochs": 3}),
+    "v2-gate-u3": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last"}, {"unwill.epochs": 3}),
 }
 DEV_SETS = ("harmful_dev", "benign_dev")
 
@@ -117,6 +124,20 @@ def judge_gate(model, sets: dict[str, list[str]], max_new_tokens: int, match_har
     return row
 
 
+def build_demo_v1(data: Path, v1: Path, base, tok) -> None:
+    """The demo's data and v1 token-router training (`mogu demo --router-type token`), where missing."""
+    from mogu.cli import DEMO_BATCH, DEMO_BENIGN_TRAIN, _mogu_config, build_data
+
+    if not (data / "data_stats.json").is_file():
+        build_data("smollm2-135m-instruct", data, model=base, tokenizer=tok, max_new_tokens=32,
+                   max_benign=DEMO_BENIGN_TRAIN, batch_size=DEMO_BATCH)
+    if not (v1 / "model" / "mogu_config.json").is_file():
+        fresh, _ = load_base_model("smollm2-135m-instruct")
+        train_model("smollm2-135m-instruct", data, v1, preset_name="cpu-fast", resume=True, model=fresh,
+                    tokenizer=tok, train_overrides={},
+                    mogu_config=_mogu_config(None, None, 8, 16.0, 0.05, 512, 5, router_type="token"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path("runs/demo3/data"))
@@ -129,8 +150,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    sets = eval_sets(args.data)
     base, tok = load_base_model("smollm2-135m-instruct")
+    build_demo_v1(args.data, args.v1, base, tok)
+    sets = eval_sets(args.data)
     v1_params = None
     for name in args.settings.split(","):
         result_file = args.out / name / "result.json"
