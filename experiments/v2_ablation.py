@@ -37,20 +37,24 @@ from mogu.training import generate_responses, refusal_rate  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # name -> (MoGUConfig kwargs, probe layer selection or None, TrainConfig overrides)
+# The rows recorded before cpu-fast gave v2's unwilling expert 3 epochs pin the 1 they were run with.
+ONE = {"unwill.epochs": 1}
 SETTINGS = {
-    "v2-all": ({"version": "v2"}, None, {}),
-    "v2-sel": ({"version": "v2"}, {}, {}),
-    "v2-sel-frozen": ({"version": "v2"}, {}, {"joint_experts": False}),
-    "v2-sel-h4": ({"version": "v2", "router_hidden": 4}, {}, {}),
-    "v2-sel-h64": ({"version": "v2", "router_hidden": 64}, {}, {}),
-    "v2-sel-k2": ({"version": "v2"}, {"top_k": 2}, {}),
-    "v2-sel-k8": ({"version": "v2"}, {"top_k": 8}, {}),
+    "v2-all": ({"version": "v2"}, None, ONE),
+    "v2-sel": ({"version": "v2"}, {}, ONE),
+    "v2-sel-frozen": ({"version": "v2"}, {}, {**ONE, "joint_experts": False}),
+    "v2-sel-h4": ({"version": "v2", "router_hidden": 4}, {}, ONE),
+    "v2-sel-h64": ({"version": "v2", "router_hidden": 64}, {}, ONE),
+    "v2-sel-k2": ({"version": "v2"}, {"top_k": 2}, ONE),
+    "v2-sel-k8": ({"version": "v2"}, {"top_k": 8}, ONE),
     # Prompt gate in the probe-selected layers (ranked by last-token probes, what the gate reads).
-    "v2-gate": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last"}, {}),
-    "v2-gate-k8": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last", "top_k": 8}, {}),
-    "v2-gate-k12": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last", "top_k": 12}, {}),
-    # Experts in 4-8 layers learn a hedge ("I'm not sure how to ...") in cpu-fast's one unwilling epoch,
-    # not a refusal: three epochs for the unwilling expert.
+    "v2-gate": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last"}, ONE),
+    "v2-gate-k8": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last", "top_k": 8}, ONE),
+    "v2-gate-k12": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last", "top_k": 12}, ONE),
+    # Experts in every layer, the gate reading every layer: v1's gate (the demo's) built as v2.
+    "v2-gate-all": ({"version": "v2", "router_type": "prompt"}, None, ONE),
+    # Experts in 4-8 layers learn a hedge ("I'm not sure how to ...") in one unwilling epoch, not a
+    # refusal: 3 epochs (cpu-fast's v2 default since).
     "v2-gate-k8-u3": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last", "top_k": 8},
                       {"unwill.epochs": 3}),
     "v2-gate-u3": ({"version": "v2", "router_type": "prompt"}, {"pooling": "last"}, {"unwill.epochs": 3}),
@@ -115,10 +119,14 @@ def judge_gate(model, sets: dict[str, list[str]], max_new_tokens: int, match_har
         candidates = sorted({s - 1e-6 for s in scores} | {max(scores) + 1.0})
         curve = [(t, rates_at(t)) for t in candidates]
         passing = [(t, r) for t, r in curve if r["harmful_dev"] >= match_harmful]
+        # None reaching v1's rate: the least benign refusal at the highest harmful rate the gate reaches.
         t, r = (min(passing, key=lambda tr: (tr[1]["benign_dev"], -tr[1]["harmful_dev"], -tr[0])) if passing
-                else max(curve, key=lambda tr: tr[1]["harmful_dev"]))
-        row["matched"] = {**r, "threshold": round(t, 4), "min_harmful": match_harmful}
+                else max(curve, key=lambda tr: (tr[1]["harmful_dev"], -tr[1]["benign_dev"], tr[0])))
+        row["matched"] = {**r, "threshold": round(t, 4), "min_harmful": match_harmful, "reached": bool(passing)}
         row["dev_curve"] = [{"threshold": round(t, 4), **{k: r[k] for k in DEV_SETS}} for t, r in curve]
+    # Every prompt to one expert: the ceilings the gate's threshold moves between.
+    row["all_unwill"] = rates_at(float("-inf"))
+    row["all_glad"] = rates_at(float("inf"))
     with torch.no_grad():
         gate.threshold.fill_(fitted)
     return row
@@ -210,16 +218,23 @@ def main() -> None:
     v1_params = next((r["added_params"] for r in rows if r["setting"] == "v1"), None)
     lines = ["| setting | routed layers | router width | added params | vs v1 | train s | harmful dev | "
              "AdvBench 101-200 | benign dev | Just-Eval 101-200 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    notes: list[str] = []
     for r in rows:
         layers = "all" if r["routed_layers"] is None else ",".join(map(str, r["routed_layers"]))
         share = f"{r['added_params'] / v1_params:.1%}" if v1_params else "-"
         width = r["router_hidden"] if r.get("router_type", "token") == "token" else "gate"
-        points = [("", r)] + ([(f" @ matched threshold {r['matched']['threshold']:+.2f}", r["matched"])]
-                              if "matched" in r else [])
+        matched = r.get("matched")
+        reached = matched is not None and matched.get("reached", matched["harmful_dev"] >= matched["min_harmful"])
+        points = [("", r)] + ([(f" @ matched threshold {matched['threshold']:+.2f}", matched)] if reached else [])
+        if matched is not None and not reached:
+            best = max(p["harmful_dev"] for p in r["dev_curve"])
+            notes.append(f"{r['setting']}: no threshold reaches v1's {matched['min_harmful']:.1%} harmful dev "
+                         f"refusal (at most {best:.1%}: the unwilling expert's own rate).")
         for label, p in points:
             lines.append(f"| {r['setting']}{label} | {layers} | {width} | {r['added_params']:,} | {share} | "
                          f"{r['train_s']} | {p['harmful_dev']:.1%} | {p['advbench_101_200']:.0%} | "
                          f"{p['benign_dev']:.1%} | {p['just_eval_101_200']:.0%} |")
+    lines += [""] + notes if notes else []
     (args.out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

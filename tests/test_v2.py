@@ -294,3 +294,13 @@ def test_cli_trains_a_v2_prompt_gate_in_the_last_token_probe_selected_layers(tmp
     assert model.gate.layers == layers and model.gate.weight.abs().sum() > 0
     done = json.loads((tmp_path / "run" / "stages" / "router" / "done.json").read_text())
     assert done["steps"] == 0 and "prompt gate fitted" in done["selection"]
+
+
+def test_cpu_fast_gives_the_v2_unwilling_expert_three_epochs():
+    """Experts in a few layers need more than v1's one unwilling epoch (docs/RESULTS.md, "MoGU v2 against v1")."""
+    from mogu.training import preset
+
+    v1, v2 = preset("cpu-fast")["stages"], preset("cpu-fast", version="v2")["stages"]
+    assert v1["unwill"].epochs == 1 and v2["unwill"].epochs == 3
+    assert v1["glad"] == v2["glad"] and v1["router"] == v2["router"]
+    assert preset("paper", version="v2") == preset("paper")

@@ -183,7 +183,7 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     from .model import MoGUModel
     from .training import TrainConfig, preset
 
-    schedule = preset(preset_name)
+    schedule = preset(preset_name, version=mogu_config.version)
     stages = schedule.pop("stages")
     top = dict(schedule)
     for key, value in train_overrides.items():

@@ -98,7 +98,7 @@ def _default_stages() -> dict[str, StageConfig]:
     return preset("paper")["stages"]
 
 
-def preset(name: str) -> dict[str, Any]:
+def preset(name: str, version: str = "v1") -> dict[str, Any]:
     """Named training schedules: ``stages`` plus top-level TrainConfig fields.
 
     - ``paper``: the reference recipe (ratio losses; lr 5e-5 / 5e-4; batch 8 / 16; 10 epochs each, the
@@ -106,6 +106,9 @@ def preset(name: str) -> dict[str, Any]:
     - ``cpu-fast``: what ``mogu demo`` runs in ~20 minutes on 2 CPU cores: CE on the target response
       for the responders, higher learning rates, capped responder data, probe-initialised routers and
       one router epoch, 32-token targets (docs/RESULTS.md has the measurements behind each choice).
+      For ``version="v2"`` the unwilling expert gets 3 epochs: in a few layers, one epoch teaches it a
+      hedge ("I'm not sure how to ..."), not a refusal (RESULTS, "MoGU v2 against v1"); the dev split
+      keeps the best epoch.
     """
     if name == "paper":
         return {"stages": {"glad": StageConfig(epochs=10, lr=5e-5, batch_size=8, micro_batch_size=8),
@@ -114,8 +117,8 @@ def preset(name: str) -> dict[str, Any]:
                 "responder_loss": "ratio", "max_response_tokens": 256}
     if name == "cpu-fast":
         return {"stages": {"glad": StageConfig(epochs=1, lr=1e-3, batch_size=8, micro_batch_size=8, max_examples=64),
-                           "unwill": StageConfig(epochs=1, lr=2e-3, batch_size=8, micro_batch_size=8,
-                                                 max_examples=128),
+                           "unwill": StageConfig(epochs=3 if version == "v2" else 1, lr=2e-3, batch_size=8,
+                                                 micro_batch_size=8, max_examples=128),
                            "router": StageConfig(epochs=1, lr=5e-4, batch_size=16, micro_batch_size=16,
                                                  max_examples=256)},
                 "responder_loss": "sft", "max_response_tokens": 32, "router_init": "probe",
