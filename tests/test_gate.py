@@ -42,10 +42,9 @@ def split_threshold(model, x, mask=None):
     return weights
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_each_prompt_runs_exactly_one_expert_and_off_is_the_base(family):
-    model, reference = make(family)
-    x = ids()
+def assert_one_expert_per_prompt_and_off_is_the_base(model, reference, x):
+    """Gate split across the batch: each prompt's logits are its one expert's; routing off is the base.
+    Returns the routed logits."""
     weights = split_threshold(model, x)
     with torch.no_grad():
         auto = model(input_ids=x).logits
@@ -56,6 +55,13 @@ def test_each_prompt_runs_exactly_one_expert_and_off_is_the_base(family):
     for i, (u, g) in enumerate(weights.tolist()):
         assert (u, g) in ((1.0, 0.0), (0.0, 1.0))
         torch.testing.assert_close(auto[i], single["unwill" if u else "glad"][i], rtol=0, atol=1e-5)
+    return auto
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_prompt_runs_exactly_one_expert_and_off_is_the_base(family):
+    model, reference = make(family)
+    assert_one_expert_per_prompt_and_off_is_the_base(model, reference, ids())
 
 
 def test_gate_has_no_per_layer_routers_and_counts_its_probes():
@@ -258,15 +264,7 @@ def test_v2_gate_sits_in_the_selected_layers_only(family, tmp_path):
     experts = sum(p.numel() for e in ("glad", "unwill") for p in model.expert_parameters(e))
     assert model.num_added_parameters() == experts + model.gate.weight.shape[1] + 1
     x = ids(batch=3)
-    weights = split_threshold(model, x)
-    with torch.no_grad():
-        auto = model(input_ids=x).logits
-        single = {e: model(input_ids=x).logits for e in ("glad", "unwill") if not model.set_routing(e)}
-        model.set_routing("off")
-        assert torch.equal(model(input_ids=x).logits, reference(input_ids=x).logits)
-        model.set_routing("auto")
-    for i, (u, g) in enumerate(weights.tolist()):
-        torch.testing.assert_close(auto[i], single["unwill" if u else "glad"][i], rtol=0, atol=1e-5)
+    auto = assert_one_expert_per_prompt_and_off_is_the_base(model, reference, x)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = MoGUModel.from_pretrained(tmp_path / "ckpt", base_model=tiny_model(family))
     assert loaded.config.version == "v2" and loaded.gate.layers == [1]
