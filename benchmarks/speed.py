@@ -4,8 +4,13 @@ What it measures (CPU, wall clock, ``torch.inference_mode``, greedy decoding, ``
 max_new_tokens`` so every row of every batch generates exactly N new tokens and EOS never stops early):
 
 * ``base``            -- the plain base model's ``generate`` (an unwrapped copy, KV-cached);
-* ``mogu m=5``        -- ``MoGUModel.generate(route_tokens=5)`` in ``auto`` mode: 5 routed tokens, then
-                         the hand-off (one base prefill of prompt + 5 tokens) and the plain base model;
+* ``mogu m=5``        -- ``MoGUModel.generate(route_tokens=5, handoff="fixed")`` in ``auto`` mode: 5 routed
+                         tokens, then the hand-off (one base prefill of prompt + 5 tokens) and the plain base
+                         model (the paper's inference);
+* ``mogu hold m=5, benign`` -- the default ``handoff="hold"`` with routers that lean to glad on every row: the
+                         rule is scored on the 5 routed tokens, then the same hand-off (what a benign prompt costs);
+* ``mogu hold m=5, harmful`` -- ``handoff="hold"`` with routers that lean to unwill: every row stays with the
+                         unwilling expert to the end, on its own routed KV cache (no second prefill);
 * ``mogu all tokens`` -- ``route_tokens=None`` in ``auto`` mode: every token routed (KV-cached);
 * ``mogu prompt gate m=5`` -- ``router_type="prompt"`` (mogu.gate): one routing-off pass over the prompt
                          (up to the deepest probed projection) decides the expert, then as ``mogu m=5``;
@@ -73,6 +78,9 @@ PROMPTS = [
 ROUTE_TOKENS = 5
 BASE, MOGU_M, MOGU_ALL, XLORA = "base", f"mogu m={ROUTE_TOKENS}", "mogu all tokens", "x-lora (peft)"
 MOGU_GATE = f"mogu prompt gate m={ROUTE_TOKENS}"
+HOLD_BENIGN = f"mogu hold m={ROUTE_TOKENS}, benign (hand-off)"
+HOLD_HARMFUL = f"mogu hold m={ROUTE_TOKENS}, harmful (held)"
+HOLD_BIAS = 12.0  # router logit shift: every row's routed prefix leans to one expert
 
 
 # Published architectures, random weights: (transformers config class, its arguments).
@@ -346,12 +354,26 @@ def main(argv=None) -> int:
             g = torch.Generator().manual_seed(2)
             gated.gate.weight.copy_(torch.randn(gated.gate.weight.shape, generator=g).to(gated.gate.weight.device) * 0.05)
 
+    hold_models = {}
+    for name, sign in ((HOLD_BENIGN, -1.0), (HOLD_HARMFUL, 1.0)):
+        held = MoGUModel.from_base(shared_weights_copy(pristine), MoGUConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                                         route_tokens=ROUTE_TOKENS), tokenizer=tokenizer)
+        held.eval()
+        randomize_mogu(held)
+        with torch.no_grad():
+            for m in held.routed_modules.values():
+                m.router.unwill.linear_2.bias.add_(sign * HOLD_BIAS)
+                m.router.glad.linear_2.bias.add_(-sign * HOLD_BIAS)
+        hold_models[name] = held
+
     gen = generation_config(pristine, args.new_tokens)
     xgen = generation_config(pristine, args.xlora_new_tokens)
     settings = {  # name -> (callable, generation config, extra kwargs, new tokens)
         BASE: (pristine.generate, gen, {}, args.new_tokens),
-        MOGU_M: (model.generate, gen, {"route_tokens": ROUTE_TOKENS}, args.new_tokens),
+        MOGU_M: (model.generate, gen, {"route_tokens": ROUTE_TOKENS, "handoff": "fixed"}, args.new_tokens),
         MOGU_ALL: (model.generate, gen, {"route_tokens": None}, args.new_tokens),
+        **{name: (m.generate, gen, {"route_tokens": ROUTE_TOKENS, "handoff": "hold"}, args.new_tokens)
+           for name, m in hold_models.items()},
     }
     if gated is not None:
         settings[MOGU_GATE] = (gated.generate, gen, {"route_tokens": ROUTE_TOKENS}, args.new_tokens)
@@ -393,6 +415,10 @@ def main(argv=None) -> int:
                         if "base_s" not in timing:
                             raise RuntimeError("mogu m=5 did not hand off to the base model")
                         timings.append(timing)
+                    if name in hold_models:
+                        held_rows = hold_models[name].last_generate_timing["held_rows"]
+                        if held_rows != (batch if name == HOLD_HARMFUL else 0):
+                            raise RuntimeError(f"{name}: {held_rows} of {batch} rows held")
             prefill = time_prefill(pristine, enc, m_out, args.repeats)
 
             for name, (_, _, _, n) in settings.items():
@@ -413,7 +439,7 @@ def main(argv=None) -> int:
             r["x_base"] = r["tokens_per_s"] / base_tps[r["batch"]]
     env = environment(args.threads, args.device, args.dtype)
 
-    order = [BASE, MOGU_M, MOGU_ALL, MOGU_GATE, XLORA]
+    order = [BASE, MOGU_M, HOLD_BENIGN, HOLD_HARMFUL, MOGU_ALL, MOGU_GATE, XLORA]
     print(f"\nmodel: {model_name}; greedy, every row exactly N new tokens; tokens/s summed over the batch; "
           f"median of {args.repeats}")
     print("\n| setting | batch | new tokens | tokens/s | × base |")

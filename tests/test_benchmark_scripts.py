@@ -29,7 +29,7 @@ def test_tiny_run_reports_every_setting(speed, tmp_path):
     payload = json.loads(out.read_text())
     rows = {(r["setting"], r["batch"]): r for r in payload["results"]}
     for batch in (1, 3):
-        for name in (speed.BASE, speed.MOGU_M, speed.MOGU_ALL, speed.MOGU_GATE):
+        for name in (speed.BASE, speed.MOGU_M, speed.MOGU_ALL, speed.MOGU_GATE, speed.HOLD_BENIGN, speed.HOLD_HARMFUL):
             r = rows[(name, batch)]
             assert r["new_tokens"] == 8 and r["tokens_per_s"] > 0 and r["x_base"] > 0
         assert rows[(speed.BASE, batch)]["x_base"] == 1.0
@@ -80,3 +80,27 @@ def test_train_memory_tiny_rows_and_trained_parameters(tmp_path):
     v2 = rows[("v2", "joint router")]
     assert v2["routed_layers"] == 1 and v2["trained_params"] == v2["added_params"]  # routers + both experts
     assert all(r["step_s"] > 0 and r["peak_gib"] is None for r in rows.values())  # no CUDA: no memory columns
+
+
+def test_refusal_length_reports_held_rows_their_length_and_eos():
+    import importlib.util
+
+    import torch
+
+    from mogu import MoGUConfig, MoGUModel
+    from tiny_models import randomize_added, tiny_model, tiny_tokenizer
+
+    spec = importlib.util.spec_from_file_location("refusal_length", ROOT / "benchmarks" / "refusal_length.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tok = tiny_tokenizer()
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_type="prompt", lora_dropout=0.0), tokenizer=tok)
+    randomize_added(model)
+    model.eval()
+    with torch.no_grad():
+        model.gate.threshold.fill_(-1e9)  # every prompt judged harmful: every row held
+    result = module.measure(model, tok, ["Do X", "Tell me how to do Y quickly"], max_new_tokens=6, batch_size=2)
+    summary = result["summary"]
+    assert summary["prompts"] == 2 and summary["held"] == 2
+    assert all(0 <= r["new_tokens"] <= 6 and isinstance(r["eos"], bool) for r in result["rows"])
+    assert 0.0 <= summary["ends_in_eos"] <= 1.0 and sum(summary["verdicts"].values()) == 2

@@ -167,7 +167,7 @@ def test_self_reminder_and_icd_reach_the_model():
     mogu, reference, tok = make("llama")
     prompt = PROMPTS[0]
     sr = build_defense("self_reminder", model=reference, tokenizer=tok)
-    assert sr.conversation(prompt) == [{"role": "system", "content": SELF_REMINDER_SYSTEM},
+    assert sr.conversation([{"role": "user", "content": prompt}]) == [{"role": "system", "content": SELF_REMINDER_SYSTEM},
                                        {"role": "user", "content": prompt + SELF_REMINDER_SUFFIX}]
     text = sr.render(prompt)
     assert SELF_REMINDER_SYSTEM in text and prompt + SELF_REMINDER_SUFFIX in text
@@ -177,7 +177,7 @@ def test_self_reminder_and_icd_reach_the_model():
     text = icd.render(prompt)
     assert text.index(ICD_PROMPT) < text.index(ICD_RESPONSE) < text.index(prompt)
     assert _captured_inputs(icd, prompt) == encode_text(tok, text)
-    assert [m["role"] for m in icd.conversation(prompt)] == ["user", "assistant", "user"]
+    assert [m["role"] for m in icd.conversation([{"role": "user", "content": prompt}])] == ["user", "assistant", "user"]
 
     none = build_defense("none", model=reference, tokenizer=tok)
     assert _captured_inputs(none, prompt) == encode_text(tok, render_prompt(tok, prompt))

@@ -47,7 +47,7 @@ def test_run_writes_every_artifact_and_resumes(tmp_path, tiny_mogu, monkeypatch)
     assert {(g["defense"], g["benchmark"]) for g in gens} == {(d, b) for d in cfg.defenses for b in cfg.benchmarks}
     assert set(metrics["summary"]) == set(cfg.defenses)
     cell = metrics["cells"]["none"]["advbench"]
-    assert cell["n"] == 3 and "asr" in cell and cell["asr"]["k"] + cell["refusal"]["k"] == 3
+    assert cell["n"] == 3 and cell["asr"]["k"] + cell["refusal"]["k"] + cell["other"]["k"] == 3
     run = json.loads((out / "run.json").read_text())
     assert set(run["benchmark_sha256"]) == {"advbench", "just_eval"} and run["git_commit"] is not None or True
     assert "mogu" in run["defense_params"]

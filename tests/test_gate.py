@@ -110,7 +110,7 @@ def test_reference_handoff_and_cached_decoding_under_the_gate(family):
     for threshold in (-1e9, 1e9):  # all unwill, all glad
         with torch.no_grad():
             model.gate.threshold.fill_(threshold)
-        got = model.generate(**enc, max_new_tokens=10, do_sample=False, route_tokens=4)
+        got = model.generate(**enc, max_new_tokens=10, do_sample=False, route_tokens=4, handoff="fixed")
         seq = x
         with torch.no_grad(), model.gated(x):  # the decision is the prompt's, kept while the sequence grows
             for _ in range(4):

@@ -113,7 +113,7 @@ def test_reference_handoff_semantics(family):
     model, reference = make(family)
     x = ids(batch=1, length=6, seed=3)
     enc = {"input_ids": x, "attention_mask": torch.ones_like(x)}
-    got = model.generate(**enc, max_new_tokens=10, do_sample=False, route_tokens=4)
+    got = model.generate(**enc, max_new_tokens=10, do_sample=False, route_tokens=4, handoff="fixed")
     # The reference procedure: no cache in the routed phase, a separate plain model after.
     seq = x
     with torch.no_grad():

@@ -444,7 +444,8 @@ def test_rows_that_stop_in_the_routed_phase(server, client):
     finally:
         engine.resume()
     assert engine.stats["batches"] == batches + 1  # one batch
-    assert engine.stats["partial_continuations"] == partial + 1  # whose continuation had fewer rows
+    # Its continuation had fewer rows: one call, or two when the hold hand-off kept some rows with unwill.
+    assert engine.stats["partial_continuations"] in (partial + 1, partial + 2)
     for a, b in zip(alone, together):
         assert b.choices[0].message.content == a.choices[0].message.content
         assert b.choices[0].finish_reason == a.choices[0].finish_reason

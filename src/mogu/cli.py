@@ -417,6 +417,15 @@ def _gen_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float
     return kw
 
 
+HANDOFF_HELP = ("After the routed prefix: 'hold' keeps an answer that routing judged harmful with the unwilling "
+                "expert to its end (the default), 'fixed' hands every answer to the base model (the paper's). "
+                "Default: the checkpoint's.")
+
+
+def _handoff_option():
+    return typer.Option(None, help=HANDOFF_HELP)
+
+
 @app.command()
 def generate(
     model: str = typer.Option(..., help="MoGU checkpoint folder, or a base model."),
@@ -426,6 +435,7 @@ def generate(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     route_tokens: Optional[int] = typer.Option(None, help="Override the routed prefix length; 0 routes every token."),
     mode: str = typer.Option("auto", help="auto | glad | unwill | off"),
+    handoff: Optional[str] = _handoff_option(),
     trace: bool = typer.Option(False, help="Print mean router weights per layer."),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -434,7 +444,7 @@ def generate(
     from .training import render_prompt
 
     _setup_torch(threads)
-    m, tok, is_mogu = load_for_inference(model)
+    m, tok, is_mogu = load_for_inference(model, handoff=handoff)
     texts = [render_prompt(tok, p) for p in prompt]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     kw = _gen_kwargs(tok, max_new_tokens, temperature, top_p)
@@ -460,6 +470,7 @@ def chat(
     system: Optional[str] = typer.Option(None, help="System prompt (default: the template's)."),
     url: Optional[str] = typer.Option(None, help="Chat with a running `mogu serve` (or any OpenAI-compatible server), e.g. http://127.0.0.1:8000/v1."),
     api_key: Optional[str] = typer.Option(None, envvar="MOGU_API_KEY", help="Bearer key for --url (env MOGU_API_KEY)."),
+    handoff: Optional[str] = _handoff_option(),
     threads: Optional[int] = typer.Option(None),
 ):
     """Interactive chat that streams tokens. Empty line or Ctrl-D quits; /reset clears history."""
@@ -476,7 +487,7 @@ def chat(
     from .inference import load_for_inference
 
     _setup_torch(threads)
-    m, tok, _ = load_for_inference(model)
+    m, tok, _ = load_for_inference(model, handoff=handoff)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     typer.echo("mogu chat: empty line or Ctrl-D to quit, /reset to clear the history.")
@@ -501,6 +512,15 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
+def _with_handoff(options: dict, handoff: Optional[str], defenses: list[str]) -> dict:
+    """--handoff is the mogu defense's ``handoff`` option."""
+    if handoff is not None:
+        if "mogu" not in defenses:
+            raise MoGUError("--handoff applies to the 'mogu' defense, which is not among --defenses")
+        options.setdefault("mogu", {})["handoff"] = handoff
+    return options
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -511,11 +531,17 @@ def eval_command(
     out: Path = typer.Option(..., help="Output folder: generations.jsonl, judgements.jsonl, metrics.json, report.md, pareto.png, routing.png, run.json."),
     defenses: str = typer.Option("none,mogu", help="Comma-separated: none,self_reminder,icd,self_examination,retokenization,safedecoding,sft,mogu."),
     benchmarks: str = typer.Option("advbench,just_eval", help="Comma-separated registered names (see --list) or jsonl/csv/json/txt files."),
-    judge: str = typer.Option("keyword", help="keyword (offline), openai (any OpenAI-compatible endpoint) or hf-classifier."),
+    judge: str = typer.Option("whole_answer", help="whole_answer (offline, reads the whole answer: refusal, "
+                              "refuse_then_comply, comply, other), keyword (a refusal phrase anywhere; published "
+                              "numbers' judge), openai (any OpenAI-compatible endpoint) or hf-classifier."),
+    attacks: str = typer.Option("none", help="Comma-separated attacks on the harmful prompts of every benchmark: "
+                                "none,prefill,fake_history,template,multi_turn,suffix (see --list)."),
+    attack_option: Optional[list[str]] = typer.Option(None, help="NAME.KEY=VALUE, e.g. suffix.file=suffixes.txt or "
+                                                      "template.templates=GPTFuzzer.csv (repeatable)."),
     judge_model: Optional[str] = typer.Option(None, help="Judge model name (openai) or path/Hub id (hf-classifier)."),
     judge_base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL for the openai judge."),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the judge's API key."),
-    judge_rubric: str = typer.Option("harm", help="openai judge: harm, usability or both."),
+    judge_rubric: str = typer.Option("verdict", help="openai judge: verdict (the whole-answer labels), harm, usability or both."),
     limit: Optional[int] = typer.Option(50, min=1, help="Prompts per benchmark (first N)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder with the public benchmark files (default: $MOGU_DATA_DIR)."),
     prompt_field: Optional[str] = typer.Option(None, help="Prompt field for benchmark files given by path."),
@@ -525,13 +551,15 @@ def eval_command(
     defense_option: Optional[list[str]] = typer.Option(None, help="NAME.KEY=VALUE, e.g. safedecoding.alpha=3 or sft.data=runs/demo/data/router.jsonl (repeatable)."),
     benchmark_option: Optional[list[str]] = typer.Option(None, help="NAME.KEY=VALUE, e.g. harmbench.split=val (repeatable)."),
     seed: int = typer.Option(0),
-    list_all: bool = typer.Option(False, "--list", help="List the benchmarks, defenses and judges, then exit."),
+    handoff: Optional[str] = _handoff_option(),
+    list_all: bool = typer.Option(False, "--list", help="List the benchmarks, defenses, judges and attacks, then exit."),
     threads: Optional[int] = typer.Option(None),
 ):
     """Compare defenses on benchmarks: refusal / attack-success with 95% CIs, judge scores, Pareto plot.
 
     Reruns with the same --out skip finished generations and judgements.
     """
+    from .eval.attacks import ATTACKS, describe_attacks
     from .eval.benchmarks import get_benchmark, list_benchmarks
     from .eval.defenses import DEFENSES
     from .eval.judges import JUDGES
@@ -541,7 +569,12 @@ def eval_command(
         typer.echo("benchmarks:\n" + "\n".join(f"  {n}: {d}" for n, d in list_benchmarks()))
         typer.echo("defenses: " + ", ".join(DEFENSES))
         typer.echo("judges: " + ", ".join(JUDGES))
+        typer.echo("attacks:\n" + "\n".join(f"  {n}: {d}" for n, d in describe_attacks()))
         return
+    attack_names = _csv(attacks)
+    for a in attack_names:
+        if a not in ATTACKS:
+            raise MoGUError(f"unknown attack {a!r}; known: {', '.join(ATTACKS)}")
     _setup_torch(threads)
     defense_names, bench_names = _csv(defenses), _csv(benchmarks)
     for d in defense_names:
@@ -558,8 +591,10 @@ def eval_command(
     elif judge == "hf-classifier":
         judge_options = {"model": judge_model}
     cfg = EvalConfig(model=model, out=out, defenses=defense_names, benchmarks=bench_names, judge=judge,
-                     judge_options=judge_options,
-                     defense_options=parse_options(defense_option, set(defense_names), "defense option"),
+                     judge_options=judge_options, attacks=attack_names,
+                     attack_options=parse_options(attack_option, set(attack_names), "attack option"),
+                     defense_options=_with_handoff(parse_options(defense_option, set(defense_names), "defense option"),
+                                                   handoff, defense_names),
                      benchmark_options=bench_opts, data_dir=str(data_dir) if data_dir else None, limit=limit,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     metrics = EvalRunner(cfg, log=_echo).run()
@@ -923,6 +958,7 @@ def serve_command(
     max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest request body (413 beyond)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    handoff: Optional[str] = _handoff_option(),
 ):
     """Serve a model behind an OpenAI-compatible API: /v1/chat/completions (SSE streaming), /v1/models, /health."""
     from .serve import serve
@@ -930,7 +966,7 @@ def serve_command(
     _setup_torch(threads)
     serve(model, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
           max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit,
-          max_body_bytes=max_body_bytes, log_level=log_level, echo=_echo)
+          max_body_bytes=max_body_bytes, log_level=log_level, echo=_echo, handoff=handoff)
 
 
 def main() -> None:

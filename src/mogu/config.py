@@ -19,6 +19,9 @@ DEFAULT_ROUTER_HIDDEN = {"v1": 512, "v2": 16}
 # layers' probes (gate.py): every layer's for v1, the routed (probe-selected) layers' for v2; the
 # experts and the layer formula stay v1's.
 ROUTER_TYPES = ("token", "prompt")
+# After the routed prefix: "hold" keeps a prompt that routing judged harmful with the unwilling expert to
+# the end of the answer; "fixed" hands every answer to the base model (the paper's). mogu.generation.
+HANDOFFS = ("hold", "fixed")
 
 
 @dataclass
@@ -28,8 +31,9 @@ class MoGUConfig:
     ``target_modules=None`` picks the family default (``o_proj`` for Llama-like
     models, ``self_attention.dense`` for Falcon, ``attn.c_proj`` for GPT-2).
     ``routed_layers=None`` routes every decoder layer. ``route_tokens`` is how
-    many generated tokens the routed model picks before the base model takes
-    over (None routes every token).
+    many generated tokens the routed model picks before the hand-off (None routes
+    every token). ``handoff="hold"`` keeps an answer that routing judged harmful with
+    the unwilling expert to its end; ``"fixed"`` hands every answer to the base model.
 
     ``version="v2"`` (MoGU v2) changes defaults, not the layer formula: a lighter
     router (``router_hidden`` defaults to ``DEFAULT_ROUTER_HIDDEN["v2"]``), routers and
@@ -52,6 +56,7 @@ class MoGUConfig:
     router_hidden: int | None = None  # None: DEFAULT_ROUTER_HIDDEN[version]
     route_tokens: int | None = 5
     router_type: str = "token"
+    handoff: str = "hold"
     # Filled in by MoGUModel.from_base so a checkpoint knows what it belongs to.
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
@@ -71,6 +76,8 @@ class MoGUConfig:
             raise ConfigError(f"version must be one of {VERSIONS}, got {self.version!r}")
         if self.router_type not in ROUTER_TYPES:
             raise ConfigError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.handoff not in HANDOFFS:
+            raise ConfigError(f"handoff must be one of {HANDOFFS}, got {self.handoff!r}")
         if self.router_hidden is None:
             self.router_hidden = DEFAULT_ROUTER_HIDDEN[self.version]
         if isinstance(self.target_modules, str):

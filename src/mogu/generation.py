@@ -1,10 +1,20 @@
 """Routed generation with Hugging Face ``generate`` semantics.
 
-Reference MoGU inference: the routed model picks the first m tokens, then the *plain*
-base model generates from the prompt plus those tokens. Routing changes every hidden
-state, so the routed KV cache is not the base model's: the hand-off is one base prefill
-of (prompt + m tokens). Both phases are ordinary cached ``generate`` calls, so greedy,
-sampling, streamers, logits processors and stopping criteria all behave as usual.
+Reference MoGU inference (``handoff="fixed"``): the routed model picks the first m tokens, then the
+*plain* base model generates from the prompt plus those tokens. Routing changes every hidden state,
+so the routed KV cache is not the base model's: the hand-off is one base prefill of (prompt + m
+tokens).
+
+That makes a refusal five tokens deep: "I'm sorry, but... However, here's how" is the base model
+finishing what the unwilling expert began. ``handoff="hold"`` (the default) keeps the refusal:
+a row whose routing judged the prompt harmful stays with the unwilling expert to the end of the
+answer (or its EOS), continuing on its own KV cache with no second prefill. The signal is the
+prompt gate's decision, or for token routers the routed prefix's mean u against its mean g over
+layers and routed tokens. Every other row takes the reference hand-off unchanged, so benign answers
+and their cost are the fixed hand-off's. In a batch, rows take their own path.
+
+Every phase is an ordinary cached ``generate`` call, so greedy, sampling, streamers, logits
+processors and stopping criteria all behave as usual.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .config import HANDOFFS
 from .errors import ConfigError
 
 
@@ -45,8 +56,8 @@ def _eos_ids(generation_config) -> set[int]:
 
 
 def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: int | None,
-                    generation_config=None, streamer=None, stopping_criteria=None, logits_processor=None,
-                    **kwargs: Any):
+                    handoff: str = "hold", generation_config=None, streamer=None, stopping_criteria=None,
+                    logits_processor=None, **kwargs: Any):
     base = model.base_model
     input_ids = kwargs.pop("input_ids", inputs)
     if input_ids is None:
@@ -61,7 +72,7 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
         gate_s = time.perf_counter() - start
         with model.pin_routing(weights):
             out = routed_generate(model, input_ids=input_ids, attention_mask=attention_mask, route_tokens=route_tokens,
-                                  generation_config=generation_config, streamer=streamer,
+                                  handoff=handoff, generation_config=generation_config, streamer=streamer,
                                   stopping_criteria=stopping_criteria, logits_processor=logits_processor, **kwargs)
         timing = model.last_generate_timing
         timing["gate_s"] = gate_s
@@ -79,6 +90,8 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
         timing["total_s"] = time.perf_counter() - start
         return out
 
+    if handoff not in HANDOFFS:
+        raise ConfigError(f"handoff must be one of {HANDOFFS}, got {handoff!r}")
     if gen_config.num_beams and gen_config.num_beams > 1:
         raise ConfigError("beam search cannot hand off mid-beam: use route_tokens=None with num_beams > 1")
     if gen_config.return_dict_in_generate:
@@ -97,9 +110,14 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     phase1.min_new_tokens = min(gen_config.min_new_tokens or 0, phase1.max_new_tokens) or None
     start = time.perf_counter()
     first = _PhaseStreamer(streamer, skip_prompt=False, forward_end=False) if streamer is not None else None
-    with model.routing("auto"):
-        prefix = base.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=phase1,
-                               streamer=first, **common)
+    hold = handoff == "hold"
+    pinned = model._state.pinned
+    # Token routers: the layers sum u - g at each step's last position (the one that picks the next token).
+    score_prefix = hold and pinned is None
+    with model.routing("auto"), model.scoring_routed_prefix(score_prefix) as prefix_score:
+        first_out = base.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=phase1,
+                                  streamer=first, return_dict_in_generate=hold, **common)
+    prefix = first_out.sequences if hold else first_out
     timing["routed_s"] = time.perf_counter() - start
     if n_return > 1:
         attention_mask = attention_mask.repeat_interleave(n_return, dim=0)
@@ -114,32 +132,85 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
         dummy_scores = torch.zeros(prefix.shape[0], 1, device=prefix.device)
         for criterion in stopping_criteria:
             alive &= ~torch.as_tensor(criterion(prefix, dummy_scores), device=prefix.device, dtype=torch.bool)
+    held = torch.zeros_like(alive)
+    if hold:
+        held = _harmful_rows(pinned, prefix_score, prefix.shape[0]).to(alive.device)
+    timing["held_rows"] = int((held & alive).sum())
+    timing["held"] = held.tolist()  # per row: routing judged the prompt harmful (hold hand-off only)
     if remaining <= 0 or not bool(alive.any()):
         if streamer is not None:
             streamer.end()
         timing["total_s"] = timing["routed_s"]
         return prefix
 
-    # Phase 2: the plain base model continues from prompt + prefix (one prefill = the hand-off).
-    rows = alive.nonzero(as_tuple=True)[0]
     phase2 = copy.deepcopy(gen_config)
     phase2.max_new_tokens = remaining
     phase2.max_length = None
     phase2.num_return_sequences = 1
     phase2.min_new_tokens = max(0, (gen_config.min_new_tokens or 0) - generated) or None
-    mask2 = torch.cat([attention_mask[rows], attention_mask.new_ones(len(rows), generated)], dim=1)
+    full_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], generated)], dim=1)
     second = _PhaseStreamer(streamer, skip_prompt=True, forward_end=True) if streamer is not None else None
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
     start = time.perf_counter()
-    with model.routing("off"):
-        continued = base.generate(input_ids=prefix[rows], attention_mask=mask2, generation_config=phase2,
-                                  streamer=second, **common)
-    timing["base_s"] = time.perf_counter() - start
-    timing["total_s"] = timing["routed_s"] + timing["base_s"]
+    held_rows = (held & alive).nonzero(as_tuple=True)[0]
+    if len(held_rows):
+        # The unwilling expert keeps the answer, on the routed cache: only the last prefix token is new to it.
+        cache = _returned_cache(first_out)
+        if len(held_rows) != prefix.shape[0]:
+            cache.batch_select_indices(held_rows.to(prefix.device))
+        with model.routing("unwill"):
+            kept = base.generate(input_ids=prefix[held_rows], attention_mask=full_mask[held_rows],
+                                 generation_config=phase2, streamer=second, **{_CACHE_KWARG: cache}, **common)
+        pieces.append((held_rows, kept))
+        timing["held_s"] = time.perf_counter() - start
+        del cache
+    first_out = None  # the routed cache is not the base model's: free it before the hand-off prefill
+    rows = (alive & ~held).nonzero(as_tuple=True)[0]
+    if len(rows):
+        # Phase 2: the plain base model continues from prompt + prefix (one prefill = the hand-off).
+        start2 = time.perf_counter()
+        with model.routing("off"):
+            continued = base.generate(input_ids=prefix[rows], attention_mask=full_mask[rows], generation_config=phase2,
+                                      streamer=second, **common)
+        pieces.append((rows, continued))
+        timing["base_s"] = time.perf_counter() - start2
+    timing["total_s"] = timing["routed_s"] + timing.get("held_s", 0.0) + timing.get("base_s", 0.0)
 
-    out = prefix.new_full((prefix.shape[0], continued.shape[1]), pad_id)
+    width = max(piece.shape[1] for _, piece in pieces)
+    out = prefix.new_full((prefix.shape[0], width), pad_id)
     out[:, : prefix.shape[1]] = prefix
-    out[rows] = continued
+    for idx, piece in pieces:
+        out[idx, : piece.shape[1]] = piece
     return out
+
+
+def _returned_cache(output):
+    """The KV cache a ``return_dict_in_generate`` call hands back (``cache`` from transformers 5.x on)."""
+    cache = getattr(output, "cache", None)
+    if cache is None:
+        cache = getattr(output, "past_key_values", None)
+    if cache is None:
+        raise ConfigError("this model's generate() returned no KV cache; use handoff='fixed'")
+    return cache
+
+
+def _cache_kwarg() -> str:
+    from dataclasses import fields
+
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in {f.name for f in fields(GenerateDecoderOnlyOutput)} else "past_key_values"
+
+
+_CACHE_KWARG = _cache_kwarg()
+
+
+def _harmful_rows(pinned: torch.Tensor | None, prefix_score, batch: int) -> torch.Tensor:
+    """Rows routing judged harmful: the gate's decision (u > g), or the routed prefix's mean u > mean g."""
+    if pinned is not None:
+        weights = pinned.repeat_interleave(batch // pinned.shape[0], dim=0) if pinned.shape[0] != batch else pinned
+        return weights[:, 0] > weights[:, 1]
+    return prefix_score.margin() > 0
 
 
 def _finished_rows(new_tokens: torch.Tensor, gen_config, pad_id: int) -> torch.Tensor:

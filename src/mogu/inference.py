@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, HANDOFFS
+from .errors import ConfigError
 from .loading import load_base_model
 from .model import MoGUModel
 
 
-def load_for_inference(name_or_path: str, *, dtype=None, device: str | None = None):
-    """(model, tokenizer, is_mogu). A folder with mogu_config.json loads as MoGU; anything else as a base."""
+def load_for_inference(name_or_path: str, *, dtype=None, device: str | None = None, handoff: str | None = None):
+    """(model, tokenizer, is_mogu). A folder with mogu_config.json loads as MoGU; anything else as a base.
+
+    ``handoff`` ("hold" or "fixed") overrides the checkpoint's hand-off policy for this session."""
+    if handoff is not None and handoff not in HANDOFFS:
+        raise ConfigError(f"--handoff must be one of {', '.join(HANDOFFS)}, got {handoff!r}")
     if (Path(name_or_path) / CONFIG_NAME).is_file():
         model = MoGUModel.from_pretrained(name_or_path, dtype=dtype, device=device)
+        if handoff is not None:
+            model.config.handoff = handoff
         return model, model.tokenizer, True
     model, tokenizer = load_base_model(name_or_path, dtype=dtype, device=device)
     return model, tokenizer, False

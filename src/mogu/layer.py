@@ -25,6 +25,28 @@ MODES = ("auto", "glad", "unwill", "off")
 EXPERTS = ("glad", "unwill")
 
 
+class PrefixScore:
+    """Running mean of u - g over routed layers and generated steps, per row (the hold hand-off's signal).
+
+    Each step adds every routed layer's weights at the batch's last position: the one whose output
+    picks the next token, so m steps score exactly the m routed tokens."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, u: torch.Tensor, g: torch.Tensor) -> None:
+        step = (u[:, -1, 0] - g[:, -1, 0]).detach().float()
+        self.total = step if self.total is None else self.total + step
+        self.count += 1
+
+    def margin(self) -> torch.Tensor:
+        """[B] mean u - g; > 0 means the routers leaned to the unwilling expert."""
+        if self.total is None:
+            raise MoGUError("no routed step was scored")
+        return self.total / self.count
+
+
 @dataclass
 class RoutingState:
     """State shared by every routed layer of one model (a plain object, not a module)."""
@@ -37,6 +59,8 @@ class RoutingState:
     collected: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     # A prompt-gated model's per-sequence (u, g), [B, 2], pinned for the routed calls of one prompt batch.
     pinned: torch.Tensor | None = None
+    # While set, token routers add their weights to it (generation's hold hand-off).
+    prefix_score: PrefixScore | None = None
 
 
 class RoutedLinear(nn.Module):
@@ -128,6 +152,8 @@ class RoutedLinear(nn.Module):
         out = (u + g) * result + F.linear(mixed, up) * self.scaling
         if state.collect:
             state.collected.append((u, g))
+        if state.prefix_score is not None and self.router is not None:
+            state.prefix_score.add(u, g)
         if state.trace_enabled:
             state.trace.setdefault(self.layer_idx, []).append(  # per token, also for a per-sequence gate
                 torch.cat([u, g], dim=-1).expand(*x.shape[:-1], 2).detach().float().cpu())

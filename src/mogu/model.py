@@ -16,7 +16,7 @@ from .errors import CheckpointMismatchError, ConfigError, MoGUError
 from .families import (candidate_targets, is_projection, layer_index, matches_target, projection_shape,
                        resolve_target_modules)
 from .io import atomic_directory, atomic_write_text
-from .layer import EXPERTS, MODES, RoutedLinear, RoutingState
+from .layer import EXPERTS, MODES, PrefixScore, RoutedLinear, RoutingState
 
 ROUTER_FILE = "router.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -212,6 +212,19 @@ class MoGUModel(nn.Module):
         finally:
             self._state.mode = previous
 
+    @contextlib.contextmanager
+    def scoring_routed_prefix(self, enabled: bool = True) -> Iterator[PrefixScore | None]:
+        """Token routers add each step's (u - g) to the yielded PrefixScore inside (None when not enabled)."""
+        if not enabled:
+            yield None
+            return
+        previous = self._state.prefix_score
+        self._state.prefix_score = score = PrefixScore()
+        try:
+            yield score
+        finally:
+            self._state.prefix_score = previous
+
     def enable_routing_trace(self, enabled: bool = True) -> None:
         self._state.trace_enabled = enabled
 
@@ -266,11 +279,15 @@ class MoGUModel(nn.Module):
                 return self.base_model(*args, **kwargs)
         return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, route_tokens: int | None | str = "config", **kwargs):
+    def generate(self, *args, route_tokens: int | None | str = "config", handoff: str = "config", **kwargs):
+        """Hugging Face ``generate`` with routing: ``route_tokens`` routed tokens, then the hand-off
+        (``handoff``: "hold" keeps a refusal with the unwilling expert, "fixed" is the paper's hand-off
+        to the base model; both default to the config's)."""
         from .generation import routed_generate
 
         m = self.config.route_tokens if route_tokens == "config" else route_tokens
-        return routed_generate(self, *args, route_tokens=m, **kwargs)
+        policy = self.config.handoff if handoff == "config" else handoff
+        return routed_generate(self, *args, route_tokens=m, handoff=policy, **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -183,10 +183,10 @@ class QueueFull(Exception):
 class _RowTracker:
     """A stopping criterion that feeds each batch row's new token to its job.
 
-    ``routed_generate`` runs two ``generate`` calls; the second continues only the rows still
-    alive, so when the batch shrinks the rows are matched back to their jobs by content (the
-    continuation starts with the exact prompt + routed prefix). A re-check of the finished
-    prefix (no new column) emits nothing.
+    ``routed_generate`` runs the routed prefix over the batch, then continues the rows still alive in
+    up to two ``generate`` calls (rows held by the unwilling expert, then rows handed to the base
+    model), so a continuation's rows are matched back to their jobs by content (it starts with the
+    exact prompt + routed prefix). A re-check of the finished prefix (no new column) emits nothing.
     """
 
     def __init__(self, engine: "BatchEngine", jobs: list[Job], width: int):
@@ -215,10 +215,11 @@ class _RowTracker:
     def __call__(self, input_ids, scores=None, **kwargs):
         n, length = input_ids.shape
         ids = input_ids.detach().cpu()
-        if n != len(self.rows):
-            self.rows = self._match(ids[:, :-1])
-        elif length <= self.last_len:  # the hand-off re-checks the routed prefix: nothing new
+        if n == len(self.rows) and length <= self.last_len:  # the hand-off re-checks the routed prefix
             return self._mask(input_ids.device)
+        if n != len(self.rows) or length != self.last_len + 1:
+            # A continuation call over some rows (the held ones, then those handed to the base model).
+            self.rows = self._match(ids[:, :-1])
         if n == len(self.jobs):
             self.seen = ids
         self.last_len = length
@@ -800,14 +801,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
           model_name: str | None = None, max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 10.0,
           max_body_bytes: int = 1 << 20, max_tokens_limit: int = 4096, default_max_tokens: int = 256,
-          log_level: str = "info", echo=print) -> None:
-    """Load ``model_dir`` (a MoGU checkpoint, or any base model mogu can load) and serve it until interrupted."""
+          log_level: str = "info", echo=print, handoff: str | None = None) -> None:
+    """Load ``model_dir`` (a MoGU checkpoint, or any base model mogu can load) and serve it until interrupted.
+    ``handoff`` overrides the checkpoint's hand-off policy ("hold" keeps refusals, "fixed" is the paper's)."""
     import uvicorn
 
     from .inference import load_for_inference
 
     sock = bind_socket(host, port)  # fail fast, before loading the model, when the port is taken
-    model, tokenizer, is_mogu = load_for_inference(model_dir)
+    model, tokenizer, is_mogu = load_for_inference(model_dir, handoff=handoff)
     name = model_name or model_dir
     app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_batch_size=max_batch_size,
                      max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_body_bytes=max_body_bytes,

@@ -60,7 +60,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..config import HANDOFFS
 from ..errors import ConfigError
+from .attacks import Conversation
 
 logger = logging.getLogger("mogu.defenses")
 
@@ -404,14 +406,16 @@ class Defense:
         """Every parameter (defaults filled in), JSON-serialisable, for run records."""
         return _jsonable(dict(self._params))
 
-    # -- prompts
-    def conversation(self, prompt: str) -> list[dict]:
-        return [{"role": "user", "content": prompt}]
+    # -- prompts: a plain prompt is one user turn; an attack's Conversation may hold earlier turns and a prefill
+    def conversation(self, messages: list[dict]) -> list[dict]:
+        """The messages this defense sends for the user's ``messages`` (the last one a user turn)."""
+        return messages
 
-    def render(self, prompt: str) -> str:
-        return render_conversation(self.tokenizer, self.conversation(prompt))
+    def render(self, prompt: "str | Conversation") -> str:
+        conv = Conversation.of(prompt)
+        return render_conversation(self.tokenizer, self.conversation([dict(m) for m in conv.messages])) + conv.prefill
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: "str | Conversation") -> list[int]:
         return encode_text(self.tokenizer, self.render(prompt))
 
     # -- generation
@@ -421,7 +425,7 @@ class Defense:
         with base_behaviour(self.model):
             yield None
 
-    def generate_ids(self, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 8,
+    def generate_ids(self, prompts: "list[str | Conversation]", *, max_new_tokens: int = 64, batch_size: int = 8,
                      progress: bool = False) -> list[list[int]]:
         inputs = [self.encode(p) for p in prompts]
         if not inputs:
@@ -431,12 +435,22 @@ class Defense:
                                     batch_size=batch_size, progress=progress, desc=self.name,
                                     generate_fn=generate_fn)
 
-    def generate(self, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 8,
+    def generate(self, prompts: "list[str | Conversation]", *, max_new_tokens: int = 64, batch_size: int = 8,
                  progress: bool = False) -> list[str]:
-        """Greedy answers to ``prompts`` (decoded, stripped), in prompt order."""
-        ids = self.generate_ids(list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                progress=progress)
-        return [decode(self.tokenizer, x) for x in ids]
+        """Greedy answers to ``prompts`` (decoded, stripped), in prompt order.
+
+        A Conversation with ``followups`` (a multi-turn attack) is answered turn by turn: each reply joins
+        the history before the next user turn, and the last reply is returned."""
+        convs = [Conversation.of(p) for p in prompts]
+        kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        answers = [decode(self.tokenizer, x) for x in self.generate_ids(convs, **kw)]
+        while any(c.followups for c in convs):
+            todo = [i for i, c in enumerate(convs) if c.followups]
+            for i in todo:
+                convs[i] = convs[i].with_reply(answers[i])
+            for i, ids in zip(todo, self.generate_ids([convs[i] for i in todo], **kw)):
+                answers[i] = decode(self.tokenizer, ids)
+        return answers
 
 
 # -- prompt-side baselines -----------------------------------------------------------------------
@@ -451,8 +465,8 @@ class SelfReminder(Defense):
 
     PARAMS = {"system": SELF_REMINDER_SYSTEM, "suffix": SELF_REMINDER_SUFFIX}
 
-    def conversation(self, prompt: str) -> list[dict]:
-        messages = [{"role": "user", "content": prompt + self._params["suffix"]}]
+    def conversation(self, messages: list[dict]) -> list[dict]:
+        messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + self._params["suffix"]}]
         if self._params["system"]:
             messages.insert(0, {"role": "system", "content": self._params["system"]})
         return messages
@@ -468,10 +482,9 @@ class InContextDefense(Defense):
         _require(bool(self._params["demo_prompt"]) and bool(self._params["demo_response"]),
                  "icd: demo_prompt and demo_response must be non-empty")
 
-    def conversation(self, prompt: str) -> list[dict]:
+    def conversation(self, messages: list[dict]) -> list[dict]:
         return [{"role": "user", "content": self._params["demo_prompt"]},
-                {"role": "assistant", "content": self._params["demo_response"]},
-                {"role": "user", "content": prompt}]
+                {"role": "assistant", "content": self._params["demo_response"]}, *messages]
 
 
 @register_defense("self_examination")
@@ -507,7 +520,7 @@ class SelfExamination(Defense):
                                  max_new_tokens=self._params["check_max_new_tokens"], batch_size=batch_size,
                                  progress=progress, desc="self-examination")
 
-    def generate(self, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 8,
+    def generate(self, prompts: "list[str | Conversation]", *, max_new_tokens: int = 64, batch_size: int = 8,
                  progress: bool = False) -> list[str]:
         answers = super().generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         checks = self.check(answers, batch_size=batch_size, progress=progress)
@@ -606,17 +619,23 @@ class Retokenization(Defense):
         self._bpe = _BPE(self.tokenizer)
         self.stats = {"prompts": 0, "retokenized": 0}
 
-    def _text_and_span(self, prompt: str) -> tuple[str, tuple[int, int]]:
-        text = self.render(prompt)
-        prefix, sep, suffix = self.render(_PLACEHOLDER).partition(_PLACEHOLDER)
+    def _text_and_span(self, prompt: "str | Conversation") -> tuple[str, tuple[int, int]]:
+        """The rendered text and the character span of the last user turn (the one re-segmented)."""
+        conv = Conversation.of(prompt)
+        text = self.render(conv)
+        last = conv.messages[-1]["content"]
+        held = Conversation(messages=(*conv.messages[:-1], {"role": "user", "content": _PLACEHOLDER}), prefill=conv.prefill)
+        prefix, sep, suffix = self.render(held).partition(_PLACEHOLDER)
+        prompt = last
         if sep and text.startswith(prefix) and text.endswith(suffix) and len(prefix) + len(suffix) <= len(text):
             return text, (len(prefix), len(text) - len(suffix))
         if sep:  # the template rewrote the prompt (trimmed it, say): put it in verbatim
             return prefix + prompt + suffix, (len(prefix), len(prefix) + len(prompt))
         return text, (0, len(text))
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: "str | Conversation") -> list[int]:
         text, (start, end) = self._text_and_span(prompt)
+        prompt = Conversation.of(prompt).messages[-1]["content"]
         normal = encode_text(self.tokenizer, text)
         enc = self._bpe.backend.encode(text, add_special_tokens=False)
         if enc.ids != normal:  # the Python tokenizer adds behaviour we cannot align to: leave it alone
@@ -945,9 +964,9 @@ class SafetySFT(Defense):
 # -- MoGU ----------------------------------------------------------------------------------------
 @register_defense("mogu")
 class MoGUDefense(Defense):
-    """The routed MoGU model (routing ``auto``; ``route_tokens`` defaults to the model's config)."""
+    """The routed MoGU model (routing ``auto``; ``route_tokens`` and ``handoff`` default to the model's config)."""
 
-    PARAMS = {"route_tokens": "config"}
+    PARAMS = {"route_tokens": "config", "handoff": "config"}
 
     def validate(self) -> None:
         if self.mogu_model is None:
@@ -967,6 +986,11 @@ class MoGUDefense(Defense):
         _require(rt is None or (isinstance(rt, int) and not isinstance(rt, bool) and rt >= 1),
                  f"mogu: route_tokens must be an integer >= 1 or None, got {rt!r}")
         self._params["route_tokens"] = rt
+        handoff = self._params["handoff"]
+        if handoff == "config":
+            handoff = self.mogu_model.config.handoff
+        _require(handoff in HANDOFFS, f"mogu: handoff must be one of {', '.join(HANDOFFS)} or 'config', got {handoff!r}")
+        self._params["handoff"] = handoff
 
     def params(self) -> dict[str, Any]:
         out = super().params()
@@ -976,11 +1000,11 @@ class MoGUDefense(Defense):
     @contextlib.contextmanager
     def _generation(self) -> Iterator[GenerateFn]:
         mogu, tokenizer = self.mogu_model, self.tokenizer
-        route_tokens = self._params["route_tokens"]
+        route_tokens, handoff = self._params["route_tokens"], self._params["handoff"]
 
         def generate_fn(input_ids, mask, max_new_tokens):
             with mogu.routing("auto"):
                 return mogu.generate(input_ids=input_ids, attention_mask=mask, route_tokens=route_tokens,
-                                     **greedy_kwargs(self.model, tokenizer, max_new_tokens))
+                                     handoff=handoff, **greedy_kwargs(self.model, tokenizer, max_new_tokens))
 
         yield generate_fn

@@ -35,8 +35,11 @@ class EvalConfig:
     out: Path
     defenses: list[str] = field(default_factory=lambda: ["none", "mogu"])
     benchmarks: list[str] = field(default_factory=lambda: ["advbench", "just_eval"])
-    judge: str = "keyword"
+    judge: str = "whole_answer"
     judge_options: dict[str, Any] = field(default_factory=dict)
+    # Applied to the harmful prompts of every benchmark; "none" asks every prompt plainly.
+    attacks: list[str] = field(default_factory=lambda: ["none"])
+    attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     defense_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     benchmark_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_dir: str | None = None
@@ -60,6 +63,8 @@ class EvalConfig:
             raise ConfigError("batch and chunk sizes must be >= 1")
         if len(set(self.defenses)) != len(self.defenses) or len(set(self.benchmarks)) != len(self.benchmarks):
             raise ConfigError("defenses and benchmarks must not repeat")
+        if not self.attacks or len(set(self.attacks)) != len(self.attacks):
+            raise ConfigError("--attacks must name at least one attack, without repeats")
 
 
 def parse_options(specs: list[str] | None, known: set[str] | None = None, what: str = "option") -> dict[str, dict]:
@@ -191,6 +196,29 @@ class EvalRunner:
             self.log(f"benchmark {name}: {len(sets[name])} prompts ({harmful} harmful)")
         return sets
 
+    def attacked(self, sets: dict[str, list]) -> dict[str, list]:
+        """Per benchmark, the work items: every prompt plainly (attack ``none``, when selected), then each
+        other attack's conversation for every harmful prompt."""
+        from .attacks import AttackedPrompt, build_attacks
+
+        attacks = build_attacks(self.cfg.attacks, options=self.cfg.attack_options, data_dir=self._data_dir(),
+                                seed=self.cfg.seed)
+        self.attack_params = {n: a.describe() for n, a in attacks.items()}
+        work = {}
+        for bname, prompts in sets.items():
+            items = []
+            for name, attack in attacks.items():
+                for p in prompts:
+                    if name == "none" or p.harmful:
+                        items.append(AttackedPrompt(p, name, attack.apply(p.prompt, p.id, p.meta)))
+            work[bname] = items
+        return work
+
+    def _data_dir(self):
+        from .benchmarks import resolve_data_dir
+
+        return resolve_data_dir(self.cfg.data_dir)
+
     def load_model(self):
         from ..inference import load_for_inference
         from ..model import MoGUModel
@@ -242,6 +270,7 @@ class EvalRunner:
 
     # -- stages ---------------------------------------------------------------------------
     def generate(self, sets: dict[str, list]) -> list[dict] | None:
+        """``sets``: per benchmark, the AttackedPrompt work items of :meth:`attacked`."""
         """Generate what is not cached; every wanted row in canonical order (None on a non-main process)."""
         state = self.state
         world, rank, main = state.num_processes, state.process_index, state.is_main_process
@@ -258,7 +287,7 @@ class EvalRunner:
         chunks = []
         for dname in self.cfg.defenses:
             for bname, prompts in sets.items():
-                todo = [p for p in prompts if (dname, bname, p.id) not in done]
+                todo = [p for p in prompts if (dname, bname, p.key) not in done]
                 if not todo:
                     continue
                 if main:
@@ -276,12 +305,10 @@ class EvalRunner:
                 defense, current = self.build_defense(dname), dname
                 params[dname] = defense.params()
             start = time.perf_counter()
-            answers = defense.generate([p.prompt for p in chunk], max_new_tokens=self.cfg.max_new_tokens,
+            answers = defense.generate([item.conversation for item in chunk], max_new_tokens=self.cfg.max_new_tokens,
                                        batch_size=self.cfg.batch_size, progress=True)
             per = (time.perf_counter() - start) / len(chunk)
-            rows = [{"defense": dname, "benchmark": bname, "id": p.id, "prompt": p.prompt,
-                     "category": p.category, "harmful": p.harmful, "response": a,
-                     "seconds": round(per, 3)} for p, a in zip(chunk, answers)]
+            rows = [_generation_row(dname, bname, item, a, per) for item, a in zip(chunk, answers)]
             _append_jsonl(out_path, rows)
             self.log(f"  {dname} x {bname}: {progress}")
         if defense is not None and hasattr(defense, "stats"):
@@ -295,7 +322,7 @@ class EvalRunner:
                 return None
             self.defense_params = _merge_params(per_rank, self.cfg.defenses)
         rows_by_key = self._merge_generations(sets)
-        wanted = {(d, b, p.id) for d in self.cfg.defenses for b, ps in sets.items() for p in ps}
+        wanted = {(d, b, p.key) for d in self.cfg.defenses for b, ps in sets.items() for p in ps}
         return [rows_by_key[k] for k in sorted(wanted, key=lambda k: (self.cfg.defenses.index(k[0]),
                                                                       self.cfg.benchmarks.index(k[1]), k[2]))]
 
@@ -313,7 +340,7 @@ class EvalRunner:
         for di, d in enumerate(self.cfg.defenses):
             for bi, (b, prompts) in enumerate(sets.items()):
                 for pi, p in enumerate(prompts):
-                    position.setdefault((d, b, p.id), (di, bi, pi))
+                    position.setdefault((d, b, p.key), (di, bi, pi))
         others = [r for k, r in by_key.items() if k not in position]
         ours = [by_key[k] for k in sorted((k for k in by_key if k in position), key=position.__getitem__)]
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in others + ours)
@@ -354,16 +381,19 @@ class EvalRunner:
         self.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         sets = self.load_prompts()
+        work = self.attacked(sets)
         args = asdict(self.cfg)
         record = run_record(args, data_files=[])
         record["benchmark_sha256"] = _prompt_hashes(sets)
+        record["attacks"] = self.attack_params
         if self.state.is_main_process:
             atomic_write_text(self.out / "run.json", json.dumps(record, indent=2, default=str))
-        generations = self.generate(sets)
+        generations = self.generate(work)
         if generations is None:  # not the main process: it merged the shards and reports alone
             return None
         verdicts, judge_params, judge_stats = self.judge(generations)
-        metrics = compute_metrics(generations, verdicts, self.cfg.defenses, self.cfg.benchmarks)
+        metrics = compute_metrics(generations, verdicts, self.cfg.defenses, self.cfg.benchmarks, self.cfg.attacks)
+        metrics["attack_params"] = self.attack_params
         metrics["judge"] = {"name": self.cfg.judge, "params": judge_params, "stats": judge_stats}
         metrics["defense_params"] = getattr(self, "defense_params", {})
         metrics["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -381,6 +411,15 @@ class EvalRunner:
         record["judge"] = metrics["judge"]
         atomic_write_text(self.out / "run.json", json.dumps(record, indent=2, default=str))
         return metrics
+
+
+def _generation_row(defense: str, benchmark: str, item, response: str, seconds: float) -> dict:
+    p = item.prompt
+    row = {"defense": defense, "benchmark": benchmark, "id": item.key, "prompt": p.prompt, "category": p.category,
+           "harmful": p.harmful, "attack": item.attack, "response": response, "seconds": round(seconds, 3)}
+    if item.attack != "none":  # what was actually sent; the judge reads the behaviour in "prompt"
+        row["conversation"] = item.conversation.to_dict()
+    return row
 
 
 def _prompt_hashes(sets: dict[str, list]) -> dict[str, str]:

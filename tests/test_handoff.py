@@ -1,0 +1,196 @@
+"""The hold hand-off: a prompt routing judged harmful stays with the unwilling expert to the end of the answer.
+
+Pins, on every family: benign rows are exactly the paper's fixed hand-off; held rows are exactly the routed
+prefix followed by the unwilling expert (an uncached reference); mixed, left-padded batches equal single
+rows; streaming sees each token once; the fixed hand-off is still available."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mogu import MoGUConfig, MoGUModel
+from mogu.errors import ConfigError
+from tiny_models import FAMILY_CONFIGS, left_pad, randomize_added, tiny_model
+
+FAMILIES = sorted(FAMILY_CONFIGS)
+BIAS = 12.0  # a router logit shift that makes u ~ 1, g ~ 0 (or the reverse) at every token
+
+
+def make(family, *, lean: str | None = None, router_type: str = "token", seed: int = 0):
+    base = tiny_model(family, seed)
+    model = MoGUModel.from_base(base, MoGUConfig(router_type=router_type, lora_dropout=0.0))
+    randomize_added(model)
+    if lean is not None and router_type == "token":
+        sign = 1.0 if lean == "unwill" else -1.0
+        with torch.no_grad():
+            for m in model.routed_modules.values():
+                m.router.unwill.linear_2.bias.add_(sign * BIAS)
+                m.router.glad.linear_2.bias.add_(-sign * BIAS)
+    return model
+
+
+def ids(batch=1, length=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, length), generator=g)
+
+
+def greedy(model, x, **kw):
+    mask = kw.pop("attention_mask", torch.ones_like(x))
+    return model.generate(input_ids=x, attention_mask=mask, do_sample=False, pad_token_id=0, **kw)
+
+
+def uncached_reference(model, x, route_tokens, total):
+    """Routed argmax for m tokens, then the unwilling expert alone, without any cache."""
+    seq = x
+    with torch.no_grad():
+        for step in range(total):
+            mode = "auto" if step < route_tokens else "unwill"
+            with model.routing(mode):
+                logits = model(input_ids=seq, use_cache=False).logits
+            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_held_row_is_the_routed_prefix_then_the_unwilling_expert(family):
+    model = make(family, lean="unwill")
+    x = ids(seed=3)
+    got = greedy(model, x, max_new_tokens=10, route_tokens=4, handoff="hold")
+    assert model.last_generate_timing["held_rows"] == 1
+    assert got.tolist() == uncached_reference(model, x, 4, 10).tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_benign_row_is_exactly_the_fixed_handoff(family):
+    model = make(family, lean="glad")
+    x = ids(seed=4)
+    hold = greedy(model, x, max_new_tokens=10, route_tokens=4, handoff="hold")
+    assert model.last_generate_timing["held_rows"] == 0
+    fixed = greedy(model, x, max_new_tokens=10, route_tokens=4, handoff="fixed")
+    assert torch.equal(hold, fixed)
+
+
+def test_fixed_handoff_gives_the_harmful_row_to_the_base_model():
+    model = make("llama", lean="unwill")
+    reference = copy.deepcopy(model.base_model)
+    x = ids(seed=5)
+    got = greedy(model, x, max_new_tokens=9, route_tokens=3, handoff="fixed")
+    with model.routing("off"):
+        expected = greedy(model, got[:, :x.shape[1] + 3], max_new_tokens=6, route_tokens=None)
+    assert got.tolist() == expected.tolist()
+    assert reference is not None
+
+
+def test_the_config_sets_the_default_handoff_and_rejects_unknown_ones():
+    assert MoGUConfig().handoff == "hold"
+    assert MoGUConfig(handoff="fixed").handoff == "fixed"
+    with pytest.raises(ConfigError, match="handoff"):
+        MoGUConfig(handoff="sometimes")
+    model = make("llama", lean="unwill")
+    model.config.handoff = "fixed"
+    x = ids(seed=6)
+    assert torch.equal(greedy(model, x, max_new_tokens=8, route_tokens=3),
+                       greedy(model, x, max_new_tokens=8, route_tokens=3, handoff="fixed"))
+    with pytest.raises(ConfigError, match="handoff"):
+        greedy(model, x, max_new_tokens=8, route_tokens=3, handoff="never")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon", "qwen3"])
+def test_mixed_left_padded_batch_equals_single_rows_with_a_pinned_gate_decision(family):
+    """Rows 0 and 2 are judged harmful and held, row 1 hands off; each equals its row generated alone."""
+    model = make(family, router_type="prompt")
+    rows = [ids(1, n, seed=n)[0].tolist() for n in (4, 7, 9)]
+    decisions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    x, mask = left_pad(rows)
+    with model.pin_routing(decisions):
+        batched = greedy(model, x, attention_mask=mask, max_new_tokens=8, route_tokens=3)
+    assert model.last_generate_timing["held_rows"] == 2
+    for i, r in enumerate(rows):
+        with model.pin_routing(decisions[i:i + 1]):
+            single = greedy(model, torch.tensor([r]), max_new_tokens=8, route_tokens=3)
+        assert batched[i, x.shape[1]:].tolist()[: single.shape[1] - len(r)] == single[0, len(r):].tolist()
+    # The held rows are the unwilling expert's own continuation, the handed-off row the base model's.
+    with model.pin_routing(decisions[:1]):
+        fixed = greedy(model, torch.tensor([rows[0]]), max_new_tokens=8, route_tokens=3, handoff="fixed")
+    held = batched[0, x.shape[1]:x.shape[1] + 8].tolist()
+    assert held[:3] == fixed[0, 4:7].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_held_token_router_batch_with_left_padding_equals_single_rows(family):
+    model = make(family, lean="unwill")
+    rows = [ids(1, n, seed=n)[0].tolist() for n in (4, 7, 9)]
+    x, mask = left_pad(rows)
+    batched = greedy(model, x, attention_mask=mask, max_new_tokens=8, route_tokens=3)
+    assert model.last_generate_timing["held_rows"] == 3
+    for i, r in enumerate(rows):
+        single = greedy(model, torch.tensor([r]), max_new_tokens=8, route_tokens=3)
+        assert batched[i, x.shape[1]:].tolist()[: single.shape[1] - len(r)] == single[0, len(r):].tolist()
+
+
+def test_the_gate_decides_the_hold_from_its_own_score():
+    model = make("llama", router_type="prompt")
+    x = ids(seed=8)
+    model.gate.threshold.fill_(-1e9)  # every prompt scores above: harmful, held
+    held = greedy(model, x, max_new_tokens=8, route_tokens=3)
+    assert model.last_generate_timing["held_rows"] == 1
+    assert held.tolist() == uncached_reference_unwill(model, x, 8).tolist()
+    model.gate.threshold.fill_(1e9)  # every prompt benign: the fixed hand-off
+    benign = greedy(model, x, max_new_tokens=8, route_tokens=3)
+    assert model.last_generate_timing["held_rows"] == 0
+    assert torch.equal(benign, greedy(model, x, max_new_tokens=8, route_tokens=3, handoff="fixed"))
+
+
+def uncached_reference_unwill(model, x, total):
+    seq = x
+    with torch.no_grad(), model.routing("unwill"):
+        for _ in range(total):
+            seq = torch.cat([seq, model(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    return seq
+
+
+def test_streamer_sees_each_token_of_a_held_answer_once():
+    model = make("llama", lean="unwill")
+    x = ids(seed=9)
+
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ends = [], 0
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ends += 1
+
+    streamer = Collect()
+    out = greedy(model, x, max_new_tokens=9, route_tokens=3, streamer=streamer)
+    assert model.last_generate_timing["held_rows"] == 1
+    assert streamer.chunks[0] == x[0].tolist()
+    assert sum(streamer.chunks[1:], []) == out[0, x.shape[1]:].tolist()
+    assert streamer.ends == 1
+
+
+def test_held_row_that_emits_eos_stops_there():
+    model = make("llama", lean="unwill")
+    x = ids(seed=10)
+    free = greedy(model, x, max_new_tokens=12, route_tokens=3)[0, x.shape[1]:].tolist()
+    # The first token the unwilling expert picks after the prefix that did not occur before becomes "EOS".
+    j = next(j for j in range(3, 12) if free[j] not in free[:j])
+    eos = free[j]
+    out = greedy(model, x, max_new_tokens=12, route_tokens=3, eos_token_id=eos)
+    new = out[0, x.shape[1]:].tolist()
+    assert new[:j + 1] == free[:j + 1] and all(t == 0 for t in new[j + 1:])
+
+
+def test_sampling_with_a_held_row_runs_and_respects_the_length():
+    model = make("llama", lean="unwill")
+    x = ids(batch=2, seed=11)
+    torch.manual_seed(0)
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0,
+                         max_new_tokens=7, min_new_tokens=7, route_tokens=3, pad_token_id=127)
+    assert out.shape == (2, x.shape[1] + 7)
+    assert model.last_generate_timing["held_rows"] == 2
