@@ -194,3 +194,12 @@ def test_sampling_with_a_held_row_runs_and_respects_the_length():
                          max_new_tokens=7, min_new_tokens=7, route_tokens=3, pad_token_id=127)
     assert out.shape == (2, x.shape[1] + 7)
     assert model.last_generate_timing["held_rows"] == 2
+
+
+def test_held_row_without_a_kv_cache_recomputes_and_gives_the_same_tokens():
+    model = make("llama", lean="unwill")
+    x = ids(seed=12)
+    cached = greedy(model, x, max_new_tokens=8, route_tokens=3)
+    uncached = greedy(model, x, max_new_tokens=8, route_tokens=3, use_cache=False)
+    assert model.last_generate_timing["held_rows"] == 1
+    assert torch.equal(cached, uncached)

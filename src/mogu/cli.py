@@ -28,6 +28,8 @@ def _echo(msg: str) -> None:
 def _setup_torch(threads: Optional[int]) -> None:
     import torch
 
+    if threads is not None and threads < 1:
+        raise MoGUError(f"--threads must be >= 1, got {threads}")
     if threads:
         torch.set_num_threads(threads)
 
@@ -176,12 +178,25 @@ def _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, rou
                       router_hidden=router_hidden, route_tokens=route_tokens or None, router_type=router_type)
 
 
+OVERWRITE_HELP = ("Replace --out even if mogu did not write it (never /, home, the current folder, or a "
+                  "folder holding this command's inputs).")
+
+
+def _overwrite_option():
+    return typer.Option(False, "--overwrite", help=OVERWRITE_HELP)
+
+
 def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_overrides: dict,
                 preset_name: str = "paper", resume: bool = False, model=None, tokenizer=None,
-                progress: bool = True, layer_selection: dict | None = None):
-    """Train a MoGU model; ``layer_selection`` (select_layers overrides) first picks routed layers by probe."""
-    from .model import MoGUModel
+                progress: bool = True, layer_selection: dict | None = None, overwrite: bool = False):
+    """Train a MoGU model; ``layer_selection`` (select_layers overrides) first picks routed layers by probe.
+    ``out/model`` must be replaceable (checked before training; ``overwrite`` allows a foreign folder)."""
+    from .io import check_replaceable
+    from .model import CHECKPOINT_KIND, MoGUModel
     from .training import TrainConfig, preset
+
+    protected = (model_name, data)
+    check_replaceable(out / "model", kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected)
 
     schedule = preset(preset_name, version=mogu_config.version)
     stages = schedule.pop("stages")
@@ -199,9 +214,21 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
             top[key] = value
     only = top.pop("stages", None)
     if only:
+        unknown = [s for s in only if s not in stages]
+        if unknown:
+            from .errors import ConfigError
+
+            raise ConfigError(f"unknown stage(s) {', '.join(map(repr, unknown))} in --stages; known: {', '.join(stages)}")
         stages = {k: v for k, v in stages.items() if k in only}
     cfg = TrainConfig(data_dir=str(data), output_dir=str(out), stages=stages, **top)
     cfg.validate()
+    if (mogu_config.router_type == "prompt" and "router" not in stages and not resume
+            and not (Path(model_name) / "mogu_config.json").is_file()):
+        from .errors import ConfigError
+
+        raise ConfigError("--router-type prompt: the router stage fits the gate, and a model without it would "
+                          "route every prompt to the glad expert; add router to --stages (or train it later with "
+                          "--resume --stages router into the same --out)")
     import torch
 
     # Fresh experts and routers (and LoRA dropout) follow --seed: a resumed run, and every process of
@@ -234,7 +261,8 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     trainer = Trainer(model, tokenizer or model.tokenizer, cfg, log=_echo, progress=progress)
     summary = trainer.train(resume=resume)
     if trainer.accelerator.is_main_process:  # under `accelerate launch` the others wait for the save
-        final = model.save_pretrained(out / "model", extra_card=_training_card(summary))
+        final = model.save_pretrained(out / "model", extra_card=_training_card(summary), overwrite=overwrite,
+                                      protected=protected)
         _echo(f"saved MoGU model to {final}")
     trainer.accelerator.wait_for_everyone()
     return model, summary
@@ -320,6 +348,7 @@ def train(
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints (50)."),
     keep_checkpoints: Optional[int] = typer.Option(None, min=0, help="Newest step checkpoints kept per stage (2; 0 keeps all)."),
     seed: Optional[int] = typer.Option(None),
+    overwrite: bool = _overwrite_option(),
     threads: Optional[int] = typer.Option(None),
 ):
     """Train glad -> unwill -> router on a frozen base model."""
@@ -343,7 +372,7 @@ def train(
                  "router_init_refits": router_init_refits, "router_init_glad_bias": router_init_glad_bias,
                  "stages": stages.split(",") if stages else None}
     train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume,
-                layer_selection=selection)
+                layer_selection=selection, overwrite=overwrite)
 
 
 def selection_pooling(router_type: str) -> str:
@@ -389,6 +418,7 @@ def finetune(
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
     refit_gate: bool = typer.Option(True, help="Prompt-gated models: refit the gate's probes on --mix-data's prompts "
                                               "after fine-tuning (the threshold is kept)."),
+    overwrite: bool = _overwrite_option(),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -403,7 +433,7 @@ def finetune(
                          micro_batch_size=micro_batch_size, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          target_modules=_csv(target_modules) if target_modules else None,
                          max_response_tokens=max_response_tokens, save_every=save_every,
-                         keep_checkpoints=keep_checkpoints, seed=seed, refit_gate=refit_gate)
+                         keep_checkpoints=keep_checkpoints, seed=seed, refit_gate=refit_gate, overwrite=overwrite)
     _, _, summary = run_finetune(model, cfg, resume=resume, log=_echo)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -451,6 +481,8 @@ def generate(
     if is_mogu:
         m.set_routing(mode)
         if route_tokens is not None:
+            if route_tokens < 0:
+                raise MoGUError(f"--route-tokens must be >= 0 (0 routes every token), got {route_tokens}")
             kw["route_tokens"] = route_tokens or None
         m.enable_routing_trace(trace)
     out = m.generate(**enc, **kw)
@@ -766,6 +798,7 @@ def calibrate(
     refine: int = typer.Option(DEFAULT_REFINE, min=0, max=10, help="Bisection steps between the last grid point keeping --min-harmful and the next one missing it (0: grid only)."),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, max=1024, help="Tokens generated per prompt for the refusal judge (default: the model's route_tokens, i.e. the routed prefix alone, or 16 when it routes every token; on SmolLM2 5 tokens gave the same refusal rates as 16 and 64 at half the cost of 16; docs/RESULTS.md)."),
     batch_size: int = typer.Option(32, min=1, max=1024),
+    overwrite: bool = _overwrite_option(),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Choose the router's operating point on dev prompts: the glad-bias shift with the fewest benign refusals
@@ -793,6 +826,11 @@ def calibrate(
             raise MoGUError(f"no {'harmful' if is_harmful else 'benign'} dev prompts in {spec!r}")
         return [r.prompt for r in rows]
 
+    from .io import check_replaceable
+    from .model import CHECKPOINT_KIND
+
+    protected = (model, *(p.strip() for spec in (harmful, benign) if spec != BUILTIN for p in spec.split(",")))
+    check_replaceable(out, kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected)  # before any work
     harm, ben = prompts(harmful, True), prompts(benign, False)
     _setup_torch(threads)
     m, tok, is_mogu = load_for_inference(model)
@@ -801,7 +839,7 @@ def calibrate(
 
     result = calibrate_and_save(m, tok, harm, ben, out, source=model, grid=values, min_harmful=min_harmful,
                                 exhaustive=exhaustive, refine=refine, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size,
+                                batch_size=batch_size, overwrite=overwrite, protected=protected,
                                 args={"model": model, "harmful": harmful, "benign": benign, "field": field})
     typer.echo(result.to_markdown())
     typer.echo(f"\nchosen glad bias {result.chosen:+g}: {result.reason}\nwrote {out} ({CALIBRATION_FILE} inside)")
@@ -810,7 +848,8 @@ def calibrate(
 def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path, *, source: str, grid,
                        min_harmful: float, exhaustive: bool = False, refine: int = DEFAULT_REFINE,
                        max_new_tokens: int | None = None,
-                       batch_size: int = 32, args: dict | None = None):
+                       batch_size: int = 32, args: dict | None = None, overwrite: bool = False,
+                       protected: tuple = ()):
     """Calibrate ``m`` in place on dev prompts (keyword judge, greedy) and save it with calibration.json.
 
     ``max_new_tokens`` None judges the routed prefix alone (the model's route_tokens): the shift acts
@@ -862,7 +901,8 @@ def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path,
                                  "batch_size": batch_size})}
     card = (f"## Calibration\n\nRouter operating point chosen by `mogu calibrate`: glad bias {result.chosen:+g} "
             f"({result.reason}). Rule: {RULE}.\n\n{result.to_markdown()}\n")
-    m.save_pretrained(out, extra_card=card, extra_files={CALIBRATION_FILE: json.dumps(record, indent=2)})
+    m.save_pretrained(out, extra_card=card, extra_files={CALIBRATION_FILE: json.dumps(record, indent=2)},
+                      overwrite=overwrite, protected=protected)
     return result
 
 
@@ -880,12 +920,13 @@ def convert_reference_command(
     target_modules: Optional[str] = typer.Option(None, help="Comma-separated module suffixes (default: per family)."),
     route_tokens: int = typer.Option(5, help="Routed generated tokens before the base model takes over; 0 routes every token."),
     revision: Optional[str] = typer.Option(None, help="Base model revision on the Hub."),
+    overwrite: bool = _overwrite_option(),
 ):
     """Convert the MoGU authors' released parameters (Llama2 / Vicuna / Falcon) into a mogu checkpoint."""
     from .interop import convert_reference
 
     path = convert_reference(glad, unwill, router, base, out, route_tokens=route_tokens or None, revision=revision,
-                             target_modules=_csv(target_modules) if target_modules else None)
+                             target_modules=_csv(target_modules) if target_modules else None, overwrite=overwrite)
     typer.echo(f"wrote {path}; chat with: mogu chat --model {path}")
 
 
@@ -902,11 +943,12 @@ def convert_peft_command(
     route_tokens: int = typer.Option(5, help="0 routes every token."),
     version: str = typer.Option("v1", help="v1 or v2."),
     revision: Optional[str] = typer.Option(None, help="Base model revision on the Hub."),
+    overwrite: bool = _overwrite_option(),
 ):
     """Import two PEFT LoRA adapters as the glad / unwill experts of a new MoGU model."""
     from .interop import convert_peft
 
-    path = convert_peft(glad, unwill, base, out, revision=revision, r=r, lora_alpha=lora_alpha,
+    path = convert_peft(glad, unwill, base, out, revision=revision, overwrite=overwrite, r=r, lora_alpha=lora_alpha,
                         target_modules=_csv(target_modules) if target_modules else None,
                         router_hidden=router_hidden, route_tokens=route_tokens or None, version=version)
     typer.echo(f"wrote {path}; train the routers with: mogu train --stages router ... (or --resume)")
@@ -917,11 +959,12 @@ def export_command(
     model: Path = typer.Option(..., help="MoGU checkpoint folder."),
     out: Path = typer.Option(..., help="Output folder: the adapter itself, or glad/ and unwill/ with --expert both."),
     expert: str = typer.Option("both", help="glad | unwill | both"),
+    overwrite: bool = _overwrite_option(),
 ):
     """Export the experts as standard PEFT LoRA folders (PeftModel.from_pretrained, vLLM multi-LoRA, ...)."""
     from .interop import export_experts
 
-    path = export_experts(model, out, expert)
+    path = export_experts(model, out, expert, overwrite=overwrite)
     typer.echo(f"wrote {path}")
 
 

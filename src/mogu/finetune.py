@@ -237,10 +237,19 @@ def write_task_adapter(model: nn.Module, directory: str | Path, *, base_model_na
     return directory
 
 
-def save_task_adapter(model: nn.Module, directory: str | Path, **kwargs) -> Path:
+TASK_ADAPTER_KIND = "task-adapter"
+
+
+def _inputs(cfg: "FinetuneConfig", model_name: str | None) -> tuple:
+    """The paths a fine-tuning run reads: never replaced by its output."""
+    return tuple(p for p in (model_name, cfg.task_data, cfg.mix_data) if p)
+
+
+def save_task_adapter(model: nn.Module, directory: str | Path, *, overwrite: bool = False,
+                      protected: tuple = (), **kwargs) -> Path:
     """``write_task_adapter`` into ``directory`` in one rename (a reader never sees half a folder)."""
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, kind=TASK_ADAPTER_KIND, overwrite=overwrite, protected=protected) as tmp:
         write_task_adapter(model, tmp, **kwargs)
     return directory
 
@@ -307,6 +316,7 @@ class FinetuneConfig:
     # Prompt-gated MoGU models: refit the gate's probes on the mix set's labelled prompts after training, since
     # the task adapter moves the features they read (the calibrated threshold is kept).
     refit_gate: bool = True
+    overwrite: bool = False  # replace output_dir/model even if mogu did not write it (mogu.io.check_replaceable)
 
     def validate(self) -> None:
         """Ranges and input files, checked before any model is loaded."""
@@ -492,7 +502,7 @@ class FineTuner:
         from .training import _remove_dir
 
         root = self.out / "checkpoints"
-        with atomic_directory(root / f"step-{step:07d}") as tmp:
+        with atomic_directory(root / f"step-{step:07d}", kind="finetune-step") as tmp:
             save_file(task_adapter_state_dict(self.model), str(tmp / _CKPT_TENSORS))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self._rng_state(), tmp / "rng.pt")
@@ -662,8 +672,10 @@ class FineTuner:
                     f"`{', '.join(sorted(self.lora_config.target_modules))}`, trained by `mogu finetune` on "
                     f"`{self.task_path}` for {self.total_steps} steps with mix ratio {cfg.mix_ratio}"
                     + (f" of `{self.mix_path}`" if self.mix_path else "") + "; it is applied on load.")
-            return self.model.save_pretrained(target, extra_card=card)
-        return save_task_adapter(self.model, target, base_model_name_or_path=self.model_name)
+            return self.model.save_pretrained(target, extra_card=card, overwrite=self.cfg.overwrite,
+                                              protected=_inputs(self.cfg, self.model_name))
+        return save_task_adapter(self.model, target, base_model_name_or_path=self.model_name,
+                                 overwrite=self.cfg.overwrite, protected=_inputs(self.cfg, self.model_name))
 
 
 def run_finetune(model_name: str, cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], None] = print,
@@ -672,7 +684,12 @@ def run_finetune(model_name: str, cfg: FinetuneConfig, *, resume: bool = False, 
     from .inference import load_for_inference
 
     cfg.validate()  # bad options and missing files fail before the model loads
-    model, tokenizer, _ = load_for_inference(model_name)
+    from .io import check_replaceable
+    from .model import CHECKPOINT_KIND
+
+    model, tokenizer, is_mogu = load_for_inference(model_name)
+    check_replaceable(Path(cfg.output_dir) / "model", kind=CHECKPOINT_KIND if is_mogu else TASK_ADAPTER_KIND,
+                      overwrite=cfg.overwrite, protected=_inputs(cfg, model_name))
     tuner = FineTuner(model, tokenizer, cfg, model_name=model_name, log=log, progress=progress)
     return model, tokenizer, tuner.train(resume=resume)
 

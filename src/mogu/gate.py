@@ -47,6 +47,10 @@ class PromptGate(nn.Module):
         logits = [features[i].to(self.weight.dtype) @ self.weight[k] + self.bias[k] for k, i in enumerate(self.layers)]
         return torch.stack(logits).mean(0)
 
+    def is_fitted(self) -> bool:
+        """A fresh gate is all zeros: it would send every prompt to the glad expert, the one that complies."""
+        return bool(self.weight.detach().abs().sum() > 0 or self.bias.detach().abs().sum() > 0)
+
     def weights(self, scores: torch.Tensor) -> torch.Tensor:
         """(u, g) per prompt, [B, 2]: all unwill above the threshold, all glad otherwise."""
         u = (scores > self.threshold).to(torch.float32)

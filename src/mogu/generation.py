@@ -156,11 +156,14 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     if len(held_rows):
         # The unwilling expert keeps the answer, on the routed cache: only the last prefix token is new to it.
         cache = _returned_cache(first_out)
-        if len(held_rows) != prefix.shape[0]:
-            cache.batch_select_indices(held_rows.to(prefix.device))
+        cached = {}
+        if cache is not None:  # None under use_cache=False: the unwilling expert recomputes the prefix
+            if len(held_rows) != prefix.shape[0]:
+                cache.batch_select_indices(held_rows.to(prefix.device))
+            cached = {_CACHE_KWARG: cache}
         with model.routing("unwill"):
             kept = base.generate(input_ids=prefix[held_rows], attention_mask=full_mask[held_rows],
-                                 generation_config=phase2, streamer=second, **{_CACHE_KWARG: cache}, **common)
+                                 generation_config=phase2, streamer=second, **cached, **common)
         pieces.append((held_rows, kept))
         timing["held_s"] = time.perf_counter() - start
         del cache
@@ -185,13 +188,9 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
 
 
 def _returned_cache(output):
-    """The KV cache a ``return_dict_in_generate`` call hands back (``cache`` from transformers 5.x on)."""
+    """The KV cache a ``return_dict_in_generate`` call hands back (``cache`` from transformers 5.x on), or None."""
     cache = getattr(output, "cache", None)
-    if cache is None:
-        cache = getattr(output, "past_key_values", None)
-    if cache is None:
-        raise ConfigError("this model's generate() returned no KV cache; use handoff='fixed'")
-    return cache
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def _cache_kwarg() -> str:

@@ -35,7 +35,7 @@ from .config import CONFIG_NAME, MoGUConfig
 from .errors import CheckpointMismatchError, ConfigError, MoGUError
 from .families import family_for, is_projection, layer_index, matches_target, projection_shape, \
     resolve_target_modules
-from .io import atomic_directory, sha256_file
+from .io import atomic_directory, check_replaceable, sha256_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -493,7 +493,7 @@ def _router_hidden(sd: dict[str, torch.Tensor], path: Path) -> int:
 
 def convert_reference(glad_dir: str | Path, unwill_dir: str | Path, router_file: str | Path,
                       base: nn.Module | str | Path, out: str | Path, *, target_modules: list[str] | None = None,
-                      route_tokens: int | None = 5, revision: str | None = None) -> Path:
+                      route_tokens: int | None = 5, revision: str | None = None, overwrite: bool = False) -> Path:
     """Convert the authors' released parameters (reference v1) into a mogu checkpoint at ``out``.
 
     ``glad_dir`` / ``unwill_dir``: ``resp_glad/<step>_lora`` / ``resp_unwill/<step>_lora`` (or their
@@ -534,7 +534,12 @@ def convert_reference(glad_dir: str | Path, unwill_dir: str | Path, router_file:
             f"(glad: `{glad.path.name}`, unwill: `{unwill.path.name}`, router: `{router_file.name}`, "
             f"sha256 `{config.extra['converted_from']['router_sha256'][:16]}…`). The reference's fixed LoRA "
             f"scaling 2 is kept (lora_alpha = 2r).")
-    return model.save_pretrained(out, extra_card=note)
+    return model.save_pretrained(out, extra_card=note, overwrite=overwrite,
+                                 protected=(glad_dir, unwill_dir, router_file, *_paths(base)))
+
+
+def _paths(base) -> tuple:
+    return (base,) if isinstance(base, (str, Path)) else ()
 
 
 # -- any two PEFT adapters ------------------------------------------------------------------
@@ -543,7 +548,7 @@ _DERIVED = ("r", "lora_alpha", "target_modules", "routed_layers")
 
 
 def convert_peft(glad_adapter: str | Path, unwill_adapter: str | Path, base: nn.Module | str | Path | None,
-                 out: str | Path, *, revision: str | None = None, **overrides: Any) -> Path:
+                 out: str | Path, *, revision: str | None = None, overwrite: bool = False, **overrides: Any) -> Path:
     """Import two PEFT LoRA adapters as the glad / unwill experts of a new MoGU model (fresh routers).
 
     ``r``, ``lora_alpha``, ``target_modules`` and ``routed_layers`` come from the adapters; when given
@@ -593,7 +598,8 @@ def convert_peft(glad_adapter: str | Path, unwill_adapter: str | Path, base: nn.
     note = (f"## Conversion\n\nExperts imported with `mogu convert peft` (glad: `{glad.path.name}`, unwill: "
             f"`{unwill.path.name}`); the routers are freshly initialised and need training "
             "(`mogu train --stages router`).")
-    return model.save_pretrained(out, extra_card=note)
+    return model.save_pretrained(out, extra_card=note, overwrite=overwrite,
+                                 protected=(glad_adapter, unwill_adapter, *_paths(base)))
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -601,11 +607,12 @@ def convert_peft(glad_adapter: str | Path, unwill_adapter: str | Path, base: nn.
 EXPERT_CHOICES = ("glad", "unwill", "both")
 
 
-def export_experts(source, out: str | Path, expert: str = "both") -> Path:
+def export_experts(source, out: str | Path, expert: str = "both", *, overwrite: bool = False) -> Path:
     """Write expert(s) as standard PEFT LoRA folders (``PeftModel.from_pretrained`` loads them).
 
     ``source``: a MoGUModel or a checkpoint folder (copied; no base model is loaded). One expert is
-    written to ``out`` itself; ``both`` writes ``out/glad`` and ``out/unwill``.
+    written to ``out`` itself; ``both`` writes ``out/glad`` and ``out/unwill``. ``out`` is replaced only if
+    an earlier export wrote it (its marker), or with ``overwrite``; never the source checkpoint.
     """
     from .model import ADAPTER_FILE, MoGUModel, _load_safetensors, read_config
 
@@ -613,11 +620,11 @@ def export_experts(source, out: str | Path, expert: str = "both") -> Path:
         raise ConfigError(f"expert must be one of {EXPERT_CHOICES}, got {expert!r}")
     out = Path(out)
     experts = ("glad", "unwill") if expert == "both" else (expert,)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not ((out / ADAPTER_CONFIG).is_file() or all((out / e / ADAPTER_CONFIG).is_file() for e in experts)):
-            raise MoGUError(f"{out} exists and is not an exported adapter folder; refusing to replace it")
+    kind = "adapter" if expert != "both" else "adapters"
+    protected = () if isinstance(source, MoGUModel) else (Path(source),)
+    check_replaceable(out, kind=kind, overwrite=overwrite, protected=protected)
     if isinstance(source, MoGUModel):
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, kind=kind, overwrite=overwrite) as tmp:
             for e in experts:
                 source._write_adapter(e, tmp / e if expert == "both" else tmp)
         return out
@@ -628,7 +635,7 @@ def export_experts(source, out: str | Path, expert: str = "both") -> Path:
             if not (directory / e / f).is_file():
                 raise CheckpointMismatchError(f"{directory}: incomplete checkpoint, {e}/{f} is missing")
         _load_safetensors(directory / e / ADAPTER_FILE)  # readable (raises a named error otherwise)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, kind=kind, overwrite=overwrite, protected=protected) as tmp:
         for e in experts:
             target = tmp / e if expert == "both" else tmp
             target.mkdir(parents=True, exist_ok=True)

@@ -15,19 +15,102 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import MoGUError
+
+
+# Every folder mogu writes carries this file; mogu replaces a folder only when it names the same kind.
+MARKER_FILE = ".mogu-artifact.json"
+
+
+class RefusedOverwriteError(MoGUError):
+    """A write would replace or delete a folder mogu did not write (or one that must never be replaced)."""
+
+
+def folder_kind(path: Path) -> str | None:
+    """The kind of mogu artefact ``path`` holds (its marker), or None for a folder mogu did not write.
+
+    Checkpoints saved before the marker existed are recognised by their ``mogu_config.json``, which
+    mogu alone writes with a ``format_version``."""
+    marker = path / MARKER_FILE
+    if marker.is_file():
+        try:
+            kind = json.loads(marker.read_text(encoding="utf-8")).get("kind")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return kind if isinstance(kind, str) else None
+    config = path / "mogu_config.json"
+    if config.is_file():
+        try:
+            if "format_version" in json.loads(config.read_text(encoding="utf-8")):
+                return "checkpoint"
+        except (OSError, ValueError, TypeError):
+            return None
+    return None
+
+
+def _never_replaced(resolved: Path) -> str | None:
+    """Why ``resolved`` may never be replaced, even with --overwrite (None if it may)."""
+    roots = {Path("/").resolve(): "the file-system root", Path.home().resolve(): "your home folder",
+             Path.cwd().resolve(): "the current folder"}
+    for root, name in roots.items():
+        if resolved == root:
+            return f"it is {name}"
+        if resolved in root.parents:
+            return f"it holds {name}"
+    return None
+
+
+def check_replaceable(path: str | Path, *, kind: str, overwrite: bool = False,
+                      protected: "list[str | Path] | tuple" = ()) -> None:
+    """Raise RefusedOverwriteError unless writing a ``kind`` artefact to ``path`` loses nothing mogu did not write.
+
+    Allowed: a missing or empty folder, or one whose marker names the same ``kind``; anything else only with
+    ``overwrite``. Never, whatever ``overwrite`` says: ``/``, the home or current folder (or a folder above
+    them), and a folder that is or holds one of ``protected`` (the command's model and data paths)."""
+    path = Path(path).expanduser()
+    resolved = path.resolve()
+    why = _never_replaced(resolved)
+    for item in protected:
+        if item is None:
+            continue
+        p = Path(item).expanduser()
+        if not p.exists():
+            continue
+        rp = p.resolve()
+        if rp == resolved or resolved in rp.parents:
+            why = why or f"it {'is' if rp == resolved else 'holds'} {item}, an input of this command"
+    if why:
+        raise RefusedOverwriteError(f"refusing to write a {kind} to {path}: {why}; choose another folder")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RefusedOverwriteError(f"refusing to write a {kind} to {path}: it is a file; choose a folder path")
+    if not any(path.iterdir()) or overwrite:
+        return
+    owner = folder_kind(path)
+    if owner == kind:
+        return
+    what = f"holds a mogu {owner}, not a {kind}" if owner else "holds files mogu did not write"
+    raise RefusedOverwriteError(f"refusing to replace {path}: it {what}. Choose another folder, or pass "
+                                "--overwrite (Python: overwrite=True) to replace it")
+
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, *, kind: str, overwrite: bool = False,
+                     protected: "list[str | Path] | tuple" = ()) -> Iterator[Path]:
     """Yield a scratch folder; on success it replaces ``path`` in one rename.
 
-    An exception (or a kill) before the rename leaves ``path`` as it was: a reader
-    never sees a half-written checkpoint.
+    ``path`` must be replaceable (:func:`check_replaceable`): mogu never replaces a folder it did not
+    write unless ``overwrite``. The scratch folder gets the marker naming ``kind``. An exception (or a
+    kill) before the rename leaves ``path`` as it was: a reader never sees a half-written checkpoint.
     """
     path = Path(path)
+    check_replaceable(path, kind=kind, overwrite=overwrite, protected=protected)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        (tmp / MARKER_FILE).write_text(json.dumps({"kind": kind, "mogu_version": _mogu_version()}) + "\n")
         _fsync_tree(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
@@ -39,6 +122,15 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _mogu_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("mogu")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _fsync_tree(root: Path) -> None:

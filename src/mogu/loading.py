@@ -54,7 +54,7 @@ def embedded_default_path() -> Path:
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, kind="base-model-cache") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target

@@ -23,6 +23,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _META_KEYS = ("mogu_version", "format_version")
 FORMAT_VERSION = 1
+CHECKPOINT_KIND = "checkpoint"  # the marker kind of a save_pretrained folder (mogu.io)
 
 
 def _num_layers(config) -> int | None:
@@ -163,7 +164,14 @@ class MoGUModel(nn.Module):
 
     def routing_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """A prompt-gated model's (u, g) per sequence, [B, 2]."""
+        self._require_fitted_gate()
         return self.gate.weights(self.gate_scores(input_ids, attention_mask))
+
+    def _require_fitted_gate(self) -> None:
+        if self.gate is not None and not self.gate.is_fitted():
+            raise MoGUError("the prompt gate was never fitted, so it would route every prompt to the glad expert "
+                            "(the one trained to comply): fit it with `mogu train --stages router` (or --resume), "
+                            "or mogu.gate.fit_gate(model, prompts, labels)")
 
     @contextlib.contextmanager
     def pin_routing(self, weights: torch.Tensor) -> Iterator["MoGUModel"]:
@@ -342,10 +350,11 @@ class MoGUModel(nn.Module):
                           base_model_name_or_path=config.base_model_name_or_path,
                           revision=config.base_model_revision)
 
-    def export_adapter(self, expert: str, directory: str | Path) -> Path:
-        """Write one expert as a standard PEFT LoRA folder (``PeftModel.from_pretrained`` loads it)."""
+    def export_adapter(self, expert: str, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write one expert as a standard PEFT LoRA folder (``PeftModel.from_pretrained`` loads it).
+        An existing folder is replaced only if mogu wrote it as an adapter, or with ``overwrite``."""
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, kind="adapter", overwrite=overwrite) as tmp:
             self._write_adapter(expert, tmp)
         return directory
 
@@ -355,14 +364,19 @@ class MoGUModel(nn.Module):
         save_file(self.expert_state_dict(expert), str(directory / ADAPTER_FILE), metadata={"format": "pt"})
 
     def save_pretrained(self, directory: str | Path, *, extra_card: str | None = None,
-                        extra_files: dict[str, str] | None = None) -> Path:
+                        extra_files: dict[str, str] | None = None, overwrite: bool = False,
+                        protected: "list[str | Path] | tuple" = ()) -> Path:
         """Write config, both experts (PEFT folders), router weights, a task adapter if fine-tuned, and a model
-        card, atomically. ``extra_files`` (name -> text, e.g. a calibration record) go in the same rename."""
+        card, atomically. ``extra_files`` (name -> text, e.g. a calibration record) go in the same rename.
+
+        An existing ``directory`` is replaced only if it is a mogu checkpoint (or empty); anything else raises
+        ``RefusedOverwriteError`` unless ``overwrite``. ``protected`` paths (inputs) are never replaced."""
         from . import __version__
         from .card import model_card
 
+        self._require_fitted_gate()
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected) as tmp:
             meta = {"mogu_version": __version__, "format_version": FORMAT_VERSION, **self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
             for expert in EXPERTS:
@@ -428,6 +442,10 @@ def read_config(directory: Path) -> MoGUConfig:
     if not path.is_file():
         raise CheckpointMismatchError(f"{directory}: not a MoGU checkpoint ({CONFIG_NAME} is missing)")
     data = read_json_object(path, CheckpointMismatchError)
+    version = data.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{path}: checkpoint format_version {version!r}; this mogu reads format_version "
+                                      f"{FORMAT_VERSION} (upgrade mogu to load it)")
     for key in _META_KEYS:
         data.pop(key, None)
     return MoGUConfig.from_dict(data)

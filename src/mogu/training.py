@@ -707,7 +707,7 @@ class Trainer:
             return
         root = self._ckpt_root(stage)
         self._sweep(root)
-        with atomic_directory(root / f"step-{position['step']:07d}") as tmp:
+        with atomic_directory(root / f"step-{position['step']:07d}", kind="training-step") as tmp:
             save_file({n: t.contiguous() for n, t in self._snapshot(stage).items()}, str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             self._write_rng(tmp / "rng.pt", states)

@@ -51,6 +51,8 @@ class EvalConfig:
     routing_examples: int = 3  # per class, for routing.png
 
     def validate(self) -> None:
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a file; give a folder for the evaluation's outputs")
         if not self.defenses:
             raise ConfigError("no defenses given")
         if not self.benchmarks:
