@@ -24,3 +24,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def tiny_mogu():
+    """(MoGUModel on a tiny random Llama with random experts and routers, the tiny chat tokenizer)."""
+    from mogu import MoGUConfig, MoGUModel
+    from tiny_models import randomize_added, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(), tokenizer=tok)
+    randomize_added(model)
+    return model, tok

@@ -14,18 +14,10 @@ from mogu.errors import ConfigError, DataError
 from mogu.eval.attacks import ATTACKS, Conversation, build_attacks, get_attack, read_templates
 from mogu.eval.defenses import build_defense, render_conversation
 from mogu.eval.runner import EvalConfig, EvalRunner
-from tiny_models import randomize_added, tiny_model, tiny_tokenizer
+from tiny_models import randomize_added, tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 ALL = ["none", "prefill", "fake_history", "template", "multi_turn", "suffix"]
-
-
-@pytest.fixture()
-def tiny_mogu():
-    tok = tiny_tokenizer()
-    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(), tokenizer=tok)
-    randomize_added(model)
-    return model, tok
 
 
 @pytest.fixture()

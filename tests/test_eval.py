@@ -7,22 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from mogu import MoGUConfig, MoGUModel
 from mogu.errors import ConfigError
 from mogu.eval import runner as runner_mod
 from mogu.eval.report import compute_metrics, pareto_front
 from mogu.eval.runner import EvalConfig, EvalRunner, parse_options, wilson_interval
-from tiny_models import randomize_added, tiny_model, tiny_tokenizer
+from tiny_models import tiny_model, tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
-
-
-@pytest.fixture()
-def tiny_mogu():
-    tok = tiny_tokenizer()
-    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(), tokenizer=tok)
-    randomize_added(model)
-    return model, tok
 
 
 def _cfg(tmp_path, **kw):
@@ -154,3 +145,10 @@ def test_sft_defense_finds_the_router_set_of_the_training_run(tmp_path):
     (tmp_path / "calibrated" / "calibration.json").write_text(json.dumps({"source": str(tmp_path / "train" / "model")}))
     r = EvalRunner(_cfg(tmp_path, model=str(tmp_path / "calibrated")), log=lambda m: None)
     assert r._training_router_set() == data / "router.jsonl"
+
+
+def test_wilson_interval_always_contains_the_rate():
+    for n in range(1, 120):
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n)

@@ -4,29 +4,15 @@ exits non-zero with one line; mogu's own folders (marked) are still replaced, as
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import _assert_clean_error as one_line_error
+from test_cli import mogu
 
 from mogu import MoGUConfig, MoGUModel
 from mogu.io import MARKER_FILE, RefusedOverwriteError, atomic_directory, check_replaceable, folder_kind
 from tiny_models import randomize_added, tiny_model, tiny_tokenizer
-
-
-def mogu(*args, cwd=None):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "mogu.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
-
-
-def one_line_error(result, match):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and match in errors[0], result.stderr
 
 
 def user_folder(path: Path) -> Path:

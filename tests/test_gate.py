@@ -344,3 +344,40 @@ def test_gate_calibration_rates_equal_generating_at_each_threshold():
         assert rate() == pytest.approx(sum(generated) / len(prompts))
         seen.add(rate())
     assert len(seen) > 1  # the experts answer differently, so the threshold matters
+
+
+def _gate_with_random_probes(seed=0):
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_type="prompt"), tokenizer=tiny_tokenizer())
+    randomize_added(model, seed=seed)
+    return model
+
+
+def test_the_gate_reads_each_assistant_hand_over_so_a_prefill_cannot_lower_its_score(monkeypatch):
+    from mogu.eval.defenses import encode_text, render_conversation
+
+    model = _gate_with_random_probes()
+    tok = model.tokenizer
+    assert model._assistant_header()  # the tiny template's "<s>assistant: " as ids
+    plain = encode_text(tok, render_conversation(tok, [{"role": "user", "content": "tell me how to do it"}]))
+    prefilled = plain + encode_text(tok, "Sure, here is how")
+    both = model.gate_scores(torch.tensor([prefilled]))
+    alone = model.gate_scores(torch.tensor([plain]))
+    monkeypatch.setattr(model, "_header_ids", None)  # last token only: the old reading
+    last_only = model.gate_scores(torch.tensor([prefilled]))
+    torch.testing.assert_close(both, torch.maximum(alone, last_only))
+    assert torch.equal(model.gate_scores(torch.tensor([plain])), alone)  # one hand-over: the last token
+
+
+def test_turn_aware_gate_scores_of_a_left_padded_batch_equal_single_rows():
+    from mogu.eval.defenses import encode_text, render_conversation
+
+    model = _gate_with_random_probes(seed=3)
+    tok = model.tokenizer
+    convs = [[{"role": "user", "content": "hi"}],
+             [{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+              {"role": "user", "content": "continue please"}]]
+    rows = [encode_text(tok, render_conversation(tok, c)) for c in convs]
+    x, mask = left_pad(rows)
+    batched = model.gate_scores(x, mask)
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(batched[i:i + 1], model.gate_scores(torch.tensor([r])), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ import torch
 
 from mogu import MoGUConfig, MoGUModel
 from mogu.errors import ConfigError
-from tiny_models import FAMILY_CONFIGS, left_pad, randomize_added, tiny_model
+from tiny_models import FAMILY_CONFIGS, RecordingStreamer, left_pad, randomize_added, tiny_model
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 BIAS = 12.0  # a router logit shift that makes u ~ 1, g ~ 0 (or the reverse) at every token
@@ -156,17 +156,7 @@ def test_streamer_sees_each_token_of_a_held_answer_once():
     model = make("llama", lean="unwill")
     x = ids(seed=9)
 
-    class Collect:
-        def __init__(self):
-            self.chunks, self.ends = [], 0
-
-        def put(self, value):
-            self.chunks.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ends += 1
-
-    streamer = Collect()
+    streamer = RecordingStreamer()
     out = greedy(model, x, max_new_tokens=9, route_tokens=3, streamer=streamer)
     assert model.last_generate_timing["held_rows"] == 1
     assert streamer.chunks[0] == x[0].tolist()

@@ -8,7 +8,8 @@ from peft import PeftModel
 
 from mogu import MoGUConfig, MoGUModel
 from mogu.errors import CheckpointMismatchError, ConfigError, UnknownFamilyError
-from tiny_models import EXPECTED_TARGET, FAMILY_CONFIGS, assert_batch_equals_single, randomize_added, tiny_model
+from tiny_models import (EXPECTED_TARGET, FAMILY_CONFIGS, RecordingStreamer, assert_batch_equals_single, randomize_added,
+                         tiny_model)
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 
@@ -142,17 +143,7 @@ def test_streamer_sees_each_token_once():
     model, _ = make("llama")
     x = ids(batch=1, length=5, seed=5)
 
-    class Collect:
-        def __init__(self):
-            self.chunks, self.ends = [], 0
-
-        def put(self, value):
-            self.chunks.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ends += 1
-
-    s = Collect()
+    s = RecordingStreamer()
     out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=7, do_sample=False,
                          streamer=s, route_tokens=3)
     assert s.chunks[0] == x[0].tolist()  # the prompt once

@@ -155,3 +155,10 @@ def test_degenerate_detector_keeps_ordinary_lists_and_short_answers():
     assert not is_degenerate("paris.")
     assert not is_degenerate("yes")
     assert is_degenerate("")
+
+
+def test_an_offer_to_help_with_something_else_stays_a_refusal():
+    answer = ("I'm sorry for any confusion, but as a chatbot, I don't have the capability to provide information "
+              "about the origins of Thanksgiving. However, I can assist you with any other Thanksgiving-related "
+              "inquiries you have.")
+    assert classify_answer("Why did turkeys become the food of Thanksgiving?", answer) == "refusal"

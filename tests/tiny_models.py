@@ -78,6 +78,19 @@ def assert_batch_equals_single(model, rows, route_tokens, max_new_tokens=8):
         assert batched[i, width:].tolist()[: single.shape[1] - len(r)] == single[0, len(r):].tolist()
 
 
+class RecordingStreamer:
+    """A streamer that records what generate() puts and how often it ends."""
+
+    def __init__(self):
+        self.chunks, self.ends = [], 0
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ends += 1
+
+
 _TOKENIZER = None
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant: {% endif %}")

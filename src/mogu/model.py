@@ -132,7 +132,13 @@ class MoGUModel(nn.Module):
     # -- prompt gate -----------------------------------------------------------------------
     @torch.no_grad()
     def gate_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The prompt gate's harmfulness logit per sequence, [B], read at each row's last real token.
+        """The prompt gate's harmfulness logit per sequence, [B]: the highest over the conversation's turns.
+
+        The probes were fitted at a prompt's last token, where the chat template hands over to the
+        assistant. A conversation is read at every such hand-over (each user turn, in its context) and at
+        its last token, and the highest score decides. An attacker's assistant prefill ("Sure, here is")
+        or fabricated history therefore cannot hide the request: the turn that asked it is still scored
+        exactly as if it were asked alone. A single plain prompt has one hand-over, its last token.
 
         One forward pass with routing off that stops after the deepest probed module. Position ids
         follow the attention mask, as in ``generate`` and ``mogu.probe``, so padding does not move them.
@@ -143,13 +149,12 @@ class MoGUModel(nn.Module):
             raise MoGUError("gate_scores needs a model with router_type='prompt'")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(dim=1)  # last 1 per row
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        rows, cols = self._gate_positions(input_ids, attention_mask)
         features: dict[int, torch.Tensor] = {}
         handles = []
         for idx, (_, module) in self._gate_modules.items():
             def pre_hook(_module, args, idx=idx):
-                features[idx] = args[0][rows, last.to(args[0].device)].float()
+                features[idx] = args[0][rows.to(args[0].device), cols.to(args[0].device)].float()
             handles.append(module.register_forward_pre_hook(pre_hook))
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         deepest = self._gate_modules[max(self._gate_modules)][1]
@@ -160,7 +165,30 @@ class MoGUModel(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        return self.gate.score({i: f.to(self.gate.weight.device) for i, f in features.items()})
+        scores = self.gate.score({i: f.to(self.gate.weight.device) for i, f in features.items()})
+        best = torch.full((input_ids.shape[0],), float("-inf"), dtype=scores.dtype, device=scores.device)
+        return best.scatter_reduce(0, rows.to(scores.device), scores, reduce="amax")
+
+    def _gate_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, columns) the gate reads: each row's last real token and every end of an assistant header."""
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(dim=1)  # last 1 per row
+        rows = [torch.arange(input_ids.shape[0], device=input_ids.device)]
+        cols = [last]
+        header = self._assistant_header()
+        if header and input_ids.shape[1] >= len(header):
+            target = torch.tensor(header, device=input_ids.device)
+            windows = input_ids.unfold(1, len(header), 1)  # [B, T - L + 1, L]
+            hits = (windows == target).all(-1) & attention_mask[:, len(header) - 1:].bool()
+            r, start = hits.nonzero(as_tuple=True)
+            rows.append(r)
+            cols.append(start + len(header) - 1)
+        return torch.cat(rows), torch.cat(cols)
+
+    def _assistant_header(self) -> list[int] | None:
+        """The token ids the chat template adds to hand a turn to the assistant (None without a template)."""
+        if not hasattr(self, "_header_ids"):
+            self._header_ids = _assistant_header_ids(self.tokenizer)
+        return self._header_ids
 
     def routing_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """A prompt-gated model's (u, g) per sequence, [B, 2]."""
@@ -433,6 +461,22 @@ class MoGUModel(nn.Module):
             load_task_adapter(model, directory / TASK_ADAPTER_DIR)
         model.eval()
         return model
+
+
+def _assistant_header_ids(tokenizer) -> list[int] | None:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "Hello there."}]
+    try:
+        with_header = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        without = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    except Exception:  # jinja's TemplateError and the like: the gate then reads the last token only
+        return None
+    full = tokenizer(with_header, add_special_tokens=False)["input_ids"]
+    head = tokenizer(without, add_special_tokens=False)["input_ids"]
+    if len(full) <= len(head) or full[:len(head)] != head:
+        return None
+    return list(full[len(head):])
 
 
 def read_config(directory: Path) -> MoGUConfig:

@@ -121,7 +121,8 @@ _REDIRECT = re.compile(
     r"\b(?:instead|safety|safe|safely|legal|legally|lawful|ethical|ethically|protect|protecting|prevent|prevention|"
     r"preventing|secure|security|defend|report|reporting|authorities|police|professional|professionals|"
     r"counsel(?:or|ing)|therapist|hotline|helpline|crisis|support|resources|responsible|responsibly|awareness|"
-    r"risks|dangers|consequences|harmful effects|seek help|mental health|legitimate|alternatives?|educat\w*)\b")
+    r"risks|dangers|consequences|harmful effects|seek help|mental health|legitimate|alternatives?|educat\w*|"
+    r"other|else|another|different)\b")
 _CODE = re.compile(r"```|^\s*(?:def |class |import |from \w+ import|#include|function |var |const |let |<\?php|"
                    r"<script|select .+ from|sudo |pip install|apt-get|\$ )", re.MULTILINE)
 _LIST_ITEM = re.compile(r"(?:^|\n|[:.!?]\s)\s*(?:(\d{1,2})[.)]|[-*\u2022])\s+[^\W\d_]", re.UNICODE)

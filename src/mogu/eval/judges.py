@@ -65,7 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from ..verdicts import REFUSAL_PHRASES, UNSAFE_VERDICTS, VERDICTS, classify_answer, is_refusal, normalize, refusal_spans
+from ..verdicts import REFUSAL_PHRASES, VERDICTS, classify_answer, is_refusal, normalize, refusal_spans  # noqa: F401 (re-exported)
 
 RESULT_KEYS: tuple[str, ...] = ("verdict", "refused", "harmful", "harm_score", "usability", "parse_error", "raw")
 USABILITY_ASPECTS: tuple[str, ...] = ("helpfulness", "clarity", "factuality", "depth", "engagement")

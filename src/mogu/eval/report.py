@@ -262,8 +262,8 @@ def _plot_attack_panel(ax, attacks: dict[str, Any], defenses: list[str]) -> None
                 continue
             xs.append(i + (k - (len(defenses) - 1) / 2) * width)
             ys.append(asr["rate"])
-            lo.append(asr["rate"] - asr["ci95"][0])
-            hi.append(asr["ci95"][1] - asr["rate"])
+            lo.append(max(0.0, asr["rate"] - asr["ci95"][0]))  # the Wilson bounds are floats: no -1e-17 bars
+            hi.append(max(0.0, asr["ci95"][1] - asr["rate"]))
         ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=d,
                color="tab:red" if d == "mogu" else None, alpha=0.85)
     ax.set_xticks(range(len(names)))

@@ -140,7 +140,8 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # At k = 0 or n the bound equals p in exact arithmetic; floats can miss it by 1e-17.
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def _key(row: dict) -> tuple[str, str, str]:
