@@ -108,6 +108,10 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert "| harmful (" in result.stdout and "time (s): data" in result.stdout
     rates = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert {"data_s", "before_s", "after_s", "router_init_s", "wall_s"} <= set(rates)
+    # Judged on whole answers (keyword rates beside), with the default hold hand-off.
+    assert rates["judge"] == "whole_answer" and rates["handoff"] == "hold"
+    assert set(rates["keyword"]) == {"harmful_dev_refusal_before", "harmful_dev_refusal_after",
+                                     "benign_dev_refusal_before", "benign_dev_refusal_after"}
     # The demo's default router is the prompt gate: fitted in the router stage, no probe init of routers.
     assert rates["router_type"] == "prompt" and rates["router_init_s"] == 0
     assert set(rates["train_s"]) == {"glad", "unwill", "router"} and rates["train_s"]["router"] > 0

@@ -695,8 +695,21 @@ def demo(
     after_s = time.perf_counter() - t_after
     wall = time.perf_counter() - t0
 
-    rates = {"harmful_dev_refusal_before": refusal_rate(before_h), "harmful_dev_refusal_after": refusal_rate(after_h),
-             "benign_dev_refusal_before": refusal_rate(before_b), "benign_dev_refusal_after": refusal_rate(after_b),
+    from .verdicts import classify_answer
+
+    def share(prompts: list[str], answers: list[str], verdict: str) -> float:
+        return sum(classify_answer(p, a) == verdict for p, a in zip(prompts, answers)) / max(1, len(answers))
+
+    # The whole-answer verdicts decide; the keyword rates are kept for comparison with earlier runs.
+    rates = {"harmful_dev_refusal_before": share(harmful, before_h, "refusal"),
+             "harmful_dev_refusal_after": share(harmful, after_h, "refusal"),
+             "harmful_dev_refuse_then_comply_before": share(harmful, before_h, "refuse_then_comply"),
+             "harmful_dev_refuse_then_comply_after": share(harmful, after_h, "refuse_then_comply"),
+             "benign_dev_refusal_before": share(benign, before_b, "refusal"),
+             "benign_dev_refusal_after": share(benign, after_b, "refusal"),
+             "keyword": {"harmful_dev_refusal_before": refusal_rate(before_h), "harmful_dev_refusal_after": refusal_rate(after_h),
+                         "benign_dev_refusal_before": refusal_rate(before_b), "benign_dev_refusal_after": refusal_rate(after_b)},
+             "judge": "whole_answer", "handoff": mogu_model.config.handoff,
              "n_harmful_dev": len(harmful), "n_benign_dev": len(benign), "eval_tokens": eval_tokens,
              "data_s": round(t_data, 1), "before_s": round(before_s, 1), "after_s": round(after_s, 1),
              "train_s": {k: v["train_s"] for k, v in summary.items()},
@@ -710,9 +723,14 @@ def demo(
     for kind in ("harmful", "benign"):
         for p, b, a in samples[kind][:2]:
             typer.echo(f"\n[{kind}] {p}\n  before: {b[:160]!r}\n  after:  {a[:160]!r}")
-    typer.echo("\n| dev set | refused before | refused after |\n|---|---|---|")
-    typer.echo(f"| harmful ({len(harmful)}) | {rates['harmful_dev_refusal_before']:.0%} | {rates['harmful_dev_refusal_after']:.0%} |")
-    typer.echo(f"| benign ({len(benign)}) | {rates['benign_dev_refusal_before']:.0%} | {rates['benign_dev_refusal_after']:.0%} |")
+    kw = rates["keyword"]
+    typer.echo("\n| dev set (whole answer read) | refused before | refused after | refused, then answered: after | "
+               "keyword judge: before / after |\n|---|---|---|---|---|")
+    typer.echo(f"| harmful ({len(harmful)}) | {rates['harmful_dev_refusal_before']:.0%} | {rates['harmful_dev_refusal_after']:.0%} | "
+               f"{rates['harmful_dev_refuse_then_comply_after']:.0%} | {kw['harmful_dev_refusal_before']:.0%} / "
+               f"{kw['harmful_dev_refusal_after']:.0%} |")
+    typer.echo(f"| benign ({len(benign)}) | {rates['benign_dev_refusal_before']:.0%} | {rates['benign_dev_refusal_after']:.0%} | | "
+               f"{kw['benign_dev_refusal_before']:.0%} / {kw['benign_dev_refusal_after']:.0%} |")
     parts = {"data": rates["data_s"], "before": rates["before_s"], **rates["train_s"],
              **({"router init": rates["router_init_s"]} if router_type == "token" else {}),
              **({"calibrate": calibration.wall_s} if calibration else {}), "after": rates["after_s"]}

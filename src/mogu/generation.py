@@ -114,9 +114,10 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     pinned = model._state.pinned
     # Token routers: the layers sum u - g at each step's last position (the one that picks the next token).
     score_prefix = hold and pinned is None
+    phase1.return_dict_in_generate = hold  # the held rows continue on this call's KV cache
     with model.routing("auto"), model.scoring_routed_prefix(score_prefix) as prefix_score:
         first_out = base.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=phase1,
-                                  streamer=first, return_dict_in_generate=hold, **common)
+                                  streamer=first, **common)
     prefix = first_out.sequences if hold else first_out
     timing["routed_s"] = time.perf_counter() - start
     if n_return > 1:
@@ -150,10 +151,21 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     phase2.min_new_tokens = max(0, (gen_config.min_new_tokens or 0) - generated) or None
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], generated)], dim=1)
     second = _PhaseStreamer(streamer, skip_prompt=True, forward_end=True) if streamer is not None else None
+    # Rows handed to the base model go first, so a benign row's latency is the fixed hand-off's even in a batch
+    # that also holds rows; the held rows then continue on the routed cache (kept until they are done).
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
-    start = time.perf_counter()
+    rows = (alive & ~held).nonzero(as_tuple=True)[0]
+    if len(rows):
+        # Phase 2: the plain base model continues from prompt + prefix (one prefill = the hand-off).
+        start = time.perf_counter()
+        with model.routing("off"):
+            continued = base.generate(input_ids=prefix[rows], attention_mask=full_mask[rows], generation_config=phase2,
+                                      streamer=second, **common)
+        pieces.append((rows, continued))
+        timing["base_s"] = time.perf_counter() - start
     held_rows = (held & alive).nonzero(as_tuple=True)[0]
     if len(held_rows):
+        start = time.perf_counter()
         # The unwilling expert keeps the answer, on the routed cache: only the last prefix token is new to it.
         cache = _returned_cache(first_out)
         cached = {}
@@ -167,16 +179,6 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
         pieces.append((held_rows, kept))
         timing["held_s"] = time.perf_counter() - start
         del cache
-    first_out = None  # the routed cache is not the base model's: free it before the hand-off prefill
-    rows = (alive & ~held).nonzero(as_tuple=True)[0]
-    if len(rows):
-        # Phase 2: the plain base model continues from prompt + prefix (one prefill = the hand-off).
-        start2 = time.perf_counter()
-        with model.routing("off"):
-            continued = base.generate(input_ids=prefix[rows], attention_mask=full_mask[rows], generation_config=phase2,
-                                      streamer=second, **common)
-        pieces.append((rows, continued))
-        timing["base_s"] = time.perf_counter() - start2
     timing["total_s"] = timing["routed_s"] + timing.get("held_s", 0.0) + timing.get("base_s", 0.0)
 
     width = max(piece.shape[1] for _, piece in pieces)
