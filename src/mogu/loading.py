@@ -54,7 +54,8 @@ def embedded_default_path() -> Path:
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    with atomic_directory(target, kind="base-model-cache") as tmp:
+    # mogu's own cache namespace: a broken earlier copy (no marker) is rebuilt, not refused
+    with atomic_directory(target, kind="base-model-cache", overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target

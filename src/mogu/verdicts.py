@@ -64,6 +64,10 @@ _TASK_VERB = (r"(?:help|assist|provide|give|create|write|generate|fulfil|fulfill
               r"respond|process|accommodate|honou?r|grant|put together|outline|list)")
 _REFUSAL_PATTERNS = [
     r"\bi(?:'m| am) (?:really |truly |very |so )?sorry,? (?:but|i|we|that)\b",
+    r"\bi(?:'m| am) sorry for (?:any|the) (?:confusion|misunderstanding|inconvenience)(?: or [a-z]+)?,? but\b",
+    r"\bi(?:'m| am) (?:not|never) (?:equipped|designed|programmed|built|capable|qualified|in a position|permitted|"
+    r"allowed|able) to (?:help|assist|provide|give|create|write|generate|share|offer|answer|engage|produce|make|"
+    r"support|promote|encourage|facilitate|teach|explain|discuss|plan|perform|do|turn|set up|access)\b",
     r"(?:^|[.!?] )sorry[,!.]? (?:but|i)\b",
     r"\bi apologi[sz]e,? (?:but|i|for any confusion, but)\b",
     r"\bmy apologies,? (?:but|i)\b",

@@ -940,7 +940,8 @@ class SafetySFT(Defense):
                     optimizer.zero_grad(set_to_none=True)
                     self.train_log.append(float(loss.detach()))
                 peft_model.eval()
-                with atomic_directory(folder, kind="sft-adapter") as tmp:
+                # mogu's own content-keyed cache: an incomplete earlier copy is rebuilt
+                with atomic_directory(folder, kind="sft-adapter", overwrite=True) as tmp:
                     peft_model.save_pretrained(str(tmp))
                     meta = {**key_src, "data": str(data), "examples": len(seqs), "losses": self.train_log,
                             "train_s": round(time.perf_counter() - start, 2)}
