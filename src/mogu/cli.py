@@ -1020,14 +1020,26 @@ def serve_command(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     handoff: Optional[str] = _handoff_option(),
+    max_prompt_tokens: int = typer.Option(4096, min=1, help="Longest prompt, in tokens, a request may send (400 beyond)."),
+    request_timeout: float = typer.Option(300.0, min=0.0, help="Seconds a request may take before it is cancelled "
+                                          "and answered 408 (0: no limit)."),
+    allowed_hosts: Optional[str] = typer.Option(None, help="Comma-separated Host names the server answers ('*' for "
+                                                "any). Default: localhost,127.0.0.1,::1 on a loopback bind, any otherwise."),
+    special_tokens: str = typer.Option("escape", help="Special-token text in message content: escape (kept as text), "
+                                       "refuse (400) or allow (acts as control tokens)."),
 ):
     """Serve a model behind an OpenAI-compatible API: /v1/chat/completions (SSE streaming), /v1/models, /health."""
     from .serve import serve
 
     _setup_torch(threads)
+    hosts = [h.strip() for h in allowed_hosts.split(",") if h.strip()] if allowed_hosts is not None else None
+    if hosts is not None and not hosts:
+        raise MoGUError("--allowed-hosts is empty: name at least one host, or '*' for any")
     serve(model, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
           max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit,
-          max_body_bytes=max_body_bytes, log_level=log_level, echo=_echo, handoff=handoff)
+          max_body_bytes=max_body_bytes, log_level=log_level, echo=_echo, handoff=handoff,
+          max_prompt_tokens=max_prompt_tokens, request_timeout_s=request_timeout or None, allowed_hosts=hosts,
+          special_tokens=special_tokens)
 
 
 def main() -> None:

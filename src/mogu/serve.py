@@ -13,10 +13,25 @@ each row's new tokens to its request as they are produced; a row that is done is
 its answer delivered) at once while the rest of the batch goes on. Sampled requests with a
 ``seed`` run in a batch of their own so that the seed reproduces the answer.
 
+Batches are grouped by prompt length as well (a row pads by at most max(64 tokens, its own length)),
+so one long prompt runs with prompts like it and short ones are not padded to it. Sampling uses a
+``torch.Generator`` per request (seeded requests) or the server's own, seeded from the OS: no request
+can reseed or predict another's sampling.
+
+Limits and hardening (the defaults are safe for a loopback server):
+``--max-prompt-tokens`` (400 beyond), ``--request-timeout`` (a request still running at its
+deadline is cancelled and answered 408), an allowed-hosts check on the ``Host`` header (on by
+default for loopback binds: a web page cannot reach the server through DNS rebinding), JSON bodies
+only (415 otherwise, so a browser cannot send a "simple" cross-site request), and special-token text
+in message content (``<|im_end|>`` typed by a user) is escaped by default so that it stays text and
+cannot fake a turn (``--special-tokens refuse`` answers 400, ``allow`` passes it through). Rendering
+and tokenisation run in worker threads, off the event loop, so ``/health`` stays responsive.
+
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}`` with 400 (schema,
-ranges, bad JSON, context length), 401 (``--api-key``), 404 (unknown model or route), 413
-(body size, from Content-Length and from the bytes actually read), 429 (queue full) and 500 (an
-exception while generating: it goes to the requests of that batch, the worker carries on).
+ranges, bad JSON, invalid Unicode, context length, Host header), 401 (``--api-key``), 404 (unknown
+model or route), 408 (deadline), 413 (body size, from Content-Length and from the bytes actually
+read), 415 (not JSON), 429 (queue full) and 500 (an exception while generating: it goes to the
+requests of that batch, the worker carries on).
 
 Extension: ``"mogu": {"return_routing": true}`` in the body (or the header
 ``X-MoGU-Return-Routing: true``) adds ``mogu_routing`` to the response (to the last chunk when
@@ -28,9 +43,11 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -45,6 +62,11 @@ from .errors import MoGUError
 log = logging.getLogger("mogu.serve")
 
 ROUTING_HEADER = "x-mogu-return-routing"
+# Below this a float32 logit / temperature can overflow to inf; such a temperature is greedy in all but name.
+MIN_TEMPERATURE = 1e-4
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)  # what torch.Generator.manual_seed takes as a signed 64-bit seed
+SPECIAL_TOKEN_POLICIES = ("escape", "refuse", "allow")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -68,9 +90,6 @@ def _error_response(err: APIError):
 
 
 # -- request schema ------------------------------------------------------------------------------
-_Float = Annotated[float, Field(strict=True)]
-
-
 class _TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
@@ -107,7 +126,7 @@ class ChatRequest(BaseModel):
     stop: Union[StrictStr, Annotated[list[Annotated[str, Field(strict=True, min_length=1)]],
                                      Field(max_length=4)], None] = None
     n: Optional[StrictInt] = 1
-    seed: Optional[StrictInt] = None
+    seed: Optional[Annotated[int, Field(strict=True, ge=SEED_RANGE[0], le=SEED_RANGE[1])]] = None
     logprobs: Optional[StrictBool] = None
     tools: Optional[list] = None
     functions: Optional[list] = None
@@ -157,6 +176,7 @@ class Job:
     stream: bool
     return_routing: bool
     loop: asyncio.AbstractEventLoop
+    deadline: float | None = None  # time.monotonic() by which the answer is due (None: no limit)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     key: tuple = ()
     tokens: list[int] = field(default_factory=list)     # every generated token (usage)
@@ -174,6 +194,51 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (time.monotonic() if now is None else now) > self.deadline
+
+
+def _timeout_error(job: Job) -> APIError:
+    return APIError(408, "the request ran past the server's --request-timeout and was cancelled; ask for fewer "
+                         "max_tokens or retry later", code="request_timeout")
+
+
+def _length_fits(anchor: int, n: int) -> bool:
+    """Whether prompts of ``anchor`` and ``n`` tokens share a batch: each row pads by at most max(64, its length)."""
+    return abs(anchor - n) <= max(64, min(anchor, n))
+
+
+class _Sampler:
+    """Multinomial sampling with a given ``torch.Generator`` (HF ``generate`` takes no generator).
+
+    A logits processor: temperature and top-p (transformers' own warpers) shape the scores, one token
+    per row is drawn with the generator, and every other token gets -inf, so greedy decoding emits the
+    drawn token. Scores are warped in float32; a row whose probabilities are not finite takes its argmax.
+    """
+
+    def __init__(self, temperature: float, top_p: float, generator_for):
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(temperature)]
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+        self.generator_for = generator_for
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        warped = scores.float()
+        for warper in self.warpers:
+            warped = warper(input_ids, warped)
+        probs = torch.softmax(warped, dim=-1)
+        broken = ~torch.isfinite(probs).all(dim=-1) | (probs.sum(dim=-1) <= 0)
+        if bool(broken.any()):
+            probs[broken] = torch.nn.functional.one_hot(scores[broken].float().nan_to_num(-1e30).argmax(-1),
+                                                        probs.shape[-1]).to(probs.dtype)
+        chosen = torch.multinomial(probs, 1, generator=self.generator_for(probs.device))
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, chosen, 0.0)
 
 
 class QueueFull(Exception):
@@ -194,6 +259,7 @@ class _RowTracker:
         self.rows = list(range(len(jobs)))
         self.seen = None  # the last full batch of sequences (a tensor)
         self.last_len = width
+        self.last_ids = None  # the sequences of the last step
 
     def _match(self, ids) -> list[int]:
         import torch
@@ -213,9 +279,16 @@ class _RowTracker:
         return rows
 
     def __call__(self, input_ids, scores=None, **kwargs):
+        import torch
+
         n, length = input_ids.shape
         ids = input_ids.detach().cpu()
-        if n == len(self.rows) and length <= self.last_len:  # the hand-off re-checks the routed prefix
+        # The hand-off re-checks the finished routed prefix: exactly the tensor of the last step. (Shape and
+        # length alone cannot tell it from the held rows' continuation, which starts shorter than the base
+        # rows' continuation ended: read as a re-check, it stopped the held rows after the prefix.)
+        recheck = torch.equal(ids, self.last_ids) if self.last_ids is not None and ids.shape == self.last_ids.shape \
+            else self.last_ids is None and n == len(self.rows) and length <= self.last_len
+        if recheck:
             return self._mask(input_ids.device)
         if n != len(self.rows) or length != self.last_len + 1:
             # A continuation call over some rows (the held ones, then those handed to the base model).
@@ -223,6 +296,7 @@ class _RowTracker:
         if n == len(self.jobs):
             self.seen = ids
         self.last_len = length
+        self.last_ids = ids
         for i, token in enumerate(ids[:, -1].tolist()):
             self.engine._step(self.jobs[self.rows[i]], token, self)
         return self._mask(input_ids.device)
@@ -265,6 +339,18 @@ class BatchEngine:
         self.busy = False
         self._current: list[Job] = []
         self.stats = collections.Counter()
+        # The server's own sampling stream, seeded from the OS: seeded requests use generators of their own, so
+        # nothing a client sends reseeds it (the global torch seed is a fixed number at process start).
+        self._entropy = int.from_bytes(os.urandom(8), "little") >> 1
+        self._generators: dict[str, Any] = {}
+
+    def _server_generator(self, device):
+        import torch
+
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self._entropy)
+        return self._generators[key]
 
     # -- control ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -350,14 +436,20 @@ class BatchEngine:
                 self._cond.wait(remaining)
             batch: list[Job] = []
             keep: collections.deque[Job] = collections.deque()
-            key = None
+            key = anchor = None
+            now = time.monotonic()
             for job in self._waiting:
                 if job.cancelled:
                     self.stats["cancelled"] += 1
                     continue
+                if job.expired(now):  # waited past its deadline: answer it now, never start it
+                    job.done = True
+                    self.stats["timed_out"] += 1
+                    job.post("error", _timeout_error(job))
+                    continue
                 if key is None:
-                    key = job.key
-                if job.key == key and len(batch) < self.max_batch_size:
+                    key, anchor = job.key, len(job.prompt_ids)
+                if job.key == key and len(batch) < self.max_batch_size and _length_fits(anchor, len(job.prompt_ids)):
                     batch.append(job)
                 else:
                     keep.append(job)
@@ -372,7 +464,7 @@ class BatchEngine:
 
     def _run_batch(self, jobs: list[Job]) -> None:
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         self.stats["batches"] += 1
         self.stats["batched_requests"] += len(jobs)
@@ -390,19 +482,25 @@ class BatchEngine:
                                   "pad_token_id": self.gen_pad_id, "eos_token_id": self.eos_ids or None,
                                   "stopping_criteria": StoppingCriteriaList([tracker]), "num_beams": 1,
                                   "num_return_sequences": 1, "top_k": None}
-        if first.do_sample:
-            kwargs.update(do_sample=True, temperature=first.temperature,
-                          top_p=first.top_p if first.top_p < 1.0 else None)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None)
+        kwargs.update(do_sample=False, temperature=None, top_p=None)
+        if first.do_sample:  # drawn by _Sampler with this batch's generator; generate itself decodes greedily
+            if first.seed is not None:  # a seeded request runs alone, with a generator of its own
+                own: dict[str, Any] = {}
+
+                def generator_for(device, own=own, seed=first.seed):
+                    if str(device) not in own:
+                        own[str(device)] = torch.Generator(device=device).manual_seed(seed)
+                    return own[str(device)]
+            else:
+                generator_for = self._server_generator
+            kwargs["logits_processor"] = LogitsProcessorList([_Sampler(first.temperature, first.top_p,
+                                                                       generator_for)])
         trace = self.is_mogu and any(j.return_routing for j in jobs)
         device = self.model.device
         try:
             if trace:
                 self.model.clear_routing_trace()
                 self.model.enable_routing_trace(True)
-            if first.do_sample and first.seed is not None:
-                torch.manual_seed(first.seed)
             with torch.no_grad():
                 self._generate(input_ids.to(device), attention_mask.to(device), **kwargs)
             for job in jobs:
@@ -437,6 +535,11 @@ class BatchEngine:
         if job.cancelled:
             job.done = True
             self.stats["cancelled"] += 1
+            return
+        if job.expired():
+            job.done = True
+            self.stats["timed_out"] += 1
+            job.post("error", _timeout_error(job))
             return
         job.tokens.append(token)
         if token in self.eos_set:
@@ -512,6 +615,81 @@ def render_messages(tokenizer, messages: list[dict]) -> str:
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
 
 
+def special_token_texts(tokenizer) -> list[str]:
+    """The text of every special token the tokenizer would turn into a control token, longest first."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token.content))
+    return sorted((t for t in texts if len(t) > 1), key=len, reverse=True)
+
+
+def escape_special_tokens(text: str, specials: list[str]) -> str:
+    """Breaks each special-token string with a zero-width space, so it is tokenised as the text it is."""
+    while True:
+        hit = next((t for t in specials if t in text), None)
+        if hit is None:
+            return text
+        text = text.replace(hit, hit[0] + "\u200b" + hit[1:])
+
+
+def _invalid_unicode_at(data) -> str | None:
+    """The path of the first string that is not valid Unicode (a lone surrogate), or None. Iterative: a deep
+    structure cannot exhaust the stack."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((k, path or "body"))
+                stack.append((v, f"{path}.{k}" if path else str(k)))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}.[{i}]") for i, v in enumerate(value))
+    return None
+
+
+def host_of(header: str) -> str:
+    """The host name in a Host header, without the port ("[::1]:8000" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    name = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    return name.rstrip(".")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class AllowedHostsMiddleware:
+    """Answers 400 (OpenAI-shaped) to a request whose Host header is not allowed: the defence against DNS rebinding.
+    starlette's TrustedHostMiddleware answers in plain text and splits "[::1]:8000" at the first colon."""
+
+    def __init__(self, app, hosts: list[str]):
+        self.app = app
+        self.hosts = {h.strip().lower().strip("[]") for h in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "*" not in self.hosts:
+            header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_of(header) not in self.hosts:
+                err = APIError(400, f"the Host header {header!r} is not allowed here; start the server with "
+                                    f"--allowed-hosts to add it", param="Host", code="invalid_host")
+                await _error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _context_length(model, is_mogu: bool) -> int | None:
     config = (model.base_model if is_mogu else model).config
     for c in (config, getattr(config, "text_config", None)):
@@ -524,8 +702,14 @@ def _context_length(model, is_mogu: bool) -> int | None:
 
 def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None, max_batch_size: int = 8,
                max_queue: int = 64, batch_wait_ms: float = 10.0, max_body_bytes: int = 1 << 20,
-               max_tokens_limit: int = 4096, default_max_tokens: int = 256, is_mogu: bool | None = None):
-    """The FastAPI app serving ``model``; ``app.state.engine`` is its BatchEngine."""
+               max_tokens_limit: int = 4096, default_max_tokens: int = 256, is_mogu: bool | None = None,
+               max_prompt_tokens: int | None = None, request_timeout_s: float | None = 300.0,
+               allowed_hosts: list[str] | None = None, special_tokens: str = "escape"):
+    """The FastAPI app serving ``model``; ``app.state.engine`` is its BatchEngine.
+
+    ``allowed_hosts`` None accepts any Host header (``serve`` passes the loopback names for a loopback bind);
+    ``max_prompt_tokens`` None allows up to the model's context; ``request_timeout_s`` None has no deadline."""
+    import anyio
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -535,6 +719,21 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
 
     if is_mogu is None:
         is_mogu = isinstance(model, MoGUModel)
+    check_api_key(api_key)
+    if special_tokens not in SPECIAL_TOKEN_POLICIES:
+        raise MoGUError(f"special_tokens must be one of {', '.join(SPECIAL_TOKEN_POLICIES)}, got {special_tokens!r}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise MoGUError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    if request_timeout_s is not None and not request_timeout_s > 0:
+        raise MoGUError(f"request_timeout must be > 0 seconds, got {request_timeout_s}")
+    specials = special_token_texts(tokenizer)
+    # Rendering and tokenising a 1 MB body takes a while: worker threads do it, never the event loop, and no more
+    # of them than leaves a core to the event loop and the model.
+    parse_limiter = anyio.CapacityLimiter(max(1, min(4, (os.cpu_count() or 2) // 2)))
+    # A prompt of more characters than this cannot fit max_prompt_tokens (no token is longer than the longest
+    # vocabulary entry; the factor 2 allows for normalisers), so it is refused without being tokenised.
+    longest_piece = max((len(t) for t in tokenizer.get_vocab()), default=1) if max_prompt_tokens else 0
+    max_prompt_chars = 2 * max_prompt_tokens * max(1, longest_piece) if max_prompt_tokens else None
     model.eval()
     engine = BatchEngine(model, tokenizer, is_mogu=is_mogu, max_batch_size=max_batch_size, max_queue=max_queue,
                          batch_wait_ms=batch_wait_ms)
@@ -551,6 +750,8 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
             engine.stop()
 
     app = FastAPI(title="mogu serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_hosts is not None:
+        app.add_middleware(AllowedHostsMiddleware, hosts=list(allowed_hosts))
     app.state.engine = engine
     app.state.model_name = model_name
 
@@ -628,13 +829,20 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
             raise APIError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
         return model_card()
 
-    def parse(raw: bytes, request: Request) -> tuple[ChatRequest, Job]:
+    def parse(raw: bytes, routing_header: bool, loop) -> tuple[ChatRequest, Job]:
+        """Body -> (request, job), tokenised (runs in a worker thread)."""
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        where = _invalid_unicode_at(data)
+        if where is not None:
+            raise APIError(400, f"Invalid '{where}': the text is not valid Unicode (a lone surrogate such as \\ud800)",
+                           param=where, code="invalid_value")
         try:
             req = ChatRequest.model_validate(data)
         except ValidationError as e:
@@ -652,19 +860,37 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format type 'text' is supported", param="response_format",
                            code="unsupported_value")
-        header = request.headers.get(ROUTING_HEADER, "").strip().lower() in ("1", "true", "yes")
-        return_routing = header or bool(req.mogu and req.mogu.return_routing)
+        return_routing = routing_header or bool(req.mogu and req.mogu.return_routing)
         if return_routing and not is_mogu:
             raise APIError(400, "routing weights need a MoGU checkpoint; this server runs a plain model",
                            param="mogu.return_routing", code="unsupported_value")
+        if req.temperature is not None and 0 < req.temperature < MIN_TEMPERATURE:
+            raise APIError(400, f"temperature {req.temperature!r} is too small to sample with: use 0 for greedy "
+                                f"decoding or at least {MIN_TEMPERATURE}", param="temperature", code="invalid_value")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _content_text(m.content)}
                     for m in req.messages]
+        if special_tokens != "allow" and specials:
+            for i, message in enumerate(messages):
+                hit = next((t for t in specials if t in message["content"]), None)
+                if hit is None:
+                    continue
+                if special_tokens == "refuse":
+                    raise APIError(400, f"the content holds the special token {hit!r}, which would act as a control "
+                                        f"token; this server refuses it (--special-tokens)",
+                                   param=f"messages.[{i}].content", code="special_token_in_content")
+                message["content"] = escape_special_tokens(message["content"], specials)
         try:
             text = render_messages(tokenizer, messages)
         except Exception as e:  # chat templates raise for unsupported role orders
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages",
                            code="invalid_value") from None
+        if max_prompt_chars is not None and len(text) > max_prompt_chars:
+            raise APIError(400, f"the prompt is {len(text)} characters, far more than the {max_prompt_tokens} tokens "
+                                f"this server takes (--max-prompt-tokens)", param="messages", code="context_length_exceeded")
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this server takes at most {max_prompt_tokens} "
+                                f"(--max-prompt-tokens)", param="messages", code="context_length_exceeded")
         room = (context - len(prompt_ids)) if context else None
         if room is not None and room < 1:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}",
@@ -692,11 +918,13 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
             raise APIError(400, "stop strings must not be empty", param="stop", code="invalid_value")
         job = Job(prompt_ids=prompt_ids, max_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
                   top_p=top_p, seed=req.seed, stop=stop, stream=bool(req.stream), return_routing=return_routing,
-                  loop=asyncio.get_running_loop())
+                  loop=loop)
         return req, job
 
     async def next_event(job: Job, request: Request):
-        """The job's next event; None when the client went away (the job is then cancelled)."""
+        """The job's next event; None when the client went away (the job is then cancelled). Past the deadline
+        (plus a second for the worker to say so itself, e.g. while a long batch is prefilling) the job is
+        cancelled and answered with a 408 here."""
         while True:
             try:
                 return await asyncio.wait_for(job.events.get(), timeout=1.0)
@@ -704,12 +932,24 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
                 if await request.is_disconnected():
                     job.cancel()
                     return None
+                if job.deadline is not None and time.monotonic() > job.deadline + 1.0:
+                    job.cancel()
+                    engine.stats["timed_out"] += 1
+                    return "error", _timeout_error(job)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise APIError(415, f"the body must be JSON, sent with 'Content-Type: application/json' (got "
+                                f"{media or 'no Content-Type'!r})", param="Content-Type", code="unsupported_media_type")
         raw = await read_body(request)
-        req, job = parse(raw, request)
+        routing_header = request.headers.get(ROUTING_HEADER, "").strip().lower() in ("1", "true", "yes")
+        req, job = await anyio.to_thread.run_sync(parse, raw, routing_header, asyncio.get_running_loop(),
+                                                  limiter=parse_limiter)
+        if request_timeout_s is not None:
+            job.deadline = time.monotonic() + request_timeout_s
         if not engine.alive:
             raise APIError(503, "the generation worker is not running", type="server_error", code="worker_down")
         try:
@@ -785,6 +1025,13 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
 
 
 # -- running it ----------------------------------------------------------------------------------
+def check_api_key(api_key: str | None) -> None:
+    """An empty key would turn auth on and let 'Authorization: Bearer' with nothing after it in."""
+    if api_key is not None and not api_key.strip():
+        raise MoGUError("--api-key is empty: give a real key, or leave the option (and MOGU_API_KEY) out to serve "
+                        "without one")
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -801,23 +1048,35 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
           model_name: str | None = None, max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 10.0,
           max_body_bytes: int = 1 << 20, max_tokens_limit: int = 4096, default_max_tokens: int = 256,
-          log_level: str = "info", echo=print, handoff: str | None = None) -> None:
+          log_level: str = "info", echo=print, handoff: str | None = None, max_prompt_tokens: int | None = 4096,
+          request_timeout_s: float | None = 300.0, allowed_hosts: list[str] | None = None,
+          special_tokens: str = "escape") -> None:
     """Load ``model_dir`` (a MoGU checkpoint, or any base model mogu can load) and serve it until interrupted.
-    ``handoff`` overrides the checkpoint's hand-off policy ("hold" keeps refusals, "fixed" is the paper's)."""
+    ``handoff`` overrides the checkpoint's hand-off policy ("hold" keeps refusals, "fixed" is the paper's).
+    ``allowed_hosts`` None: the loopback names for a loopback bind, any host otherwise."""
     import uvicorn
 
     from .inference import load_for_inference
 
+    check_api_key(api_key)
+    if special_tokens not in SPECIAL_TOKEN_POLICIES:
+        raise MoGUError(f"--special-tokens must be one of {', '.join(SPECIAL_TOKEN_POLICIES)}, got {special_tokens!r}")
+    if allowed_hosts is None:
+        allowed_hosts = list(LOOPBACK_HOSTS) if is_loopback(host) else ["*"]
     sock = bind_socket(host, port)  # fail fast, before loading the model, when the port is taken
     model, tokenizer, is_mogu = load_for_inference(model_dir, handoff=handoff)
     name = model_name or model_dir
     app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_batch_size=max_batch_size,
                      max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_body_bytes=max_body_bytes,
-                     max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens, is_mogu=is_mogu)
+                     max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens, is_mogu=is_mogu,
+                     max_prompt_tokens=max_prompt_tokens, request_timeout_s=request_timeout_s,
+                     allowed_hosts=allowed_hosts, special_tokens=special_tokens)
     shown = f"[{host}]" if ":" in host else host
     kind = f"MoGU checkpoint (route_tokens={app.state.engine.route_tokens})" if is_mogu else "plain model (no routing)"
     echo(f"mogu serve: {model_dir} ({kind}) as model '{name}' on http://{shown}:{sock.getsockname()[1]}/v1 "
-         f"(batch <= {max_batch_size}, queue <= {max_queue}{', API key required' if api_key else ''})")
+         f"(batch <= {max_batch_size}, queue <= {max_queue}, prompt <= {max_prompt_tokens or 'context'} tokens, "
+         f"timeout {request_timeout_s or 'none'} s, hosts {','.join(allowed_hosts)}"
+         f"{', API key required' if api_key else ''})")
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 
