@@ -78,6 +78,7 @@ PROMPTS = [
 ROUTE_TOKENS = 5
 BASE, MOGU_M, MOGU_ALL, XLORA = "base", f"mogu m={ROUTE_TOKENS}", "mogu all tokens", "x-lora (peft)"
 MOGU_GATE = f"mogu prompt gate m={ROUTE_TOKENS}"
+GATE_BASE = "mogu prompt gate, gate_benign=base (one pass)"
 HOLD_BENIGN = f"mogu hold m={ROUTE_TOKENS}, benign (hand-off)"
 HOLD_HARMFUL = f"mogu hold m={ROUTE_TOKENS}, harmful (held)"
 HOLD_BIAS = 12.0  # router logit shift: every row's routed prefix leans to one expert
@@ -353,6 +354,12 @@ def main(argv=None) -> int:
         with torch.no_grad():  # random probes, so a batch mixes both experts
             g = torch.Generator().manual_seed(2)
             gated.gate.weight.copy_(torch.randn(gated.gate.weight.shape, generator=g).to(gated.gate.weight.device) * 0.05)
+        # The same gate, experts and probes, but a passed prompt is the base model's (one generate, no hand-off).
+        gate_base = MoGUModel.from_base(shared_weights_copy(pristine), MoGUConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, route_tokens=ROUTE_TOKENS, router_type="prompt",
+            gate_benign="base"), tokenizer=tokenizer)
+        gate_base.eval()
+        gate_base.load_state_dict(gated.state_dict())
 
     hold_models = {}
     for name, sign in ((HOLD_BENIGN, -1.0), (HOLD_HARMFUL, 1.0)):
@@ -377,6 +384,7 @@ def main(argv=None) -> int:
     }
     if gated is not None:
         settings[MOGU_GATE] = (gated.generate, gen, {"route_tokens": ROUTE_TOKENS}, args.new_tokens)
+        settings[GATE_BASE] = (gate_base.generate, gen, {"route_tokens": ROUTE_TOKENS}, args.new_tokens)
     unavailable: dict[str, str] = {}
     tmp = tempfile.TemporaryDirectory(prefix="mogu-speed-")
     if not args.no_xlora:
@@ -439,7 +447,7 @@ def main(argv=None) -> int:
             r["x_base"] = r["tokens_per_s"] / base_tps[r["batch"]]
     env = environment(args.threads, args.device, args.dtype)
 
-    order = [BASE, MOGU_M, HOLD_BENIGN, HOLD_HARMFUL, MOGU_ALL, MOGU_GATE, XLORA]
+    order = [BASE, MOGU_M, HOLD_BENIGN, HOLD_HARMFUL, MOGU_ALL, MOGU_GATE, GATE_BASE, XLORA]
     print(f"\nmodel: {model_name}; greedy, every row exactly N new tokens; tokens/s summed over the batch; "
           f"median of {args.repeats}")
     print("\n| setting | batch | new tokens | tokens/s | × base |")

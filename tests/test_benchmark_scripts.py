@@ -29,7 +29,8 @@ def test_tiny_run_reports_every_setting(speed, tmp_path):
     payload = json.loads(out.read_text())
     rows = {(r["setting"], r["batch"]): r for r in payload["results"]}
     for batch in (1, 3):
-        for name in (speed.BASE, speed.MOGU_M, speed.MOGU_ALL, speed.MOGU_GATE, speed.HOLD_BENIGN, speed.HOLD_HARMFUL):
+        for name in (speed.BASE, speed.MOGU_M, speed.MOGU_ALL, speed.MOGU_GATE, speed.GATE_BASE, speed.HOLD_BENIGN,
+                     speed.HOLD_HARMFUL):
             r = rows[(name, batch)]
             assert r["new_tokens"] == 8 and r["tokens_per_s"] > 0 and r["x_base"] > 0
         assert rows[(speed.BASE, batch)]["x_base"] == 1.0

@@ -531,3 +531,15 @@ def test_mogu_defense_equals_mogu_generate(family):
     assert d.generate(PROMPTS, max_new_tokens=8) == generate_responses(mogu, tok, PROMPTS, max_new_tokens=8,
                                                                        route_tokens=None)
     assert build_defense("mogu", mogu_model=mogu, route_tokens="4").params()["route_tokens"] == 4
+
+
+def test_mogu_defense_gate_benign_option_is_validated_and_leaves_the_config_as_it_was(tmp_path):
+    mogu, _, tok = make("llama")
+    with pytest.raises(ConfigError, match="gate_benign"):
+        build("mogu", mogu, tok, tmp_path, gate_benign="nobody")
+    assert mogu.config.gate_benign == "base"  # the default
+    defense = build("mogu", mogu, tok, tmp_path, gate_benign="glad")
+    assert defense.params()["gate_benign"] == "glad"
+    defense.generate(PROMPTS[:1], max_new_tokens=2)
+    assert mogu.config.gate_benign == "base"  # restored after generating
+    assert build("mogu", mogu, tok, tmp_path).params()["gate_benign"] == "base"  # the config's

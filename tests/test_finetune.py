@@ -424,8 +424,10 @@ def _gated(family="llama", base=None):
     return model
 
 
-def test_gated_model_pins_the_prompt_decision_in_training(tmp_path):
+@pytest.mark.parametrize("gate_benign", ["base", "glad"])
+def test_gated_model_pins_the_prompt_decision_in_training(tmp_path, gate_benign):
     model = _gated()
+    model.config.gate_benign = gate_benign
     tuner = _tuner(model, _cfg(tmp_path, "g", mix_ratio=0.25))
     seqs = tuner.encode()["task"][:3] + tuner.encode()["mix"][:2]
     tok = tiny_tokenizer()
@@ -433,13 +435,14 @@ def test_gated_model_pins_the_prompt_decision_in_training(tmp_path):
     for row, (ids, n_resp) in enumerate(seqs):  # each row: the gate on its prompt alone, unpadded
         prompt = torch.tensor([ids[:len(ids) - n_resp]], device=_device(model))
         assert torch.equal(weights[row], model.routing_weights(prompt)[0].to(weights.device)), row
-    # Thresholds either side of every score: all rows glad, then all unwill, in the training forward too.
+    # Thresholds either side of every score: all rows passed, then all unwill, in the training forward too.
     from mogu.training import collate, sequence_nll
 
     batch = {k: v.to(_device(model)) for k, v in collate(seqs, tok.pad_token_id).items()}
     scores = model.gate_scores(*[collate([(i[:len(i) - n], 0) for i, n in seqs], tok.pad_token_id)[k].to(_device(model))
                                  for k in ("input_ids", "attention_mask")])
-    for threshold, mode in ((float(scores.max()) + 1, "glad"), (float(scores.min()) - 1, "unwill")):
+    passed = "off" if model.config.gate_benign == "base" else "glad"  # a passed prompt: the base layer alone
+    for threshold, mode in ((float(scores.max()) + 1, passed), (float(scores.min()) - 1, "unwill")):
         with torch.no_grad():
             model.gate.threshold.fill_(threshold)
             tuner._train_mode()

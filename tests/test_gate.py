@@ -18,6 +18,7 @@ FAMILIES = sorted(FAMILY_CONFIGS)
 
 
 def make(family="llama", seed=0, **cfg):
+    cfg.setdefault("gate_benign", "glad")  # most tests here pin MoGU's glad design; the base default has its own
     base = tiny_model(family, seed)
     reference = copy.deepcopy(base)
     model = MoGUModel.from_base(base, MoGUConfig(router_type="prompt", **cfg), tokenizer=tiny_tokenizer())
@@ -381,3 +382,82 @@ def test_turn_aware_gate_scores_of_a_left_padded_batch_equal_single_rows():
     batched = model.gate_scores(x, mask)
     for i, r in enumerate(rows):
         torch.testing.assert_close(batched[i:i + 1], model.gate_scores(torch.tensor([r])), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gate_benign_base_gives_passed_prompts_exactly_the_base_logits_and_flagged_ones_unwill(family):
+    model, reference = make(family, gate_benign="base")
+    x = ids(3)
+    weights = split_threshold(model, x)
+    assert weights.shape == (3, 3)
+    with torch.no_grad():
+        auto = model(input_ids=x).logits
+        base = reference(input_ids=x).logits
+        model.set_routing("unwill")
+        unwill = model(input_ids=x).logits
+        model.set_routing("auto")
+    for i, (u, g, b) in enumerate(weights.tolist()):
+        assert (u, g, b) in ((1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
+        if u:
+            torch.testing.assert_close(auto[i], unwill[i], rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(auto[i], base[i])  # bit for bit: 1.0 * W x + 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
+def test_gate_benign_base_greedy_answers_equal_the_base_models_and_batch_equals_single(family):
+    model, reference = make(family, gate_benign="base")
+    rows = [ids(1, n, seed=n)[0].tolist() for n in (4, 7, 9)]
+    input_ids, mask = left_pad(rows)
+    weights = split_threshold(model, input_ids, mask)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    for i, row in enumerate(rows):
+        single = torch.tensor([row])
+        with torch.no_grad():
+            alone = model.generate(input_ids=single, **kwargs)
+            base = reference.generate(input_ids=single, **kwargs)
+            assert model.last_generate_timing["single_pass"]  # no hand-off: one generate call
+            model.set_routing("unwill")
+            unwill = model.generate(input_ids=single, **kwargs)
+            model.set_routing("auto")
+        n = len(row)
+        assert out[i, input_ids.shape[1]:].tolist()[: alone.shape[1] - n] == alone[0, n:].tolist()
+        if weights[i, 2] == 1.0:
+            assert alone[0, n:].tolist() == base[0, n:].tolist()
+        else:  # held: the unwilling expert from the first token to the last
+            assert alone[0, n:].tolist() == unwill[0, n:].tolist()
+    assert_batch_equals_single(model, rows, 3)
+
+
+def test_gate_benign_base_streams_the_single_pass():
+    from tiny_models import RecordingStreamer
+
+    model, _ = make(gate_benign="base")
+    x = ids(1)
+    with torch.no_grad():
+        model.gate.threshold.fill_(float(model.gate_scores(x)[0]) + 1.0)  # passed: the base model answers
+        streamer = RecordingStreamer()
+        out = model.generate(input_ids=x, max_new_tokens=6, do_sample=False, pad_token_id=0, streamer=streamer)
+    streamed = [t for chunk in streamer.chunks[1:] for t in chunk]  # chunks[0] is the prompt
+    assert streamer.chunks[0] == x[0].tolist() and streamed == out[0, x.shape[1]:].tolist() and streamer.ends == 1
+
+
+def test_gate_benign_is_validated_saved_and_overridable(tmp_path):
+    from mogu.inference import load_for_inference
+
+    with pytest.raises(ConfigError, match="gate_benign"):
+        MoGUConfig(router_type="prompt", gate_benign="nobody")
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    model = MoGUModel.from_base(str(tmp_path / "base"), MoGUConfig(router_type="prompt", gate_benign="base"))
+    randomize_added(model)
+    split_threshold(model, ids())
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded, _, _ = load_for_inference(str(tmp_path / "ckpt"))
+    assert loaded.config.gate_benign == "base"
+    again, _, _ = load_for_inference(str(tmp_path / "ckpt"), gate_benign="glad")
+    assert again.config.gate_benign == "glad" and again.routing_weights(ids()).shape == (2, 2)
+    with pytest.raises(ConfigError, match="--gate-benign"):
+        load_for_inference(str(tmp_path / "ckpt"), gate_benign="nobody")

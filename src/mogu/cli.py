@@ -456,6 +456,11 @@ def _handoff_option():
     return typer.Option(None, help=HANDOFF_HELP)
 
 
+def _gate_benign_option():
+    return typer.Option(None, help="Prompt gate only: what answers a prompt the gate passes, 'glad' (the glad "
+                                   "expert's routed prefix) or 'base' (the base model alone). Default: the checkpoint's.")
+
+
 @app.command()
 def generate(
     model: str = typer.Option(..., help="MoGU checkpoint folder, or a base model."),
@@ -466,6 +471,7 @@ def generate(
     route_tokens: Optional[int] = typer.Option(None, help="Override the routed prefix length; 0 routes every token."),
     mode: str = typer.Option("auto", help="auto | glad | unwill | off"),
     handoff: Optional[str] = _handoff_option(),
+    gate_benign: Optional[str] = _gate_benign_option(),
     trace: bool = typer.Option(False, help="Print mean router weights per layer."),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -474,7 +480,7 @@ def generate(
     from .training import render_prompt
 
     _setup_torch(threads)
-    m, tok, is_mogu = load_for_inference(model, handoff=handoff)
+    m, tok, is_mogu = load_for_inference(model, handoff=handoff, gate_benign=gate_benign)
     texts = [render_prompt(tok, p) for p in prompt]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     kw = _gen_kwargs(tok, max_new_tokens, temperature, top_p)
@@ -503,6 +509,7 @@ def chat(
     url: Optional[str] = typer.Option(None, help="Chat with a running `mogu serve` (or any OpenAI-compatible server), e.g. http://127.0.0.1:8000/v1."),
     api_key: Optional[str] = typer.Option(None, envvar="MOGU_API_KEY", help="Bearer key for --url (env MOGU_API_KEY)."),
     handoff: Optional[str] = _handoff_option(),
+    gate_benign: Optional[str] = _gate_benign_option(),
     threads: Optional[int] = typer.Option(None),
 ):
     """Interactive chat that streams tokens. Empty line or Ctrl-D quits; /reset clears history."""
@@ -519,7 +526,7 @@ def chat(
     from .inference import load_for_inference
 
     _setup_torch(threads)
-    m, tok, _ = load_for_inference(model, handoff=handoff)
+    m, tok, _ = load_for_inference(model, handoff=handoff, gate_benign=gate_benign)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     typer.echo("mogu chat: empty line or Ctrl-D to quit, /reset to clear the history.")
@@ -899,7 +906,10 @@ def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path,
         from .eval.judges import is_refusal
 
         def refusals(ps: list[str], expert: str) -> list[bool]:
-            weights = torch.tensor([[1.0, 0.0] if expert == "unwill" else [0.0, 1.0]])
+            if m.config.gate_benign == "base":  # a passed prompt is the base model's alone
+                weights = torch.tensor([[1.0, 0.0, 0.0] if expert == "unwill" else [0.0, 0.0, 1.0]])
+            else:
+                weights = torch.tensor([[1.0, 0.0] if expert == "unwill" else [0.0, 1.0]])
             with m.pin_routing(weights):  # one row: repeated for every row of each batch
                 out = generate_responses(m, tok, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                          progress=True, desc=f"{expert} expert")
@@ -1020,6 +1030,7 @@ def serve_command(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     handoff: Optional[str] = _handoff_option(),
+    gate_benign: Optional[str] = _gate_benign_option(),
     max_prompt_tokens: int = typer.Option(4096, min=1, help="Longest prompt, in tokens, a request may send (400 beyond)."),
     request_timeout: float = typer.Option(300.0, min=0.0, help="Seconds a request may take before it is cancelled "
                                           "and answered 408 (0: no limit)."),
@@ -1039,7 +1050,7 @@ def serve_command(
           max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit,
           max_body_bytes=max_body_bytes, log_level=log_level, echo=_echo, handoff=handoff,
           max_prompt_tokens=max_prompt_tokens, request_timeout_s=request_timeout or None, allowed_hosts=hosts,
-          special_tokens=special_tokens)
+          special_tokens=special_tokens, gate_benign=gate_benign)
 
 
 def main() -> None:

@@ -22,6 +22,11 @@ ROUTER_TYPES = ("token", "prompt")
 # After the routed prefix: "hold" keeps a prompt that routing judged harmful with the unwilling expert to
 # the end of the answer; "fixed" hands every answer to the base model (the paper's). mogu.generation.
 HANDOFFS = ("hold", "fixed")
+# A prompt gate's benign decision: "base" (the default) lets the base model answer alone, so a passed prompt's
+# answer is the base model's token for token; "glad" routes its prefix through the glad expert (MoGU's
+# design), which on SmolLM2 turned 20 % of benign answers into counting loops against the base model's 2 %
+# (docs/RESULTS.md, "Benign answers"). Token routers ignore it.
+GATE_BENIGN = ("glad", "base")
 
 
 @dataclass
@@ -34,6 +39,8 @@ class MoGUConfig:
     many generated tokens the routed model picks before the hand-off (None routes
     every token). ``handoff="hold"`` keeps an answer that routing judged harmful with
     the unwilling expert to its end; ``"fixed"`` hands every answer to the base model.
+    ``gate_benign`` (prompt gate only): what answers a prompt the gate passes, the glad expert's
+    prefix (``"glad"``) or the base model alone (``"base"``).
 
     ``version="v2"`` (MoGU v2) changes defaults, not the layer formula: a lighter
     router (``router_hidden`` defaults to ``DEFAULT_ROUTER_HIDDEN["v2"]``), routers and
@@ -57,6 +64,7 @@ class MoGUConfig:
     route_tokens: int | None = 5
     router_type: str = "token"
     handoff: str = "hold"
+    gate_benign: str = "base"
     # Filled in by MoGUModel.from_base so a checkpoint knows what it belongs to.
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
@@ -78,6 +86,8 @@ class MoGUConfig:
             raise ConfigError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.handoff not in HANDOFFS:
             raise ConfigError(f"handoff must be one of {HANDOFFS}, got {self.handoff!r}")
+        if self.gate_benign not in GATE_BENIGN:
+            raise ConfigError(f"gate_benign must be one of {GATE_BENIGN}, got {self.gate_benign!r}")
         if self.router_hidden is None:
             self.router_hidden = DEFAULT_ROUTER_HIDDEN[self.version]
         if isinstance(self.target_modules, str):

@@ -51,9 +51,12 @@ class PromptGate(nn.Module):
         """A fresh gate is all zeros: it would send every prompt to the glad expert, the one that complies."""
         return bool(self.weight.detach().abs().sum() > 0 or self.bias.detach().abs().sum() > 0)
 
-    def weights(self, scores: torch.Tensor) -> torch.Tensor:
-        """(u, g) per prompt, [B, 2]: all unwill above the threshold, all glad otherwise."""
+    def weights(self, scores: torch.Tensor, benign: str = "glad") -> torch.Tensor:
+        """(u, g) per prompt, [B, 2]: all unwill above the threshold, all glad otherwise. With ``benign="base"``,
+        (u, g, b), [B, 3]: a passed prompt gets (0, 0, 1), the base layer alone (layer.py)."""
         u = (scores > self.threshold).to(torch.float32)
+        if benign == "base":
+            return torch.stack([u, torch.zeros_like(u), 1.0 - u], dim=-1)
         return torch.stack([u, 1.0 - u], dim=-1)
 
     @torch.no_grad()

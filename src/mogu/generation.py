@@ -70,6 +70,12 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
         start = time.perf_counter()
         weights = model.routing_weights(input_ids, attention_mask)
         gate_s = time.perf_counter() - start
+        if weights.shape[1] == 3 and handoff == "hold" and route_tokens is not None:
+            # gate_benign="base" with the hold hand-off: a passed row is the base model and a flagged row the
+            # unwilling expert for the whole answer, so neither hands off: one call, one prefill, rows mixed.
+            return _single_pass(model, weights, gate_s, input_ids=input_ids, attention_mask=attention_mask,
+                                generation_config=generation_config, streamer=streamer,
+                                stopping_criteria=stopping_criteria, logits_processor=logits_processor, **kwargs)
         with model.pin_routing(weights):
             out = routed_generate(model, input_ids=input_ids, attention_mask=attention_mask, route_tokens=route_tokens,
                                   handoff=handoff, generation_config=generation_config, streamer=streamer,
@@ -186,6 +192,27 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     out[:, : prefix.shape[1]] = prefix
     for idx, piece in pieces:
         out[idx, : piece.shape[1]] = piece
+    return out
+
+
+def _single_pass(model, weights: torch.Tensor, gate_s: float, *, generation_config=None, **kwargs):
+    """One routed ``generate`` with the gate's per-row (u, g, b) pinned: b = 1 rows are the base model bit for
+    bit (layer.py), u = 1 rows the unwilling expert throughout."""
+    base = model.base_model
+    gen_config = copy.deepcopy(generation_config if generation_config is not None else base.generation_config)
+    model_kwargs = gen_config.update(**kwargs)
+    if gen_config.return_dict_in_generate:
+        raise ConfigError("return_dict_in_generate is not supported with a routed prefix; use route_tokens=None")
+    timing = model.last_generate_timing = {}
+    start = time.perf_counter()
+    with model.pin_routing(weights), model.routing("auto"):
+        out = base.generate(generation_config=gen_config, **model_kwargs)
+    held = (weights[:, 0] > weights[:, 1]).tolist()
+    n_return = gen_config.num_return_sequences or 1
+    held = [h for h in held for _ in range(n_return)]
+    timing.update(routed_s=time.perf_counter() - start, gate_s=gate_s, held=held, held_rows=sum(held),
+                  single_pass=True)
+    timing["total_s"] = timing["routed_s"] + gate_s
     return out
 
 

@@ -134,7 +134,7 @@ class RoutedLinear(nn.Module):
         r = self.r
         if torch.is_grad_enabled() or self.training:
             # Training path: the factorised router, so gradients follow the paper's parametrisation.
-            u, g = self.router(x) if self.router is not None else self._pinned_weights(x)
+            u, g, b = (*self.router(x), None) if self.router is not None else self._pinned_weights(x)
             down = F.linear(self.lora_dropout(x), torch.cat([self.lora_A["unwill"].weight,
                                                              self.lora_A["glad"].weight]))
             up = torch.cat([self.lora_B["unwill"].weight, self.lora_B["glad"].weight], dim=1)
@@ -144,12 +144,13 @@ class RoutedLinear(nn.Module):
             z = F.linear(x, fused_down, fused_bias)
             down = z[..., : 2 * r]
             if self.router is None:  # a prompt gate's per-sequence weights
-                u, g = self._pinned_weights(x)
+                u, g, b = self._pinned_weights(x)
             else:
                 scores = torch.sigmoid(z[..., 2 * r:])
-                u, g = scores[..., :1], scores[..., 1:]
+                u, g, b = scores[..., :1], scores[..., 1:], None
         mixed = torch.cat([u * down[..., :r], g * down[..., r:]], dim=-1)
-        out = (u + g) * result + F.linear(mixed, up) * self.scaling
+        # b: a pinned share of the base layer alone; (0, 0, 1) is 1.0 * W x + 0, the base output bit for bit.
+        out = ((u + g) if b is None else (u + g + b)) * result + F.linear(mixed, up) * self.scaling
         if state.collect:
             state.collected.append((u, g))
         if state.prefix_score is not None and self.router is not None:
@@ -159,8 +160,9 @@ class RoutedLinear(nn.Module):
                 torch.cat([u, g], dim=-1).expand(*x.shape[:-1], 2).detach().float().cpu())
         return out
 
-    def _pinned_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt gate's (u, g) for this batch, shaped [B, 1, 1] to broadcast over tokens."""
+    def _pinned_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The prompt gate's (u, g, b) for this batch, shaped [B, 1, 1] to broadcast over tokens (b is None
+        for [B, 2] weights)."""
         pinned = self._state.pinned
         if pinned is None:
             raise MoGUError("a prompt-gated layer runs inside MoGUModel.forward/generate, which pin the "
@@ -170,8 +172,9 @@ class RoutedLinear(nn.Module):
                 raise MoGUError(f"pinned routing has {pinned.shape[0]} rows for a batch of {x.shape[0]}")
             # generate() expands each prompt into num_return_sequences consecutive rows.
             pinned = pinned.repeat_interleave(x.shape[0] // pinned.shape[0], dim=0)
-        pinned = pinned.to(device=x.device, dtype=x.dtype).view(x.shape[0], *([1] * (x.dim() - 2)), 2)
-        return pinned[..., :1], pinned[..., 1:]
+        width = pinned.shape[-1]
+        pinned = pinned.to(device=x.device, dtype=x.dtype).view(x.shape[0], *([1] * (x.dim() - 2)), width)
+        return pinned[..., :1], pinned[..., 1:2], (pinned[..., 2:3] if width == 3 else None)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, r={self.r}, scaling={self.scaling}"

@@ -191,9 +191,9 @@ class MoGUModel(nn.Module):
         return self._header_ids
 
     def routing_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """A prompt-gated model's (u, g) per sequence, [B, 2]."""
+        """A prompt-gated model's (u, g) per sequence, [B, 2] ([B, 3] (u, g, base) with ``gate_benign="base"``)."""
         self._require_fitted_gate()
-        return self.gate.weights(self.gate_scores(input_ids, attention_mask))
+        return self.gate.weights(self.gate_scores(input_ids, attention_mask), benign=self.config.gate_benign)
 
     def _require_fitted_gate(self) -> None:
         if self.gate is not None and not self.gate.is_fitted():
@@ -203,11 +203,12 @@ class MoGUModel(nn.Module):
 
     @contextlib.contextmanager
     def pin_routing(self, weights: torch.Tensor) -> Iterator["MoGUModel"]:
-        """Route every call inside with fixed per-sequence weights ([B, 2] rows of (u, g)); prompt gate only."""
+        """Route every call inside with fixed per-sequence weights ([B, 2] rows of (u, g), or [B, 3] rows of
+        (u, g, b) where b weighs the base layer alone); prompt gate only."""
         if self.gate is None:
             raise MoGUError("pin_routing is for router_type='prompt' models")
-        if weights.dim() != 2 or weights.shape[1] != 2:
-            raise MoGUError(f"pinned routing weights must be [batch, 2], got {tuple(weights.shape)}")
+        if weights.dim() != 2 or weights.shape[1] not in (2, 3):
+            raise MoGUError(f"pinned routing weights must be [batch, 2] or [batch, 3], got {tuple(weights.shape)}")
         previous = self._state.pinned
         self._state.pinned = weights
         try:

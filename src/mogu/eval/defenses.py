@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..config import HANDOFFS
+from ..config import GATE_BENIGN, HANDOFFS
 from ..errors import ConfigError
 from .attacks import Conversation
 
@@ -965,9 +965,10 @@ class SafetySFT(Defense):
 # -- MoGU ----------------------------------------------------------------------------------------
 @register_defense("mogu")
 class MoGUDefense(Defense):
-    """The routed MoGU model (routing ``auto``; ``route_tokens`` and ``handoff`` default to the model's config)."""
+    """The routed MoGU model (routing ``auto``; ``route_tokens``, ``handoff`` and ``gate_benign`` default to the
+    model's config)."""
 
-    PARAMS = {"route_tokens": "config", "handoff": "config"}
+    PARAMS = {"route_tokens": "config", "handoff": "config", "gate_benign": "config"}
 
     def validate(self) -> None:
         if self.mogu_model is None:
@@ -992,6 +993,12 @@ class MoGUDefense(Defense):
             handoff = self.mogu_model.config.handoff
         _require(handoff in HANDOFFS, f"mogu: handoff must be one of {', '.join(HANDOFFS)} or 'config', got {handoff!r}")
         self._params["handoff"] = handoff
+        benign = self._params["gate_benign"]
+        if benign == "config":
+            benign = self.mogu_model.config.gate_benign
+        _require(benign in GATE_BENIGN, f"mogu: gate_benign must be one of {', '.join(GATE_BENIGN)} or 'config', "
+                                        f"got {benign!r}")
+        self._params["gate_benign"] = benign
 
     def params(self) -> dict[str, Any]:
         out = super().params()
@@ -1008,4 +1015,9 @@ class MoGUDefense(Defense):
                 return mogu.generate(input_ids=input_ids, attention_mask=mask, route_tokens=route_tokens,
                                      handoff=handoff, **greedy_kwargs(self.model, tokenizer, max_new_tokens))
 
-        yield generate_fn
+        configured = mogu.config.gate_benign
+        mogu.config.gate_benign = self._params["gate_benign"]
+        try:
+            yield generate_fn
+        finally:
+            mogu.config.gate_benign = configured
