@@ -152,3 +152,25 @@ def test_wilson_interval_always_contains_the_rate():
         for k in range(n + 1):
             lo, hi = wilson_interval(k, n)
             assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n)
+
+
+def test_useful_rate_and_agreement_with_the_base_model():
+    gens, verdicts = [], []
+    answers = {"none": ["Bake at 220 C for 30 minutes.", "Paris is the capital of France.", "1. 1. 1. 1. 1. 1."],
+               "mogu": ["Bake at 220 C for 30 minutes.", "I'm sorry, but I can't help with that.", "1. 1. 1. 1. 1. 1."],
+               "other": ["Bake it at 220 C for half an hour.", "Paris is the capital of France.", ""]}
+    for d, rows in answers.items():
+        for i, text in enumerate(rows):
+            gens.append({"defense": d, "benchmark": "b", "id": str(i), "harmful": False, "response": text})
+            verdicts.append({"verdict": None, "refused": None})
+    from mogu.verdicts import classify_answer
+
+    for g, v in zip(gens, verdicts):
+        v["verdict"] = classify_answer("a benign question", g["response"])
+    m = compute_metrics(gens, verdicts, list(answers), ["b"])
+    s = m["summary"]
+    assert s["none"]["benign_useful"]["k"] == 2 and "base_agreement" not in s["none"]  # the loop is not useful
+    assert s["mogu"]["benign_useful"]["k"] == 1 and s["mogu"]["benign_refusal"]["k"] == 1
+    assert s["mogu"]["base_agreement"]["identical"]["k"] == 2  # the bread answer and the identical loop
+    assert s["other"]["base_agreement"]["identical"]["k"] == 1
+    assert 0 < s["other"]["base_agreement"]["chrf_mean"] < s["mogu"]["base_agreement"]["chrf_mean"] <= 100
