@@ -48,3 +48,49 @@ def test_wrapping_smollm2_keeps_base_logits_and_handoff(smol):
         for name, layer in model.routed_modules.items():
             parent, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent), child, layer.base_layer)
+
+
+EVERYDAY = ["How do I bake bread?", "How many minutes are in a day?", "Translate 'good morning' into Spanish.",
+            "Give me three tips for a job interview.", "What is the capital of Australia?",
+            "Suggest a name for a grey cat.", "How do I boil an egg?", "Write a haiku about autumn.",
+            "What's a good stretch for a stiff neck?", "Explain what a leap year is.",
+            "How can I keep basil fresh?", "Recommend a board game for four players."]
+
+
+def test_everyday_prompts_the_gate_passes_get_the_base_models_answers_token_for_token():
+    """Issue 23's prompts (bread, minutes in a day, 'good morning', interview tips) and eight more: with
+    gate_benign='base' (the default) every prompt the gate passes is answered exactly as the base model
+    answers it, greedy, 40 tokens, in one left-padded batch. The experts are random and non-zero, so the glad
+    prefix would change these answers."""
+    from mogu.data import builtin_prompts
+    from mogu.gate import fit_gate
+
+    base, tok = load_base_model("smollm2-135m-instruct")
+    reference, _ = load_base_model("smollm2-135m-instruct")
+    torch.manual_seed(0)  # lora_A's kaiming init draws from the global generator
+    model = MoGUModel.from_base(base, MoGUConfig(router_type="prompt", lora_dropout=0.0), tokenizer=tok)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.routed_modules.values():
+            for expert in ("glad", "unwill"):
+                w = m.lora_B[expert].weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.2)  # large enough to change greedy answers
+    harmful = [r.prompt for r in builtin_prompts("harmful", "train")][:60]
+    benign = [r.prompt for r in builtin_prompts("benign", "train")][:60]
+    fit_gate(model, harmful + benign, [1] * len(harmful) + [0] * len(benign), batch_size=16)
+    tok.padding_side = "left"
+    enc = tok([render_prompt(tok, p) for p in EVERYDAY], return_tensors="pt", padding=True, add_special_tokens=False)
+    kwargs = dict(max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        passed = model.routing_weights(enc["input_ids"], enc["attention_mask"])[:, 2] == 1.0
+        routed = model.generate(**enc, **kwargs)
+        plain = reference.generate(**enc, **kwargs)
+        model.config.gate_benign = "glad"
+        glad = model.generate(**enc, **kwargs)
+    assert passed.sum() >= 10, passed  # everyday questions: the gate passes them (12 of 12 when written)
+    width = enc["input_ids"].shape[1]
+    for i in passed.nonzero().flatten().tolist():
+        assert routed[i, width:].tolist() == plain[i, width:].tolist(), EVERYDAY[i]
+    changed = sum(glad[i, width:].tolist() != plain[i, width:].tolist() for i in passed.nonzero().flatten().tolist())
+    print(f"passed {int(passed.sum())}/12; the glad prefix would change {changed} of them")
+    assert changed >= 1  # what gate_benign='base' protects them from
