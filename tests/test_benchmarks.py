@@ -42,7 +42,7 @@ def test_registry_lists_every_benchmark():
     names = {n for n, _ in list_benchmarks()}
     assert names == set(BENCHMARKS) == {
         "advbench", "harmbench", "jailbreakbench", "jbb-artifacts", "strongreject", "xstest", "malicious_instruct",
-        "tdc2023", "sap30", "gptfuzz", "just_eval", "alpaca_eval", "mt_bench"}
+        "tdc2023", "sap30", "gptfuzz", "just_eval", "alpaca_eval", "mt_bench", "task"}
     assert all(desc for _, desc in list_benchmarks())
 
 
@@ -61,7 +61,20 @@ FIXTURE_CASES = [
     ("just_eval", {}, 5, {True, False}),
     ("alpaca_eval", {}, 3, {False}),
     ("mt_bench", {}, 3, {False}),
+    ("task", {"test": 5}, 5, {False}),
 ]
+
+
+def test_task_benchmark_reads_a_mogu_data_task_folder(tmp_path):
+    from mogu.tasks import write_task_data
+
+    write_task_data("date-iso", tmp_path / "t", n_train=10, n_test=4, seed=3)
+    prompts = load("task", file=str(tmp_path / "t"))
+    test = [json.loads(line) for line in (tmp_path / "t" / "test.jsonl").read_text().splitlines()]
+    assert [(p.prompt, p.meta["answer"], p.meta["task"]) for p in prompts] == [
+        (r["prompt"], r["answer"], "date-iso") for r in test]
+    with pytest.raises(ConfigError, match="task="):
+        load("task", task="poetry")
 
 
 def test_fixture_cases_cover_the_registry():

@@ -543,3 +543,45 @@ def test_mogu_defense_gate_benign_option_is_validated_and_leaves_the_config_as_i
     defense.generate(PROMPTS[:1], max_new_tokens=2)
     assert mogu.config.gate_benign == "base"  # restored after generating
     assert build("mogu", mogu, tok, tmp_path).params()["gate_benign"] == "base"  # the config's
+
+
+# -- reference-answer likelihood ------------------------------------------------------------------
+ANSWERS = ["Bread needs flour, water, salt and yeast.", "Sure.", "Here are three ideas for a short poem."]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reference_nll_is_each_defenses_own_likelihood_or_a_clear_refusal(name, tmp_path):
+    import math
+
+    import torch.nn.functional as F
+
+    from mogu.eval.defenses import encode_text
+    from mogu.likelihood import answer_nll
+
+    mogu, reference, tok = make("llama")
+    defense = build(name, mogu, tok, tmp_path)
+    if defense.NLL_UNAVAILABLE is not None:
+        with pytest.raises(ConfigError, match="no answer likelihood"):
+            defense.reference_nll(PROMPTS, ANSWERS)
+        return
+    stats = copy.deepcopy(defense.stats)
+    scores = defense.reference_nll(PROMPTS, ANSWERS, max_answer_tokens=5)
+    assert defense.stats == stats  # scoring does not count as generating
+    assert mogu.routing_mode == "auto"
+    for prompt, answer, s in zip(PROMPTS, ANSWERS, scores):
+        answer_ids = encode_text(tok, answer)[:5]
+        assert s.tokens == len(answer_ids) and math.isfinite(s.nll) and s.nll > 0
+        prompt_ids = defense.encode(prompt)
+        if name == "mogu":
+            assert s.nll == pytest.approx(answer_nll(mogu, prompt_ids, answer_ids).nll, rel=1e-6)
+        elif name != "sft":  # prompt-side defenses: the untouched base model on the prompt they render
+            x = torch.tensor([prompt_ids + answer_ids])
+            with torch.no_grad():
+                logits = reference(input_ids=x).logits[0, len(prompt_ids) - 1: -1]
+            assert s.nll == pytest.approx(float(F.cross_entropy(logits, x[0, len(prompt_ids):], reduction="sum")),
+                                          rel=1e-6)
+    if name == "sft":  # its LoRA changes the likelihood of the same rendered prompt and answers
+        none = build("none", mogu, tok, tmp_path).reference_nll(PROMPTS, ANSWERS, max_answer_tokens=5)
+        assert [s.nll for s in scores] != [s.nll for s in none]
+    with pytest.raises(ConfigError, match="2 answers"):
+        defense.reference_nll(PROMPTS, ANSWERS[:2])

@@ -40,7 +40,7 @@ def test_run_writes_every_artifact_and_resumes(tmp_path, tiny_mogu, monkeypatch)
     cell = metrics["cells"]["none"]["advbench"]
     assert cell["n"] == 3 and cell["asr"]["k"] + cell["refusal"]["k"] + cell["other"]["k"] == 3
     run = json.loads((out / "run.json").read_text())
-    assert set(run["benchmark_sha256"]) == {"advbench", "just_eval"} and run["git_commit"] is not None or True
+    assert set(run["benchmark_sha256"]) == {"advbench", "just_eval"} and "git_commit" in run
     assert "mogu" in run["defense_params"]
     report = (out / "report.md").read_text()
     assert "| advbench (harmful, n=3)" in report and "Pareto" in report
@@ -174,3 +174,84 @@ def test_useful_rate_and_agreement_with_the_base_model():
     assert s["mogu"]["base_agreement"]["identical"]["k"] == 2  # the bread answer and the identical loop
     assert s["other"]["base_agreement"]["identical"]["k"] == 1
     assert 0 < s["other"]["base_agreement"]["chrf_mean"] < s["mogu"]["base_agreement"]["chrf_mean"] <= 100
+
+
+def test_reference_likelihood_per_defense_is_scored_cached_and_reported(tmp_path, tiny_mogu, monkeypatch):
+    from mogu.eval import defenses as defenses_mod
+    from mogu.eval.benchmarks import load_benchmark
+    from mogu.likelihood import answer_nll
+
+    model, tok = tiny_mogu
+    cfg = _cfg(tmp_path, defenses=["none", "mogu", "safedecoding"], benchmarks=["just_eval"], limit=None,
+               reference_tokens=6)
+    metrics = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    refs = [p for p in load_benchmark("just_eval", data_dir=str(FIXTURES)) if not p.harmful]
+    assert len(refs) == 3  # the fixture's regular prompts, each with a reference output
+    rows = [json.loads(line) for line in (cfg.out / "likelihood.jsonl").read_text().splitlines()]
+    assert sorted((r["defense"], r["id"]) for r in rows) == sorted((d, p.id) for d in ("none", "mogu") for p in refs)
+    assert all(1 <= r["tokens"] <= 6 for r in rows)
+    ref = metrics["reference_likelihood"]
+    assert ref["none"]["ratio_to_base"] == 1.0 and ref["none"]["n"] == 3
+    assert "top-k" in ref["safedecoding"]["unavailable"]
+    assert ref["mogu"]["ratio_to_base"] == pytest.approx(ref["mogu"]["nll_mean"] / ref["none"]["nll_mean"])
+    assert metrics["summary"]["mogu"]["reference_nll"] == ref["mogu"]
+
+    # The mogu row is the routed generation's own likelihood of the rendered prompt and the cut reference.
+    mogu = defenses_mod.build_defense("mogu", model=model.base_model, tokenizer=tok, mogu_model=model)
+    first = next(r for r in rows if r["defense"] == "mogu" and r["id"] == refs[0].id)
+    answer_ids = tok(refs[0].meta["reference_output"], add_special_tokens=False)["input_ids"][:6]
+    direct = answer_nll(model, mogu.encode(refs[0].prompt), answer_ids)
+    assert first["nll"] == pytest.approx(direct.nll, rel=1e-6) and first["tokens"] == direct.tokens
+    report = (cfg.out / "report.md").read_text()
+    assert "## Reference-answer likelihood" in report and "n/a:" in report
+
+    calls = []
+    real = defenses_mod.Defense.reference_nll
+    monkeypatch.setattr(defenses_mod.Defense, "reference_nll",
+                        lambda self, *a, **k: calls.append(self.name) or real(self, *a, **k))
+    again = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    assert calls == [] and again["reference_likelihood"] == ref  # cached: nothing rescored
+
+
+def test_reference_likelihood_can_be_switched_off_and_is_validated(tmp_path, tiny_mogu):
+    model, tok = tiny_mogu
+    cfg = _cfg(tmp_path, defenses=["none"], benchmarks=["just_eval"], reference_tokens=0)
+    metrics = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    assert metrics["reference_likelihood"] == {} and not (cfg.out / "likelihood.jsonl").exists()
+    with pytest.raises(ConfigError, match="reference-tokens"):
+        _cfg(tmp_path, reference_tokens=-1).validate()
+
+
+def test_task_accuracy_is_exact_match_and_kept_out_of_the_benign_pools():
+    from mogu.verdicts import classify_answer
+
+    gens = [{"defense": "mogu", "benchmark": "task", "id": str(i), "harmful": False, "response": r,
+             "task": "arith", "answer": 12} for i, r in enumerate(["12", " 12.\n", "12 apples", "I'm sorry, I can't."])]
+    gens.append({"defense": "mogu", "benchmark": "b", "id": "x", "harmful": False, "response": "Paris is in France."})
+    verdicts = [{"verdict": classify_answer("q", g["response"])} for g in gens]
+    m = compute_metrics(gens, verdicts, ["mogu"], ["task", "b"])
+    cell = m["cells"]["mogu"]["task"]
+    assert cell["task_accuracy"]["k"] == 2 and cell["task_accuracy"]["n"] == 4
+    assert cell["refusal"]["k"] == 1  # the task cell still shows a refused question
+    s = m["summary"]["mogu"]
+    assert s["task_accuracy"]["k"] == 2
+    assert s["benign_refusal"]["n"] == 1 and s["benign_useful"]["k"] == 1  # only the non-task prompt
+
+
+def test_eval_runs_the_task_benchmark_with_each_defense(tmp_path, tiny_mogu):
+    from mogu.eval.benchmarks import load_benchmark
+    from mogu.tasks import make_split
+
+    prompts = load_benchmark("task", task="date-iso", limit=3)
+    _, test = make_split("date-iso", 400, 200, 0)  # `mogu data task --name date-iso`'s test split
+    assert [p.prompt for p in prompts] == [r["prompt"] for r in test[:3]]
+    assert all(not p.harmful and p.meta["answer"] == r["answer"] for p, r in zip(prompts, test))
+    model, tok = tiny_mogu
+    cfg = _cfg(tmp_path, defenses=["none", "mogu"], benchmarks=["task"], benchmark_options={"task": {"task": "arith"}})
+    metrics = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    for d in ("none", "mogu"):
+        assert metrics["cells"][d]["task"]["task_accuracy"]["n"] == 3
+        assert metrics["summary"][d]["task_accuracy"]["n"] == 3
+    gens = [json.loads(line) for line in (cfg.out / "generations.jsonl").read_text().splitlines()]
+    assert all(g["task"] == "arith" and isinstance(g["answer"], int) for g in gens)
+    assert "## Task accuracy" in (cfg.out / "report.md").read_text()

@@ -587,6 +587,9 @@ def eval_command(
     harmful_files: bool = typer.Option(True, help="Label for benchmark files given by path: harmful (default) or --no-harmful-files."),
     max_new_tokens: int = typer.Option(64, min=1, max=4096),
     batch_size: int = typer.Option(8, min=1, max=1024),
+    reference_tokens: int = typer.Option(128, min=0, max=4096, help="Score the reference answers that ship with "
+                                         "benign sets (AlpacaEval, Just-Eval) by each defense's own likelihood, "
+                                         "cut to this many tokens; 0 skips it."),
     defense_option: Optional[list[str]] = typer.Option(None, help="NAME.KEY=VALUE, e.g. safedecoding.alpha=3 or sft.data=runs/demo/data/router.jsonl (repeatable)."),
     benchmark_option: Optional[list[str]] = typer.Option(None, help="NAME.KEY=VALUE, e.g. harmbench.split=val (repeatable)."),
     seed: int = typer.Option(0),
@@ -635,7 +638,8 @@ def eval_command(
                      defense_options=_with_handoff(parse_options(defense_option, set(defense_names), "defense option"),
                                                    handoff, defense_names),
                      benchmark_options=bench_opts, data_dir=str(data_dir) if data_dir else None, limit=limit,
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                     reference_tokens=reference_tokens)
     metrics = EvalRunner(cfg, log=_echo).run()
     if metrics is None:  # a non-main process under `accelerate launch`: the main one merges and reports
         return

@@ -33,6 +33,9 @@ just_eval           just_eval/example_data.json                 JSON list {instr
 alpaca_eval         alpaca_eval/outputs.json                    JSON list {instruction, output}; benign
 mt_bench            safedecoding/mt_bench/data/mt_bench/        jsonl {question_id, category, turns}; first turn
                     question.jsonl (or under mt_bench/)         only; benign
+task                (none: generated, or file=test.jsonl)       mogu's exact-match tasks (mogu.tasks); task=arith|
+                                                                date-iso (arith), train (400), test (200), file;
+                                                                benign; meta task and answer score task accuracy
 
 Common to every registered set: ``harmful=True/False`` keeps only prompts with that label (for a
 generic file or Hub dataset it *sets* the label instead, and is required there); ``limit`` keeps
@@ -554,6 +557,33 @@ class MTBench(Benchmark):
 
 
 # -- generic files and Hub datasets -----------------------------------------------------------------
+@register_benchmark("task", "mogu_task")
+class DownstreamTask(Benchmark):
+    description = ("mogu's exact-match downstream tasks (task=arith|date-iso): the test split `mogu data task` "
+                   "writes with the same train/test/seed, or file= its test.jsonl (or folder); benign, scored "
+                   "as task accuracy")
+    options = {"task": "arith", "train": 400, "test": 200, "file": None}
+    choices = {"task": ("arith", "date-iso")}
+
+    def load(self) -> list[EvalPrompt]:
+        from .. import tasks
+        from ..tasks import TEST_FILE, load_task_rows, make_split
+
+        if self.opts["file"] is not None:
+            source: Path | str = Path(self.opts["file"])
+            rows = load_task_rows(source, TEST_FILE)
+        else:
+            source = Path(tasks.__file__)  # the generator: rows are a function of (task, train, test, seed)
+            _, rows = make_split(self.opts["task"], int(self.opts["train"]), int(self.opts["test"]), self.seed)
+        out = []
+        for i, row in enumerate(rows):
+            task = row.get("task") or self.opts["task"]
+            answer = row.get("answer", row.get("response"))
+            out.append(self.make(f"{task}/{row.get('key', i)}", row["prompt"], source, f"{source}: row {i}",
+                                 category=task, harmful=False, task=task, answer=answer))
+        return out
+
+
 def _pick_prompt(row: dict[str, Any], prompt_field: str | None, where: str) -> str:
     if prompt_field is not None:
         if prompt_field not in row:

@@ -48,6 +48,7 @@ one base model can serve several defenses in turn.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -56,13 +57,16 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from ..config import GATE_BENIGN, HANDOFFS
 from ..errors import ConfigError
 from .attacks import Conversation
+
+if TYPE_CHECKING:
+    from ..likelihood import AnswerNLL
 
 logger = logging.getLogger("mogu.defenses")
 
@@ -435,6 +439,51 @@ class Defense:
                                     batch_size=batch_size, progress=progress, desc=self.name,
                                     generate_fn=generate_fn)
 
+    # -- reference-answer likelihood (usefulness without an endpoint)
+    #: Why this defense has no answer likelihood (None: it has one). A defense that picks tokens by a rule,
+    #: or rewrites finished answers, does not define one distribution its answers are drawn from.
+    NLL_UNAVAILABLE: str | None = None
+
+    def reference_nll(self, prompts: list[str], answers: list[str], *, max_answer_tokens: int = 128,
+                      progress: bool = False) -> list["AnswerNLL"]:
+        """Teacher-forced NLL of each reference ``answers[i]`` (cut to ``max_answer_tokens`` tokens, no EOS)
+        after ``prompts[i]`` as this defense renders it, under the model state it generates in."""
+        from tqdm.auto import tqdm
+
+        if self.NLL_UNAVAILABLE is not None:
+            raise ConfigError(f"defense {self.name!r} has no answer likelihood: {self.NLL_UNAVAILABLE}")
+        if len(prompts) != len(answers):
+            raise ConfigError(f"reference_nll: {len(prompts)} prompts but {len(answers)} answers")
+        stats = copy.deepcopy(self.stats)
+        pairs = [(self.encode(p), encode_text(self.tokenizer, a)[:max_answer_tokens]) for p, a in zip(prompts, answers)]
+        self.stats = stats  # scoring is not generating: leave the defense's counters as they were
+        out = []
+        with self._likelihood() as score, _eval_mode(self.model), torch.no_grad():
+            for prompt_ids, answer_ids in tqdm(pairs, desc=f"{self.name} reference NLL", disable=not progress,
+                                               leave=False):
+                out.append(score(prompt_ids, answer_ids))
+        return out
+
+    @contextlib.contextmanager
+    def _likelihood(self) -> Iterator[Callable[[list[int], list[int]], "AnswerNLL"]]:
+        """A scorer (prompt ids, answer ids) -> AnswerNLL in the generation state: a plain forward pass."""
+        from ..likelihood import AnswerNLL
+
+        device = _device(self.model)
+
+        def score(prompt_ids: list[int], answer_ids: list[int]) -> AnswerNLL:
+            if not answer_ids:
+                return AnswerNLL(0.0, 0, False)
+            x = torch.tensor([prompt_ids + answer_ids], dtype=torch.long, device=device)
+            logits = self.model(input_ids=x, use_cache=False).logits[0, len(prompt_ids) - 1: -1].float()
+            nll = torch.nn.functional.cross_entropy(logits, x[0, len(prompt_ids):], reduction="sum")
+            return AnswerNLL(float(nll), len(answer_ids), False)
+
+        with self._generation() as generate_fn:
+            if generate_fn is not None:
+                raise ConfigError(f"defense {self.name!r} replaces generate: it must define its own likelihood")
+            yield score
+
     def generate(self, prompts: "list[str | Conversation]", *, max_new_tokens: int = 64, batch_size: int = 8,
                  progress: bool = False) -> list[str]:
         """Greedy answers to ``prompts`` (decoded, stripped), in prompt order.
@@ -496,6 +545,7 @@ class SelfExamination(Defense):
     """
 
     PARAMS = {"check_prompt": SELF_EXAM_CHECK, "check_max_new_tokens": 16, "refusal": SELF_EXAM_REFUSAL}
+    NLL_UNAVAILABLE = "it replaces a finished answer that its check flags, so no one distribution draws its answers"
 
     def validate(self) -> None:
         _require("{output}" in self._params["check_prompt"], "self_examination: check_prompt must contain {output}")
@@ -716,6 +766,8 @@ class SafeDecoding(Defense):
     """
 
     PARAMS = {"alpha": 3.0, "first_m": 2, "top_k": 10, "num_common_tokens": 5, "expert_adapter": None}
+    NLL_UNAVAILABLE = ("its first tokens are chosen by a score over the top-k candidates both models share, "
+                       "which gives a reference token outside them no probability")
 
     def validate(self) -> None:
         p = self._params
@@ -1015,9 +1067,29 @@ class MoGUDefense(Defense):
                 return mogu.generate(input_ids=input_ids, attention_mask=mask, route_tokens=route_tokens,
                                      handoff=handoff, **greedy_kwargs(self.model, tokenizer, max_new_tokens))
 
+        with self._benign_policy():
+            yield generate_fn
+
+    @contextlib.contextmanager
+    def _benign_policy(self) -> Iterator[None]:
+        mogu = self.mogu_model
         configured = mogu.config.gate_benign
         mogu.config.gate_benign = self._params["gate_benign"]
         try:
-            yield generate_fn
+            yield
         finally:
             mogu.config.gate_benign = configured
+
+    @contextlib.contextmanager
+    def _likelihood(self):
+        """The routed generation's own likelihood: gate decision, routed prefix and hand-off (mogu.likelihood)."""
+        from ..likelihood import answer_nll
+
+        mogu = self.mogu_model
+        route_tokens, handoff = self._params["route_tokens"], self._params["handoff"]
+
+        def score(prompt_ids, answer_ids):
+            return answer_nll(mogu, prompt_ids, answer_ids, route_tokens=route_tokens, handoff=handoff)
+
+        with self._benign_policy(), mogu.routing("auto"):
+            yield score

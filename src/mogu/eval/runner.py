@@ -26,6 +26,7 @@ from ..io import atomic_write_text, run_record
 GENERATIONS_FILE = "generations.jsonl"
 SHARD_GLOB = "generations.shard-*.jsonl"
 JUDGEMENTS_FILE = "judgements.jsonl"
+LIKELIHOOD_FILE = "likelihood.jsonl"
 METRICS_FILE = "metrics.json"
 
 
@@ -49,6 +50,9 @@ class EvalConfig:
     chunk_size: int = 32  # prompts per appended chunk: the resume granularity
     seed: int = 0
     routing_examples: int = 3  # per class, for routing.png
+    # Reference answers (AlpacaEval, Just-Eval) scored by each defense's own likelihood, cut to this many
+    # tokens; 0 skips the stage.
+    reference_tokens: int = 128
 
     def validate(self) -> None:
         if Path(self.out).exists() and not Path(self.out).is_dir():
@@ -67,6 +71,8 @@ class EvalConfig:
             raise ConfigError("defenses and benchmarks must not repeat")
         if not self.attacks or len(set(self.attacks)) != len(self.attacks):
             raise ConfigError("--attacks must name at least one attack, without repeats")
+        if not 0 <= self.reference_tokens <= 4096:
+            raise ConfigError(f"--reference-tokens must be in [0, 4096], got {self.reference_tokens}")
 
 
 def parse_options(specs: list[str] | None, known: set[str] | None = None, what: str = "option") -> dict[str, dict]:
@@ -353,6 +359,51 @@ class EvalRunner:
             shard.unlink(missing_ok=True)
         return by_key
 
+    def likelihood(self, sets: dict[str, list]) -> list[dict]:
+        """Each defense's mean token NLL of the reference answers that ship with benign prompts (meta
+        ``reference_output``: AlpacaEval, Just-Eval), cut to ``reference_tokens``; cached in likelihood.jsonl.
+
+        Main process only (one teacher-forced pass per answer: cheap next to generation). A defense without a
+        likelihood (SafeDecoding, self-examination) gets one row saying why."""
+        from .defenses import DEFENSES
+
+        if self.cfg.reference_tokens == 0:
+            return []
+        refs = [(b, p) for b, ps in sets.items() for p in ps
+                if not p.harmful and isinstance(p.meta.get("reference_output"), str) and p.meta["reference_output"].strip()]
+        if not refs:
+            return []
+        path = self.out / LIKELIHOOD_FILE
+        _repair_tail(path)
+        cached_rows, bad = read_jsonl_tolerant(path)
+        if bad:
+            self.log(f"{LIKELIHOOD_FILE}: {bad} unreadable line(s) skipped; those answers are re-scored")
+        out: list[dict] = []
+        for dname in self.cfg.defenses:
+            tag = json.dumps({"model": self.cfg.model, "options": self.cfg.defense_options.get(dname, {}),
+                              "reference_tokens": self.cfg.reference_tokens}, sort_keys=True, default=str)
+            cached = {(r["benchmark"], r["id"]): r for r in cached_rows
+                      if r.get("defense") == dname and r.get("tag") == tag}
+            reason = DEFENSES[dname].NLL_UNAVAILABLE if dname in DEFENSES else None
+            if reason is not None:
+                out.append({"defense": dname, "unavailable": reason})
+                continue
+            todo = [(b, p) for b, p in refs if (b, p.id) not in cached]
+            if todo:
+                self.log(f"{dname}: reference-answer NLL of {len(todo)} answers ({len(refs) - len(todo)} cached)")
+                defense = self.build_defense(dname)
+                for i in range(0, len(todo), self.cfg.chunk_size):
+                    chunk = todo[i:i + self.cfg.chunk_size]
+                    scores = defense.reference_nll([p.prompt for _, p in chunk],
+                                                   [p.meta["reference_output"] for _, p in chunk],
+                                                   max_answer_tokens=self.cfg.reference_tokens, progress=True)
+                    rows = [{"defense": dname, "benchmark": b, "id": p.id, "tag": tag, "nll": s.nll,
+                             "tokens": s.tokens, "held": s.held} for (b, p), s in zip(chunk, scores)]
+                    _append_jsonl(path, rows)
+                    cached.update({(r["benchmark"], r["id"]): r for r in rows})
+            out += [cached[(b, p.id)] for b, p in refs]
+        return out
+
     def judge(self, generations: list[dict]):
         from .judges import get_judge
 
@@ -395,7 +446,9 @@ class EvalRunner:
         if generations is None:  # not the main process: it merged the shards and reports alone
             return None
         verdicts, judge_params, judge_stats = self.judge(generations)
-        metrics = compute_metrics(generations, verdicts, self.cfg.defenses, self.cfg.benchmarks, self.cfg.attacks)
+        likelihood = self.likelihood(sets)
+        metrics = compute_metrics(generations, verdicts, self.cfg.defenses, self.cfg.benchmarks, self.cfg.attacks,
+                                  likelihood=likelihood)
         metrics["attack_params"] = self.attack_params
         metrics["judge"] = {"name": self.cfg.judge, "params": judge_params, "stats": judge_stats}
         metrics["defense_params"] = getattr(self, "defense_params", {})
@@ -420,6 +473,8 @@ def _generation_row(defense: str, benchmark: str, item, response: str, seconds: 
     p = item.prompt
     row = {"defense": defense, "benchmark": benchmark, "id": item.key, "prompt": p.prompt, "category": p.category,
            "harmful": p.harmful, "attack": item.attack, "response": response, "seconds": round(seconds, 3)}
+    if "task" in p.meta and "answer" in p.meta:  # an exact-match task prompt: scored as task accuracy
+        row["task"], row["answer"] = p.meta["task"], p.meta["answer"]
     if item.attack != "none":  # what was actually sent; the judge reads the behaviour in "prompt"
         row["conversation"] = item.conversation.to_dict()
     return row
