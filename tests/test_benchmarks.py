@@ -42,7 +42,7 @@ def test_registry_lists_every_benchmark():
     names = {n for n, _ in list_benchmarks()}
     assert names == set(BENCHMARKS) == {
         "advbench", "harmbench", "jailbreakbench", "jbb-artifacts", "strongreject", "xstest", "malicious_instruct",
-        "tdc2023", "sap30", "gptfuzz", "just_eval", "alpaca_eval", "mt_bench", "task"}
+        "tdc2023", "sap30", "gptfuzz", "just_eval", "alpaca_eval", "mt_bench", "task", "builtin"}
     assert all(desc for _, desc in list_benchmarks())
 
 
@@ -62,7 +62,19 @@ FIXTURE_CASES = [
     ("alpaca_eval", {}, 3, {False}),
     ("mt_bench", {}, 3, {False}),
     ("task", {"test": 5}, 5, {False}),
+    ("builtin", {"set": "harmful", "split": "dev"}, 85, {True}),
 ]
+
+
+def test_builtin_benchmark_is_the_shipped_split_that_training_holds_out():
+    from mogu.data import builtin_prompts
+
+    for name in ("harmful", "benign", "borderline"):
+        for split in ("dev", "train"):
+            got = load("builtin", set=name, split=split)
+            assert [p.prompt for p in got] == [r.prompt for r in builtin_prompts(name, split)]
+            assert {p.harmful for p in got} == {name == "harmful"} and ids_unique(got)
+    assert len(load("builtin", set="borderline", split="all")) == len(builtin_prompts("borderline"))
 
 
 def test_task_benchmark_reads_a_mogu_data_task_folder(tmp_path):

@@ -33,6 +33,8 @@ just_eval           just_eval/example_data.json                 JSON list {instr
 alpaca_eval         alpaca_eval/outputs.json                    JSON list {instruction, output}; benign
 mt_bench            safedecoding/mt_bench/data/mt_bench/        jsonl {question_id, category, turns}; first turn
                     question.jsonl (or under mt_bench/)         only; benign
+builtin             (none: mogu's own src/mogu/prompts/*.jsonl)   set=harmful|benign|borderline (borderline),
+                                                                split=dev|train|all (dev); labels from the set
 task                (none: generated, or file=test.jsonl)       mogu's exact-match tasks (mogu.tasks); task=arith|
                                                                 date-iso (arith), train (400), test (200), file;
                                                                 benign; meta task and answer score task accuracy
@@ -557,6 +559,28 @@ class MTBench(Benchmark):
 
 
 # -- generic files and Hub datasets -----------------------------------------------------------------
+@register_benchmark("builtin", "mogu_prompts")
+class BuiltinPrompts(Benchmark):
+    description = ("the prompt sets shipped with mogu (set=harmful|benign|borderline, split=dev|train|all; dev "
+                   "is what `mogu train` and `mogu calibrate` hold out)")
+    options = {"set": "borderline", "split": "dev"}
+    choices = {"set": ("harmful", "benign", "borderline"), "split": ("dev", "train", "all")}
+
+    def load(self) -> list[EvalPrompt]:
+        from importlib import resources
+
+        name, split = self.opts["set"], self.opts["split"]
+        source = resources.files("mogu").joinpath("prompts", f"{name}.jsonl")
+        out = []
+        for line_no, row in _read_jsonl(Path(str(source))):
+            where = f"{source}:{line_no}"
+            row = _obj(row, where, ("id", "prompt"))
+            if split in ("all", row.get("split", "train")):
+                out.append(self.make(str(row["id"]), row["prompt"], source, where, category=row.get("category"),
+                                     harmful=name == "harmful", split=row.get("split", "train")))
+        return out
+
+
 @register_benchmark("task", "mogu_task")
 class DownstreamTask(Benchmark):
     description = ("mogu's exact-match downstream tasks (task=arith|date-iso): the test split `mogu data task` "
