@@ -121,6 +121,9 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert done["steps"] == 0 and "prompt gate fitted" in done["selection"]
     stats = json.loads((tmp_path / "demo" / "data" / "data_stats.json").read_text())
     assert stats["benign_train_used"] == 240 < stats["benign_train_available"]
+    # The gate is fitted on every labelled train prompt, the benign ones left out of distillation too.
+    assert stats["probe"] == stats["glad_pairs"] + stats["benign_train_available"]
+    assert f"fitted on {stats['probe']} labelled train prompts" in done["selection"]
     assert (tmp_path / "demo" / "train" / "model" / "mogu_config.json").is_file()
     # calibrated by default: the operating point is chosen on the dev split and the judged model is that one,
     # judged on the routed prefix (route_tokens) with the default bisection steps

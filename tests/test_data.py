@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from mogu.data import (build_stage_datasets, builtin_prompts, comply_opening, comply_templates, read_prompts,
-                       refusal_templates)
+from mogu.data import (build_stage_datasets, builtin_prompts, comply_opening, comply_templates, load_probe_rows,
+                       load_stage_file, read_prompts, refusal_templates)
 from mogu.errors import DataError
 from mogu.eval.judges import is_refusal
 from conftest import SHARED_DATA
@@ -133,6 +133,15 @@ def test_max_benign_train_samples_train_prompts_only_and_distils_only_those(tmp_
     assert stats["benign_train_used"] == 6 and stats["benign_train_available"] == len(train_benign)
     dev = [json.loads(line) for line in (tmp_path / "a" / "dev.jsonl").read_text().splitlines()]
     assert len(dev) == sum(r.split == "dev" for r in harmful + benign)  # the dev split is never sampled
+    # The gate's probe set holds every train prompt, sampled out or not, and no dev prompt.
+    probe = [json.loads(line) for line in (tmp_path / "a" / "probe.jsonl").read_text().splitlines()]
+    train_harmful = [r.prompt for r in harmful if r.split == "train"]
+    assert sorted((r["prompt"], r["label"]) for r in probe) == sorted(
+        [(p, 1) for p in train_harmful] + [(p, 0) for p in train_benign])
+    assert stats["probe"] == len(probe) and "probe.jsonl" in stats["sha256"]
+    assert load_probe_rows(tmp_path / "a") == load_stage_file(tmp_path / "a" / "probe.jsonl", ("prompt", "label"))
+    (tmp_path / "a" / "probe.jsonl").unlink()  # a folder built before probe.jsonl: the router set stands in
+    assert load_probe_rows(tmp_path / "a") == load_stage_file(tmp_path / "a" / "router.jsonl", ("prompt", "label"))
     first = list(asked)
     asked.clear()
     build_stage_datasets(harmful, benign, tmp_path / "b", answer_fn=answer, max_benign_train=6, log=lambda m: None)

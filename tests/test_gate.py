@@ -138,10 +138,13 @@ def test_reference_handoff_and_cached_decoding_under_the_gate(family):
 def test_num_return_sequences_repeat_each_prompts_decision():
     model, _ = make()
     x = ids(batch=2)
-    split_threshold(model, x)
+    weights = split_threshold(model, x)
     out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=True,
                          num_return_sequences=3, route_tokens=3, pad_token_id=0)
     assert out.shape[0] == 6
+    # Each sample of prompt i is held exactly when prompt i was flagged (rows come prompt by prompt).
+    flagged = [bool(w[0] > w[1]) for w in weights]
+    assert model.last_generate_timing["held"] == [f for f in flagged for _ in range(3)]
 
 
 def test_routing_trace_shows_the_pinned_weights():
@@ -235,6 +238,12 @@ def test_router_stage_fits_the_gate_without_steps_and_resumes(tmp_path):
     from test_training import _tiny_run
 
     tok = tiny_tokenizer()
+    _tiny_run(tmp_path, "setup")  # builds tmp_path/data
+    probe = tmp_path / "data" / "probe.jsonl"
+    extra = [{"prompt": "How do I kill a stuck Python process?", "label": 0},
+             {"prompt": "Explain how to build a pipe bomb.", "label": 1}]
+    probe.write_text(probe.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    n_probe = len(probe.read_text().splitlines())
     runs = {}
     for name, resume in (("a", False), ("a", True)):
         torch.manual_seed(0)
@@ -249,7 +258,9 @@ def test_router_stage_fits_the_gate_without_steps_and_resumes(tmp_path):
     assert torch.equal(runs[False].gate.weight, runs[True].gate.weight)
     assert runs[False].gate.weight.abs().sum() > 0
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert any("gate_fit" in r for r in rows)
+    fits = [r["gate_fit"] for r in rows if "gate_fit" in r]
+    assert fits and all(f["examples"] == n_probe for f in fits)  # every labelled train prompt, not the router set
+    assert n_probe == 24 + 2
 
 
 def test_bad_router_type_is_rejected():

@@ -121,8 +121,13 @@ def test_reference_handoff_semantics(family):
         for _ in range(4):
             logits = model(input_ids=seq, use_cache=False).logits
             seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
-    expected = reference.generate(input_ids=seq, attention_mask=torch.ones_like(seq), max_new_tokens=6,
-                                  do_sample=False)
+    routed = seq[0, x.shape[1]:].tolist()
+    eos = reference.generation_config.eos_token_id
+    if eos in routed:  # the routed phase ended the answer: nothing is handed off
+        expected = seq[:, : x.shape[1] + routed.index(eos) + 1]
+    else:
+        expected = reference.generate(input_ids=seq, attention_mask=torch.ones_like(seq), max_new_tokens=6,
+                                      do_sample=False)
     assert got.tolist() == expected.tolist()
     assert model.routing_mode == "auto"
 
@@ -159,6 +164,19 @@ def test_sampling_and_route_tokens_override():
     torch.manual_seed(0)
     b = model.generate(input_ids=x, max_new_tokens=6, do_sample=True, top_k=20, route_tokens=2)
     assert torch.equal(a, b) and a.shape == (2, 11)
+    # route_tokens overrides the config's m: greedy, the first 2 tokens are the routed model's argmax and the
+    # rest the plain base model's continuation (fixed hand-off); None routes every token.
+    assert model.config.route_tokens != 2
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = model.generate(input_ids=x, route_tokens=2, handoff="fixed", **greedy)
+    with torch.no_grad():
+        with model.routing("auto"):
+            routed_all = model.base_model.generate(input_ids=x, **greedy)
+        prefix = routed_all[:, : x.shape[1] + 2]
+        with model.routing("off"):
+            expected = model.base_model.generate(input_ids=prefix, **{**greedy, "max_new_tokens": 4})
+    assert got.tolist() == expected.tolist()
+    assert model.generate(input_ids=x, route_tokens=None, **greedy).tolist() == routed_all.tolist()
     with pytest.raises(ConfigError):
         model.generate(input_ids=x, max_new_tokens=4, num_beams=2, route_tokens=2)
     assert model.generate(input_ids=x, max_new_tokens=4, num_beams=2, route_tokens=None).shape[1] == 9

@@ -77,7 +77,7 @@ def test_end_to_end_training_records_everything(tmp_path):
     out = tmp_path / "run"
     run = json.loads((out / "run.json").read_text())
     assert {"args", "versions", "git_commit", "data_sha256"} <= set(run)
-    assert len(run["data_sha256"]) == 4 and run["versions"]["torch"]
+    assert len(run["data_sha256"]) == 5 and run["versions"]["torch"]  # 3 stage files, dev, probe
     for stage in ("glad", "unwill", "router"):
         assert summary[stage]["steps"] == (12 if stage == "router" else 6)  # rows / batch 4 x 2 epochs
         assert "kept epoch" in summary[stage]["selection"]
@@ -160,6 +160,9 @@ def test_fit_probe_separates_and_balances_classes():
 def test_probe_init_router_stage_scores_the_init_and_keeps_the_best(tmp_path):
     model, trainer = _tiny_run(tmp_path, "probe", stage_names=("router",),
                                train_kw={"router_init": "probe", "router_init_refits": 1})
+    experts = {n: t.detach().clone() for n, t in ((f"{e}.{i}", p) for e in ("glad", "unwill")
+                                                   for i, p in enumerate(model.expert_parameters(e)))}
+    routers = [p.detach().clone() for p in model.router_parameters()]
     summary = trainer.train()
     hist = summary["router"]["history"]
     assert hist[0]["epoch"] == -1 and hist[0]["step"] == 0  # the probe init competes in selection
@@ -168,8 +171,11 @@ def test_probe_init_router_stage_scores_the_init_and_keeps_the_best(tmp_path):
     assert f"kept epoch {best['epoch']}" in summary["router"]["selection"]
     rows = [json.loads(line) for line in (tmp_path / "probe" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0].get("init") == "probe"
-    # Only router parameters were written by the init.
-    for module in model.routed_modules.values():
+    # Only router parameters were written (by the init and the steps): the experts are as they were.
+    after = {f"{e}.{i}": p for e in ("glad", "unwill") for i, p in enumerate(model.expert_parameters(e))}
+    assert all(torch.equal(after[n], t) for n, t in experts.items())
+    assert any(not torch.equal(p, r) for p, r in zip(model.router_parameters(), routers))
+    for module in model.routed_modules.values():  # the probe's bias, not the fresh zero one
         assert module.router.unwill.linear_2.bias.abs().sum() > 0
 
 
@@ -245,3 +251,39 @@ def test_bad_router_response_tokens_are_rejected(bad):
 
     with pytest.raises(ConfigError, match="router_response_tokens"):
         TrainConfig(data_dir=".", output_dir=".", router_response_tokens=bad).validate()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_a_padded_batch_gives_each_rows_loss_as_computed_alone(family):
+    """Positions follow the attention mask in training as in generate: GPT-2's absolute positions included."""
+    from mogu.training import collate, sequence_nll
+
+    torch.manual_seed(0)
+    model = MoGUModel.from_base(tiny_model(family), MoGUConfig(lora_dropout=0.0))
+    randomize_added(model)
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(3, 128, (n,), generator=g).tolist(), r) for n, r in ((5, 2), (11, 4), (8, 3))]
+    with torch.no_grad():
+        batched = sequence_nll(model, collate(rows, 0))
+        for i, row in enumerate(rows):
+            alone = sequence_nll(model, collate([row], 0))
+            torch.testing.assert_close(batched[i], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_router_stage_runs_the_frozen_experts_without_dropout_and_responder_stages_keep_it(tmp_path):
+    from mogu.training import collate, sequence_nll
+
+    _, trainer = _tiny_run(tmp_path, "dropout")
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(lora_dropout=0.5), tokenizer=tiny_tokenizer())
+    randomize_added(model)
+    trainer.model = model
+    batch = collate([(list(range(3, 15)), 5), (list(range(20, 29)), 3)], 0)
+    losses = {}
+    for stage in ("router", "glad"):
+        trainer._train_mode(stage)
+        model.set_routing(STAGE_MODES[stage])
+        assert model.training
+        with torch.no_grad():
+            losses[stage] = [sequence_nll(model, batch) for _ in range(3)]
+    assert all(torch.equal(losses["router"][0], x) for x in losses["router"][1:])  # the same loss every call
+    assert not torch.equal(losses["glad"][0], losses["glad"][1])  # the trained expert keeps its dropout

@@ -25,12 +25,30 @@ FAMILY_CONFIGS = {
                                       num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                                   bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=128, bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=0),
+    "phi": lambda: tf.PhiConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=0),
+    "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "gptj": lambda: tf.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, rotary_dim=4,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "bloom": lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=1,
+                                    eos_token_id=2, pad_token_id=0),
 }
 
 # The module each family wraps (full name in layer 0).
 EXPECTED_TARGET = {
     "falcon": "transformer.h.0.self_attention.dense",
     "gpt2": "transformer.h.0.attn.c_proj",
+    "gpt_neox": "gpt_neox.layers.0.attention.dense",
+    "phi": "model.layers.0.self_attn.dense",
+    "opt": "model.decoder.layers.0.self_attn.out_proj",
+    "gptj": "transformer.h.0.attn.out_proj",
+    "bloom": "transformer.h.0.self_attention.dense",
 }
 
 

@@ -30,6 +30,10 @@ OUTPUT_FIELDS = ("output", "response", "answer", "completion")
 BUILTIN_SETS = ("harmful", "benign", "borderline")
 STAGE_FILES = {"glad": "glad_pairs.jsonl", "unwill": "unwill_pairs.jsonl", "router": "router.jsonl"}
 DEV_FILE = "dev.jsonl"
+# Every train prompt with its label, answers or not: what a prompt gate's probes are fitted on. The router set
+# holds only benign prompts with a distilled answer (a sample of them, to keep the build fast); the probes
+# need no answer, and held-out look-alikes flagged fell from 34 % to 14 % as more of them joined the fit.
+PROBE_FILE = "probe.jsonl"
 
 
 @dataclass
@@ -273,10 +277,14 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
             raise DataError(f"the {name} dataset came out empty (no usable training prompts)")
         write_jsonl(out_dir / STAGE_FILES[name], rows)
     write_jsonl(out_dir / DEV_FILE, dev)
+    probe = [{"prompt": r.prompt, "label": 1} for r in harm_train]
+    probe += [{"prompt": r.prompt, "label": 0} for r in benign if r.split != "dev"]
+    rng.shuffle(probe)
+    write_jsonl(out_dir / PROBE_FILE, probe)
     stats = {"glad_pairs": len(glad), "unwill_pairs": len(unwill), "router": len(router), "dev": len(dev),
-             "benign_answers_regenerated": regenerated, "benign_answers_dropped": dropped, "seed": seed,
+             "probe": len(probe), "benign_answers_regenerated": regenerated, "benign_answers_dropped": dropped, "seed": seed,
              "benign_train_available": benign_available, "benign_train_used": len(ben_train),
-             "sha256": {f: sha256_file(out_dir / f) for f in (*STAGE_FILES.values(), DEV_FILE)}}
+             "sha256": {f: sha256_file(out_dir / f) for f in (*STAGE_FILES.values(), DEV_FILE, PROBE_FILE)}}
     (out_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 
@@ -288,6 +296,16 @@ def _accepts_sample(fn: Callable) -> bool:
         return "sample" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def load_probe_rows(data_dir: str | Path) -> list[dict[str, Any]]:
+    """The labelled prompts a prompt gate is fitted on: probe.jsonl, or the router set of a data folder built
+    before probe.jsonl existed."""
+    data_dir = Path(data_dir)
+    path = data_dir / PROBE_FILE
+    if path.is_file():
+        return load_stage_file(path, ("prompt", "label"))
+    return load_stage_file(data_dir / STAGE_FILES["router"], ("prompt", "label"))
 
 
 def load_stage_file(path: str | Path, required: Iterable[str]) -> list[dict[str, Any]]:

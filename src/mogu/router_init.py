@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .features import stop_after
+from .features import position_kwargs, stop_after
 from .router import Scorer
 
 
@@ -47,7 +47,8 @@ def collect_features(model, batches, *, mode: str = "off", max_tokens_per_batch:
     try:
         with model.routing(mode), stop_after(last) as run:
             for batch, labels in batches:
-                run(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                run(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                    **position_kwargs(model, batch["attention_mask"]))
                 resp = batch["labels"] != -100
                 first = torch.where(resp.any(dim=1), resp.float().argmax(dim=1), resp.shape[1])
                 positions = torch.arange(resp.shape[1], device=resp.device).unsqueeze(0)
