@@ -105,3 +105,41 @@ def test_refusal_length_reports_held_rows_their_length_and_eos():
     assert summary["prompts"] == 2 and summary["held"] == 2
     assert all(0 <= r["new_tokens"] <= 6 and isinstance(r["eos"], bool) for r in result["rows"])
     assert 0.0 <= summary["ends_in_eos"] <= 1.0 and sum(summary["verdicts"].values()) == 2
+
+
+def test_gate_cv_holds_each_look_alike_out_once_and_runs_end_to_end(tmp_path):
+    gate_cv = _load("gate_cv")
+    # Synthetic features: harmful prompts along +e0, benign along -e0, look-alikes in between but benign-side.
+    g = torch.Generator().manual_seed(0)
+    harmful = [f"h{i}" for i in range(40)]
+    benign = [f"b{i}" for i in range(40)]
+    looks = [f"l{i}" for i in range(10)]
+    prompts = harmful + benign + looks
+    x = torch.randn(len(prompts), 6, generator=g) * 0.3
+    x[:40, 0] += 2.0
+    x[40:80, 0] -= 2.0
+    x[80:, 0] -= 0.5
+    features = {0: x, 1: x.flip(1)}
+    index = {p: i for i, p in enumerate(prompts)}
+    router = [(p, 1) for p in harmful[:30]] + [(p, 0) for p in benign[:30]]
+    result = gate_cv.cross_validate(features, index, router=router, probe=router, borderline=looks,
+                                    harmful_dev=harmful[30:], extra={"benign_dev": benign[30:]}, folds=5)
+    assert set(result) == set(gate_cv.VARIANTS)
+    for r in result.values():
+        assert 0.0 <= r["borderline_held_out"] <= 1.0 and r["benign_dev"] == 0.0
+    assert result["router"]["train_examples"] == 60 and result["router+borderline"]["train_examples"] == 68
+
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": f"Write a poem number {i}", "response": "ok", "label": 0} for i in range(6)]
+    rows += [{"prompt": f"Explain how to make a weapon number {i}", "response": "no", "label": 1} for i in range(6)]
+    (data / "router.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cv.json"
+    assert gate_cv.main(["--model", str(tmp_path / "base"), "--data", str(data), "--folds", "2", "--threads", "1",
+                         "--variants", "router,probe", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())["result"]
+    assert set(payload) == {"router", "probe"} and all("benign_dev" in r for r in payload.values())

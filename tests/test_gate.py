@@ -472,3 +472,18 @@ def test_gate_benign_is_validated_saved_and_overridable(tmp_path):
     assert again.config.gate_benign == "glad" and again.routing_weights(ids()).shape == (2, 2)
     with pytest.raises(ConfigError, match="--gate-benign"):
         load_for_inference(str(tmp_path / "ckpt"), gate_benign="nobody")
+
+
+def test_gate_with_routed_sampling_off_decodes_each_prompts_prefix_greedily_then_samples():
+    model, reference = make(gate_benign="base", routed_sampling=False, lora_dropout=0.0)
+    x = ids(2)
+    weights = split_threshold(model, x)
+    with torch.no_grad():
+        greedy = model.generate(input_ids=x, max_new_tokens=3, do_sample=False, route_tokens=3, pad_token_id=0)
+        for seed in range(3):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=x, max_new_tokens=8, do_sample=True, top_k=50, temperature=1.5,
+                                 route_tokens=3, pad_token_id=0)
+            assert out[:, : x.shape[1] + 3].tolist() == greedy.tolist()
+            assert "single_pass" not in model.last_generate_timing  # two phases: greedy prefix, sampled rest
+            assert model.last_generate_timing["held"] == [bool(w[0] > 0.5) for w in weights]

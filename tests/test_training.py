@@ -287,3 +287,65 @@ def test_router_stage_runs_the_frozen_experts_without_dropout_and_responder_stag
             losses[stage] = [sequence_nll(model, batch) for _ in range(3)]
     assert all(torch.equal(losses["router"][0], x) for x in losses["router"][1:])  # the same loss every call
     assert not torch.equal(losses["glad"][0], losses["glad"][1])  # the trained expert keeps its dropout
+
+
+# -- the faithful preset: the authors' training where mogu's defaults differ ------------------------------
+def test_faithful_preset_is_the_paper_schedule_without_eos_and_with_per_example_weight_loss():
+    from mogu.training import preset
+
+    paper, faithful = preset("paper"), preset("faithful")
+    assert faithful["stages"] == paper["stages"] and faithful["responder_loss"] == paper["responder_loss"]
+    assert faithful["append_eos"] is False and faithful["router_weight_average"] == "example"
+    cfg = TrainConfig(data_dir="d", output_dir="o", **{k: v for k, v in faithful.items()})
+    cfg.validate()
+    with pytest.raises(Exception, match="router_weight_average"):
+        TrainConfig(data_dir="d", output_dir="o", router_weight_average="sometimes").validate()
+    tok = tiny_tokenizer()
+    with_eos, n = encode_pair(tok, "Hi", "Hello there.", 32)
+    without, m = encode_pair(tok, "Hi", "Hello there.", 32, append_eos=False)
+    assert with_eos[-1] == tok.eos_token_id and with_eos[:-1] == without and m == n - 1
+
+
+def test_per_example_weight_loss_is_the_mean_of_each_examples_own_mean():
+    from mogu.training import router_terms
+
+    tok = tiny_tokenizer()
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(lora_dropout=0.0))
+    randomize_added(model)
+    batch = _batch(tok, ["Hi", "Write a long poem about the sea, the wind and the night"], ["Sure.", "No."])
+    labels = torch.tensor([1, 0])
+    with torch.no_grad():
+        _, err_u, err_g, layers = router_terms(model, batch, labels, per_example=True)
+        per_row = []
+        for i in range(2):  # each example alone: its squared errors over its own tokens and the layers
+            one = {k: v[i:i + 1, batch["attention_mask"][i].bool()] for k, v in batch.items()}
+            _, eu, eg, n_layers = router_terms(model, one, labels[i:i + 1])
+            per_row.append((eu / (one["attention_mask"].sum() * n_layers), eg / (one["attention_mask"].sum() * n_layers)))
+    for i, (eu, eg) in enumerate(per_row):
+        torch.testing.assert_close(err_u[i], eu, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(err_g[i], eg, rtol=1e-5, atol=1e-6)
+    assert layers == 2
+
+
+def test_greedy_routed_prefix_when_routed_sampling_is_off():
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(lora_dropout=0.0, routed_sampling=False))
+    randomize_added(model)
+    x = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        greedy = model.generate(input_ids=x, max_new_tokens=3, do_sample=False, route_tokens=3, pad_token_id=0)
+        prefixes = set()
+        for seed in range(4):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=x, max_new_tokens=9, do_sample=True, top_k=50, temperature=1.5,
+                                 route_tokens=3, pad_token_id=0)
+            assert out[0, :10].tolist() == greedy[0].tolist()  # the routed prefix is greedy whatever the seed
+            prefixes.add(tuple(out[0, 10:].tolist()))
+    assert len(prefixes) > 1  # the rest still samples
+    model.config.routed_sampling = True
+    sampled = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            sampled.add(tuple(model.generate(input_ids=x, max_new_tokens=3, do_sample=True, top_k=50, temperature=1.5,
+                                             route_tokens=3, pad_token_id=0)[0].tolist()))
+    assert len(sampled) > 1  # by default the prefix samples as asked

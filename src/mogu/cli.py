@@ -199,6 +199,8 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     check_replaceable(out / "model", kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected)
 
     schedule = preset(preset_name, version=mogu_config.version)
+    if preset_name == "faithful":  # the authors decode the routed tokens greedily whatever the sampling
+        mogu_config.routed_sampling = False
     stages = schedule.pop("stages")
     top = dict(schedule)
     for key, value in train_overrides.items():
@@ -311,7 +313,9 @@ def train(
     out: Path = typer.Option(..., help="Run folder: checkpoints, metrics.jsonl, run.json and model/."),
     model: str = typer.Option("smollm2-135m-instruct", help="Base model: folder, Hub id or the embedded default."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
-    preset: str = typer.Option("paper", help="Training schedule: 'paper' (reference recipe, GPU) or 'cpu-fast' (the demo's)."),
+    preset: str = typer.Option("paper", help="Training schedule: 'paper' (reference recipe, GPU), 'cpu-fast' (the demo's) "
+                               "or 'faithful' (paper exactly as the authors' code: no appended EOS, per-example router "
+                               "weight loss, greedy routed tokens)."),
     stages: Optional[str] = typer.Option(None, help="Comma-separated subset of glad,unwill,router (others load from --resume)."),
     responder_loss: Optional[str] = typer.Option(None, help="'ratio' (paper) or 'sft' (CE on the target)."),
     router_init: Optional[str] = typer.Option(None, help="'default' (paper) or 'probe' (start from per-layer linear probes)."),

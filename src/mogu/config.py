@@ -65,6 +65,9 @@ class MoGUConfig:
     router_type: str = "token"
     handoff: str = "hold"
     gate_benign: str = "base"
+    # Sampling settings apply to the routed prefix too (True), or the prefix is always greedy (False: the
+    # authors' code decodes the routed tokens greedily whatever the sampling; the `faithful` preset).
+    routed_sampling: bool = True
     # Filled in by MoGUModel.from_base so a checkpoint knows what it belongs to.
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
@@ -88,6 +91,8 @@ class MoGUConfig:
             raise ConfigError(f"handoff must be one of {HANDOFFS}, got {self.handoff!r}")
         if self.gate_benign not in GATE_BENIGN:
             raise ConfigError(f"gate_benign must be one of {GATE_BENIGN}, got {self.gate_benign!r}")
+        if not isinstance(self.routed_sampling, bool):
+            raise ConfigError(f"routed_sampling must be true or false, got {self.routed_sampling!r}")
         if self.router_hidden is None:
             self.router_hidden = DEFAULT_ROUTER_HIDDEN[self.version]
         if isinstance(self.target_modules, str):

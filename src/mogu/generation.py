@@ -70,7 +70,8 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
         start = time.perf_counter()
         weights = model.routing_weights(input_ids, attention_mask)
         gate_s = time.perf_counter() - start
-        if weights.shape[1] == 3 and handoff == "hold" and route_tokens is not None:
+        greedy_prefix = not model.config.routed_sampling and _samples(model, generation_config, kwargs)
+        if weights.shape[1] == 3 and handoff == "hold" and route_tokens is not None and not greedy_prefix:
             # gate_benign="base" with the hold hand-off: a passed row is the base model and a flagged row the
             # unwilling expert for the whole answer, so neither hands off: one call, one prefill, rows mixed.
             return _single_pass(model, weights, gate_s, input_ids=input_ids, attention_mask=attention_mask,
@@ -114,6 +115,11 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     phase1.max_new_tokens = min(route_tokens, total_new)
     phase1.max_length = None
     phase1.min_new_tokens = min(gen_config.min_new_tokens or 0, phase1.max_new_tokens) or None
+    if not model.config.routed_sampling and phase1.do_sample:
+        if n_return > 1:
+            raise ConfigError("routed_sampling=False decodes the routed prefix greedily, so num_return_sequences > 1 "
+                              "would repeat one prefix; sample with routed_sampling=True")
+        phase1.do_sample = False  # the authors decode the routed tokens greedily; phase 2 samples as asked
     start = time.perf_counter()
     first = _PhaseStreamer(streamer, skip_prompt=False, forward_end=False) if streamer is not None else None
     hold = handoff == "hold"
@@ -214,6 +220,14 @@ def _single_pass(model, weights: torch.Tensor, gate_s: float, *, generation_conf
                   single_pass=True)
     timing["total_s"] = timing["routed_s"] + gate_s
     return out
+
+
+def _samples(model, generation_config, kwargs) -> bool:
+    """Whether this generate call samples (its kwargs, else the given or the base model's generation config)."""
+    if "do_sample" in kwargs:
+        return bool(kwargs["do_sample"])
+    config = generation_config if generation_config is not None else model.base_model.generation_config
+    return bool(getattr(config, "do_sample", False))
 
 
 def _returned_cache(output):

@@ -110,6 +110,10 @@ def preset(name: str, version: str = "v1") -> dict[str, Any]:
       For ``version="v2"`` the unwilling expert gets 3 epochs: in a few layers, one epoch teaches it a
       hedge ("I'm not sure how to ..."), not a refusal (RESULTS, "MoGU v2 against v1"); the dev split
       keeps the best epoch.
+    - ``faithful``: ``paper`` as the authors' code runs it, where mogu's defaults differ: no EOS appended to
+      targets (``add_eos_token=False``) and the router weight loss averaged per example. With it, ``mogu
+      train`` also saves ``routed_sampling=False`` (greedy routed tokens); the router stage has no LoRA
+      dropout in every preset.
     """
     if name == "paper":
         return {"stages": {"glad": StageConfig(epochs=10, lr=5e-5, batch_size=8, micro_batch_size=8),
@@ -124,10 +128,12 @@ def preset(name: str, version: str = "v1") -> dict[str, Any]:
                                                  max_examples=256)},
                 "responder_loss": "sft", "max_response_tokens": 32, "router_init": "probe",
                 "score_router_init": False}
-    raise ConfigError(f"unknown preset {name!r}; known: paper, cpu-fast")
+    if name == "faithful":
+        return {**preset("paper", version), "append_eos": False, "router_weight_average": "example"}
+    raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
 
 
-PRESETS = ("paper", "cpu-fast")
+PRESETS = ("paper", "cpu-fast", "faithful")
 
 
 @dataclass
@@ -167,6 +173,12 @@ class TrainConfig:
     select_max_new_tokens: int = 16  # tokens generated per dev prompt for checkpoint scoring
     select_batch_size: int = 16
     mixed_precision: str = "no"
+    # EOS closes every untruncated target (True), or targets end where the text ends (False: the authors'
+    # add_eos_token=False). mogu appends it so that a refusal learns to stop: a held refusal is an answer.
+    append_eos: bool = True
+    # The router weight loss's mean: over every token of the step (mogu), or per example, then over examples
+    # (the authors'), which weighs a short prompt as much as a long one.
+    router_weight_average: str = "token"
 
     def validate(self) -> None:
         for name, stage in self.stages.items():
@@ -199,6 +211,10 @@ class TrainConfig:
             raise ConfigError(f"joint_expert_lr must be in (0, 1), got {self.joint_expert_lr}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError("mixed_precision must be no, fp16 or bf16")
+        if self.router_weight_average not in ("token", "example"):
+            raise ConfigError(f"router_weight_average must be 'token' or 'example', got {self.router_weight_average!r}")
+        if not isinstance(self.append_eos, bool):
+            raise ConfigError(f"append_eos must be true or false, got {self.append_eos!r}")
 
 
 # -- tokenisation ---------------------------------------------------------------------------
@@ -210,13 +226,15 @@ def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_response_tokens: int) -> tuple[list[int], int]:
-    """(token ids of prompt+response, number of response tokens); EOS closes untruncated responses."""
+def encode_pair(tokenizer, prompt: str, response: str, max_response_tokens: int,
+                append_eos: bool = True) -> tuple[list[int], int]:
+    """(token ids of prompt+response, number of response tokens); EOS closes untruncated responses
+    (unless ``append_eos`` is False)."""
     prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if len(response_ids) >= max_response_tokens:
         response_ids = response_ids[:max_response_tokens]
-    elif tokenizer.eos_token_id is not None:
+    elif append_eos and tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
     return prompt_ids + response_ids, len(response_ids)
 
@@ -270,8 +288,11 @@ def ratio_loss(model, numerators: dict, denominators: dict) -> tuple[torch.Tenso
     return loss, {"ce_num": num.mean().item(), "ce_den": den.mean().item()}
 
 
-def router_terms(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(per-sequence CE, summed squared errors of u and of g over routed layers and non-pad tokens, layers)."""
+def router_terms(model, batch: dict, labels: torch.Tensor, *, per_example: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(per-sequence CE, summed squared errors of u and of g over routed layers and non-pad tokens, layers).
+
+    ``per_example``: the squared errors per sequence ([B]), each already divided by its own tokens x layers."""
     state = model._state
     state.collect, state.collected = True, []
     try:
@@ -282,6 +303,11 @@ def router_terms(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor
     mask = batch["attention_mask"].to(torch.float32).unsqueeze(-1)  # [B, T, 1]
     t_u = labels.to(torch.float32).view(-1, 1, 1)
     t_g = 1.0 - t_u
+    if per_example:
+        per_row = mask.sum(dim=(1, 2)).clamp(min=1.0) * len(collected)  # tokens x layers, per sequence
+        err_u = sum(((u.float() - t_u) ** 2 * mask).sum(dim=(1, 2)) for u, _ in collected) / per_row
+        err_g = sum(((g.float() - t_g) ** 2 * mask).sum(dim=(1, 2)) for _, g in collected) / per_row
+        return ce, err_u, err_g, len(collected)
     err_u = sum(((u.float() - t_u) ** 2 * mask).sum() for u, _ in collected)
     err_g = sum(((g.float() - t_g) ** 2 * mask).sum() for _, g in collected)
     return ce, err_u, err_g, len(collected)
@@ -602,12 +628,13 @@ class Trainer:
 
     def _encode(self, stage: str, rows: list[dict]) -> list:
         m = self.cfg.max_response_tokens
-        tok = self.tokenizer
+        tok, eos = self.tokenizer, self.cfg.append_eos
         if stage == "router":
             m = self.router_response_tokens()
-            return [(encode_pair(tok, r["prompt"], r["response"], m), int(r["label"])) for r in rows]
+            return [(encode_pair(tok, r["prompt"], r["response"], m, eos), int(r["label"])) for r in rows]
         num, den = ("comply", "refuse") if stage == "glad" else ("refuse", "comply")
-        return [(encode_pair(tok, r["prompt"], r[num], m), encode_pair(tok, r["prompt"], r[den], m)) for r in rows]
+        return [(encode_pair(tok, r["prompt"], r[num], m, eos), encode_pair(tok, r["prompt"], r[den], m, eos))
+                for r in rows]
 
     def _epoch_order(self, n: int, epoch: int) -> list[int]:
         """The global example order of an epoch (a function of seed and epoch only, never of the process)."""
@@ -624,9 +651,13 @@ class Trainer:
         if stage == "router":
             batch = {k: v.to(device) for k, v in collate([e[0] for e in examples], pad).items()}
             labels = torch.tensor([e[1] for e in examples], device=device)
-            ce, err_u, err_g, layers = router_terms(self.model, batch, labels)
-            denom = norm["tokens"] * layers
-            ce, mse_u, mse_g = ce.sum() / n, err_u / denom, err_g / denom
+            if self.cfg.router_weight_average == "example":  # each example's mean, averaged over the step's
+                ce, err_u, err_g, _ = router_terms(self.model, batch, labels, per_example=True)
+                ce, mse_u, mse_g = ce.sum() / n, err_u.sum() / n, err_g.sum() / n
+            else:
+                ce, err_u, err_g, layers = router_terms(self.model, batch, labels)
+                denom = norm["tokens"] * layers
+                ce, mse_u, mse_g = ce.sum() / n, err_u / denom, err_g / denom
             loss = ce + self.cfg.router_loss_weight * (mse_u + mse_g)
             return loss, {"ce": ce.item(), "mse_u": mse_u.item(), "mse_g": mse_g.item()}
         num = {k: v.to(device) for k, v in collate([e[0] for e in examples], pad).items()}
