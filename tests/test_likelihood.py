@@ -16,23 +16,15 @@ import torch.nn.functional as F
 from mogu import MoGUConfig, MoGUModel
 from mogu.errors import ConfigError, MoGUError
 from mogu.likelihood import answer_logits, answer_nll
+from test_handoff import make as make_token_model
 from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = sorted(FAMILY_CONFIGS)
-BIAS = 12.0
 
 
 def token_model(family, lean=None):
-    model = MoGUModel.from_base(tiny_model(family), MoGUConfig(lora_dropout=0.0))
-    randomize_added(model)
-    if lean is not None:
-        sign = 1.0 if lean == "unwill" else -1.0
-        with torch.no_grad():
-            for m in model.routed_modules.values():
-                m.router.unwill.linear_2.bias.add_(sign * BIAS)
-                m.router.glad.linear_2.bias.add_(-sign * BIAS)
-    return model
+    return make_token_model(family, lean=lean)  # test_handoff's: random experts, routers leaning one way
 
 
 def gated_model(family, benign, flag: bool):
