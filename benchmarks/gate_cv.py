@@ -82,7 +82,9 @@ def cross_validate(features, index, *, router: list[tuple[str, int]], probe: lis
 
 
 def _labelled(path: Path) -> list[tuple[str, int]]:
-    return [(r["prompt"], int(r["label"])) for r in map(json.loads, path.read_text().splitlines()) if r]
+    # Plain prompts only: framed copies (probe.jsonl "messages") would repeat a prompt as its own key.
+    return [(r["prompt"], int(r["label"])) for r in map(json.loads, path.read_text().splitlines())
+            if r and "messages" not in r]
 
 
 def main(argv=None) -> int:

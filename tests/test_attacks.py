@@ -171,6 +171,26 @@ def test_eval_cells_are_attack_by_defense_by_benchmark(tmp_path, tiny_mogu, suff
     assert (cfg.out / "generations.jsonl").read_text() == before
 
 
+def test_attack_benign_wraps_benign_prompts_too_and_reports_them_apart_from_the_asr(tmp_path, tiny_mogu):
+    model, tok = tiny_mogu
+    cfg = EvalConfig(model="tiny", out=tmp_path / "eval", defenses=["none"], benchmarks=["advbench", "just_eval", "task"],
+                     benchmark_options={"task": {"train": 2, "test": 2}}, data_dir=str(FIXTURES), limit=3,
+                     max_new_tokens=2, batch_size=2, routing_examples=1, attacks=["none", "multi_turn"],
+                     attack_benign=True, reference_tokens=0)
+    metrics = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    gens = [json.loads(line) for line in (cfg.out / "generations.jsonl").read_text().splitlines()]
+    plain = [g for g in gens if g["attack"] == "none"]
+    framed = [g for g in gens if g["attack"] == "multi_turn"]
+    # Every plain prompt is also framed, except the task prompts (scored by exact match, never attacked).
+    assert sorted(g["id"] + "@multi_turn" for g in plain if not g.get("task")) == sorted(g["id"] for g in framed)
+    assert any(not g["harmful"] for g in framed) and not any(g.get("task") for g in framed)
+    entry = metrics["attacks"]["multi_turn"]["none"]
+    assert entry["n"] == sum(g["harmful"] for g in framed)  # the ASR reads the harmful rows alone
+    assert entry["benign"]["n"] == sum(not g["harmful"] for g in framed)
+    assert metrics["summary"]["none"]["benign_refusal"]["n"] == sum(not g["harmful"] and not g.get("task") for g in plain)
+    assert "Benign prompts under each attack" in (cfg.out / "report.md").read_text()
+
+
 def test_cli_eval_lists_attacks_and_rejects_unknown_ones(tmp_path):
     from typer.testing import CliRunner
 

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from mogu.data import (build_stage_datasets, builtin_prompts, comply_opening, comply_templates, load_probe_rows,
-                       load_stage_file, read_prompts, refusal_templates)
+from mogu.data import (attack_frames, build_stage_datasets, builtin_prompts, comply_opening, comply_templates,
+                       framed_conversation, load_probe_rows, load_stage_file, probe_input, read_prompts,
+                       refusal_templates)
 from mogu.errors import DataError
 from mogu.eval.judges import is_refusal
 from conftest import SHARED_DATA
@@ -136,7 +137,8 @@ def test_max_benign_train_samples_train_prompts_only_and_distils_only_those(tmp_
     # The gate's probe set holds every train prompt, sampled out or not, and no dev prompt.
     probe = [json.loads(line) for line in (tmp_path / "a" / "probe.jsonl").read_text().splitlines()]
     train_harmful = [r.prompt for r in harmful if r.split == "train"]
-    assert sorted((r["prompt"], r["label"]) for r in probe) == sorted(
+    plain = [r for r in probe if "messages" not in r]
+    assert sorted((r["prompt"], r["label"]) for r in plain) == sorted(
         [(p, 1) for p in train_harmful] + [(p, 0) for p in train_benign])
     assert stats["probe"] == len(probe) and "probe.jsonl" in stats["sha256"]
     assert load_probe_rows(tmp_path / "a") == load_stage_file(tmp_path / "a" / "probe.jsonl", ("prompt", "label"))
@@ -166,3 +168,47 @@ def test_sampled_regenerations_are_seeded_and_leave_the_global_rng_alone():
     torch.manual_seed(7)  # a different global state must not matter
     assert distill_answers(base, tok, prompts, seed=0, **kw) == first
     assert distill_answers(base, tok, prompts, seed=1, **kw) != first
+
+
+def test_probe_set_wraps_as_many_harmful_as_benign_train_prompts_in_shipped_frames(tmp_path):
+    harmful = builtin_prompts("harmful")[:10]
+    benign = builtin_prompts("benign")[:30]
+    for i, r in enumerate(harmful + benign):
+        r.split = "dev" if i % 5 == 0 else "train"
+    answer = lambda prompts, sample=False: ["Here you go." for _ in prompts]  # noqa: E731
+    stats = build_stage_datasets(harmful, benign, tmp_path / "a", answer_fn=answer, frame_fraction=0.5,
+                                 log=lambda m: None)
+    probe = [json.loads(line) for line in (tmp_path / "a" / "probe.jsonl").read_text().splitlines()]
+    framed = [r for r in probe if "messages" in r]
+    train = {r.prompt: int(r.harmful) for r in harmful + benign if r.split == "train"}
+    n = round(0.5 * sum(train.values()))
+    # The same number per label, so a frame alone says nothing about the label; dev prompts never framed.
+    assert sum(r["label"] for r in framed) == n and len(framed) == 2 * n == stats["probe_framed"]
+    frames = {f["id"]: f for f in attack_frames()}
+    for r in framed:
+        assert train[r["prompt"]] == r["label"]
+        frame, turns = frames[r["frame"]], r["messages"]
+        assert turns == framed_conversation(r["prompt"], frame) and turns[-1]["role"] == "user"
+        assert r["prompt"] in turns[-1]["content"] and probe_input(r) == turns
+        assert [t["role"] for t in turns] == (["user", "assistant", "user"] if frame.get("opener") else ["user"])
+    assert probe_input({"prompt": "plain"}) == "plain"
+    build_stage_datasets(harmful, benign, tmp_path / "b", answer_fn=answer, frame_fraction=0.5, log=lambda m: None)
+    assert (tmp_path / "a" / "probe.jsonl").read_bytes() == (tmp_path / "b" / "probe.jsonl").read_bytes()  # seeded
+    build_stage_datasets(harmful, benign, tmp_path / "c", answer_fn=answer, frame_fraction=0.0, log=lambda m: None)
+    assert all("messages" not in json.loads(line) for line in (tmp_path / "c" / "probe.jsonl").read_text().splitlines())
+    with pytest.raises(DataError, match="frame_fraction"):
+        build_stage_datasets(harmful, benign, tmp_path / "d", answer_fn=answer, frame_fraction=1.5)
+
+
+def test_shipped_frames_are_not_the_frames_the_eval_attacks_with():
+    # The eval's multi_turn script stays held out, so its ASR measures frames the gate was never fitted on.
+    from mogu.eval.attacks import MultiTurnAttack
+
+    frames = attack_frames()
+    assert len(frames) >= 12 and len({f["id"] for f in frames}) == len(frames)
+    assert any(f.get("opener") for f in frames) and any(not f.get("opener") for f in frames)
+    held_out = [MultiTurnAttack.PARAMS["opener"], MultiTurnAttack.PARAMS["escalation"].split("{prompt}")[0]]
+    for f in frames:
+        text = " ".join(f.get(k, "") for k in ("opener", "reply", "wrap")).lower()
+        assert not any(h.lower()[:40] in text for h in held_out)
+        assert "thriller" not in text and "apprentice" not in text

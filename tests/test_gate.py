@@ -487,3 +487,24 @@ def test_gate_with_routed_sampling_off_decodes_each_prompts_prefix_greedily_then
             assert out[:, : x.shape[1] + 3].tolist() == greedy.tolist()
             assert "single_pass" not in model.last_generate_timing  # two phases: greedy prefix, sampled rest
             assert model.last_generate_timing["held"] == [bool(w[0] > 0.5) for w in weights]
+
+
+def test_a_fitted_conversation_is_read_at_its_last_hand_over_as_the_gate_reads_it(monkeypatch):
+    """probe.jsonl's framed rows are conversations: their features must be what the gate sees at inference."""
+    from mogu.eval.defenses import encode_text, render_conversation
+    from mogu.training import render_prompt
+
+    model = _gate_with_random_probes(seed=1)
+    tok = model.tokenizer
+    conv = [{"role": "user", "content": "Let's write a story."}, {"role": "assistant", "content": "Sure!"},
+            {"role": "user", "content": "The hero explains how to do it"}]
+    assert render_prompt(tok, conv) == render_conversation(tok, conv)
+    assert render_prompt(tok, conv[:1]) == render_prompt(tok, conv[0]["content"])
+    feats = collect_layer_features(model, tok, [conv, "plain prompt"], batch_size=2)
+    fitted_view = model.gate.score({i: feats[i]["last"][:1] for i in model.gate.layers})
+    monkeypatch.setattr(model, "_header_ids", None, raising=False)  # the final hand-over only (no max over turns)
+    at_inference = model.gate_scores(torch.tensor([encode_text(tok, render_conversation(tok, conv))]))
+    torch.testing.assert_close(fitted_view, at_inference, rtol=1e-5, atol=1e-5)
+    labels = [1, 0]
+    stats = fit_gate(model, [conv, "plain prompt"], labels, batch_size=2)  # conversations and strings mix
+    assert stats["examples"] == 2

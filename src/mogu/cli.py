@@ -68,7 +68,7 @@ def distill_answers(base, tokenizer, prompts: list[str], *, sample: bool, seed: 
 def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: str = BUILTIN,
                field: Optional[str] = None, output_field: Optional[str] = None, seed: int = 0,
                max_new_tokens: int = 48, batch_size: int = 16, model=None, tokenizer=None,
-               max_benign: Optional[int] = None) -> dict:
+               max_benign: Optional[int] = None, frame_fraction: float = 1.0) -> dict:
     from .data import build_stage_datasets
     from .io import atomic_write_text, run_record
     from .loading import load_base_model
@@ -88,10 +88,11 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
         return distill_answers(base, holder["tokenizer"], prompts, sample=sample, seed=seed,
                                max_new_tokens=max_new_tokens, batch_size=batch_size)
 
-    stats = build_stage_datasets(harm, ben, out, answer_fn=answer, seed=seed, max_benign_train=max_benign, log=_echo)
+    stats = build_stage_datasets(harm, ben, out, answer_fn=answer, seed=seed, max_benign_train=max_benign,
+                                 frame_fraction=frame_fraction, log=_echo)
     atomic_write_text(out / "run.json", json.dumps(run_record(
         {"model": model_name, "harmful": harmful, "benign": benign, "field": field, "seed": seed,
-         "max_new_tokens": max_new_tokens, "max_benign": max_benign}), indent=2))
+         "max_new_tokens": max_new_tokens, "max_benign": max_benign, "frame_fraction": frame_fraction}), indent=2))
     return stats
 
 
@@ -133,12 +134,16 @@ def data_build(
     max_new_tokens: int = typer.Option(48, min=1, max=4096, help="Length of self-distilled answers."),
     max_benign: Optional[int] = typer.Option(None, min=1, help="Keep a seeded sample of N benign train prompts "
                                              "(fewer answers to distil; the dev split is kept whole)."),
+    frame_fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of harmful train prompts (and as many "
+                                         "benign ones) that probe.jsonl also wraps in a jailbreak-style frame "
+                                         "(role-play, fiction, a framing turn first), so the gate reads the request, "
+                                         "not the frame."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Build the three stage datasets (glad pairs, unwill pairs, router set) plus a dev split."""
     _setup_torch(threads)
     stats = build_data(model, out, harmful=harmful, benign=benign, field=field, output_field=output_field,
-                       seed=seed, max_new_tokens=max_new_tokens, max_benign=max_benign)
+                       seed=seed, max_new_tokens=max_new_tokens, max_benign=max_benign, frame_fraction=frame_fraction)
     typer.echo(json.dumps({k: v for k, v in stats.items() if k != "sha256"}, indent=2))
 
 
@@ -581,6 +586,8 @@ def eval_command(
                                 "none,prefill,fake_history,template,multi_turn,suffix (see --list)."),
     attack_option: Optional[list[str]] = typer.Option(None, help="NAME.KEY=VALUE, e.g. suffix.file=suffixes.txt or "
                                                       "template.templates=GPTFuzzer.csv (repeatable)."),
+    attack_benign: bool = typer.Option(False, help="Also send every attack around the benign prompts, as a control: "
+                                       "a defense that refuses them refuses the frame, not the request."),
     judge_model: Optional[str] = typer.Option(None, help="Judge model name (openai) or path/Hub id (hf-classifier)."),
     judge_base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL for the openai judge."),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the judge's API key."),
@@ -639,6 +646,7 @@ def eval_command(
     cfg = EvalConfig(model=model, out=out, defenses=defense_names, benchmarks=bench_names, judge=judge,
                      judge_options=judge_options, attacks=attack_names,
                      attack_options=parse_options(attack_option, set(attack_names), "attack option"),
+                     attack_benign=attack_benign,
                      defense_options=_with_handoff(parse_options(defense_option, set(defense_names), "defense option"),
                                                    handoff, defense_names),
                      benchmark_options=bench_opts, data_dir=str(data_dir) if data_dir else None, limit=limit,

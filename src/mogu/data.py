@@ -34,6 +34,10 @@ DEV_FILE = "dev.jsonl"
 # holds only benign prompts with a distilled answer (a sample of them, to keep the build fast); the probes
 # need no answer, and held-out look-alikes flagged fell from 34 % to 14 % as more of them joined the fit.
 PROBE_FILE = "probe.jsonl"
+# Jailbreak-style frames (role-play, fiction, hypotheticals, a framing turn first) that probe.jsonl also wraps
+# around train prompts of both labels, so the gate learns the request inside a frame and not the frame itself.
+# Written for mogu; the eval's attacks (the thriller multi_turn script, GPTFuzzer templates) are not among them.
+FRAMES_FILE = "frames.jsonl"
 
 
 @dataclass
@@ -204,6 +208,28 @@ def split_dev(records: list[PromptRecord], fraction: float, seed: int) -> list[P
     return records
 
 
+def attack_frames() -> list[dict[str, str]]:
+    """The shipped frames: ``wrap`` (holds ``{task}``), and for a multi-turn frame an ``opener`` and ``reply``."""
+    rows = _parse_jsonl(_builtin_text(FRAMES_FILE), f"mogu/prompts/{FRAMES_FILE}")
+    for row in rows:
+        if "{task}" not in row.get("wrap", "") or bool(row.get("opener")) != bool(row.get("reply")):
+            raise DataError(f"mogu/prompts/{FRAMES_FILE}:{row['_line']}: a frame needs a wrap holding {{task}}, "
+                            "and an opener only together with a reply")
+    return rows
+
+
+def framed_conversation(prompt: str, frame: dict[str, str]) -> list[dict[str, str]]:
+    """The conversation a frame makes of a prompt, ending in the user turn that carries it."""
+    turns = [{"role": "user", "content": frame["opener"]}, {"role": "assistant", "content": frame["reply"]}] \
+        if frame.get("opener") else []
+    return turns + [{"role": "user", "content": frame["wrap"].replace("{task}", prompt.strip())}]
+
+
+def probe_input(row: dict[str, Any]) -> "str | list[dict[str, str]]":
+    """What a probe row's features are read from: its framed conversation, else its plain prompt."""
+    return row.get("messages") or row["prompt"]
+
+
 # -- stage datasets --------------------------------------------------------------------------
 def comply_opening(record: PromptRecord, rng: random.Random) -> str:
     """A short affirmative opening, never content: the record's target, else a template."""
@@ -216,7 +242,7 @@ def comply_opening(record: PromptRecord, rng: random.Random) -> str:
 
 def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord], out_dir: str | Path, *,
                          answer_fn: Callable[[list[str]], list[str]] | None, seed: int = 0,
-                         max_benign_train: int | None = None,
+                         max_benign_train: int | None = None, frame_fraction: float = 1.0,
                          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the three stage files and dev.jsonl; return counts (also written to data_stats.json).
 
@@ -225,6 +251,8 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
     seeded sample of that many benign train prompts (the dev split is never sampled): self-distilling
     answers is the slow part of a CPU build, and it keeps the router set closer to class balance.
     """
+    if not 0.0 <= frame_fraction <= 1.0:
+        raise DataError(f"frame_fraction must be in [0, 1], got {frame_fraction}")
     if not harmful:
         raise DataError("no harmful prompts: the glad and router stages need some")
     if not benign:
@@ -279,14 +307,31 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
     write_jsonl(out_dir / DEV_FILE, dev)
     probe = [{"prompt": r.prompt, "label": 1} for r in harm_train]
     probe += [{"prompt": r.prompt, "label": 0} for r in benign if r.split != "dev"]
+    probe += _framed_rows(harm_train, [r for r in benign if r.split != "dev"], frame_fraction, seed)
     rng.shuffle(probe)
     write_jsonl(out_dir / PROBE_FILE, probe)
     stats = {"glad_pairs": len(glad), "unwill_pairs": len(unwill), "router": len(router), "dev": len(dev),
-             "probe": len(probe), "benign_answers_regenerated": regenerated, "benign_answers_dropped": dropped, "seed": seed,
+             "probe": len(probe), "probe_framed": sum("messages" in r for r in probe), "benign_answers_regenerated": regenerated, "benign_answers_dropped": dropped, "seed": seed,
              "benign_train_available": benign_available, "benign_train_used": len(ben_train),
              "sha256": {f: sha256_file(out_dir / f) for f in (*STAGE_FILES.values(), DEV_FILE, PROBE_FILE)}}
     (out_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def _framed_rows(harmful: list[PromptRecord], benign: list[PromptRecord], fraction: float,
+                 seed: int) -> list[dict[str, Any]]:
+    """Framed copies of a seeded ``fraction`` of the harmful prompts and of as many benign ones, one seeded
+    frame each: the same frames on both labels, so a frame alone tells the probes nothing."""
+    frames = attack_frames()
+    rng = random.Random(f"{seed}\x00frames")
+    n = int(round(fraction * len(harmful)))
+    rows = []
+    for label, pool in ((1, harmful), (0, benign)):
+        for r in rng.sample(pool, min(n, len(pool))):
+            frame = rng.choice(frames)
+            rows.append({"prompt": r.prompt, "label": label, "frame": frame["id"],
+                         "messages": framed_conversation(r.prompt, frame)})
+    return rows
 
 
 def _accepts_sample(fn: Callable) -> bool:

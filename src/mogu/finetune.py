@@ -571,6 +571,7 @@ class FineTuner:
     def _refit_gate(self) -> dict[str, Any] | None:
         """Refit the prompt gate's probes on the fine-tuned backbone (the mix set's prompts and labels), keeping
         the threshold; None when not asked for or without labelled mix rows (then the gate reads shifted features)."""
+        from .data import probe_input
         from .gate import fit_gate
 
         labelled = [r for r in self.mix_rows if r.get("label") in (0, 1)]
@@ -580,7 +581,7 @@ class FineTuner:
             return None
         start = time.perf_counter()
         threshold = float(self.model.gate.threshold)
-        stats = fit_gate(self.model, [r["prompt"] for r in labelled], [int(r["label"]) for r in labelled],
+        stats = fit_gate(self.model, [probe_input(r) for r in labelled], [int(r["label"]) for r in labelled],
                          batch_size=self.cfg.micro_batch_size or self.cfg.batch_size, progress=self.progress)
         with torch.no_grad():
             self.model.gate.threshold.fill_(threshold)

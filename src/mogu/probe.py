@@ -103,7 +103,9 @@ def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_m
             x = args[0] if args else next(iter(kwargs.values()))
             x = x.detach().float()
             mask = mask_holder["mask"].to(device=x.device, dtype=x.dtype).unsqueeze(-1)  # [B, T, 1]
-            feats[idx]["last"].append(x[:, -1].cpu())
+            # clone(): on CPU, .cpu() returns the same tensor, and a view of x[:, -1] would keep the whole
+            # [B, T, d] activation alive (a run over ~2,300 long prompts grew past 22 GiB).
+            feats[idx]["last"].append(x[:, -1].cpu().clone())
             feats[idx]["mean"].append(((x * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu())
         return pre_hook
 

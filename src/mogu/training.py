@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -218,9 +218,11 @@ class TrainConfig:
 
 
 # -- tokenisation ---------------------------------------------------------------------------
-def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
-    """The chat-template rendering of one user turn, ready for the assistant's answer."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+def render_prompt(tokenizer, prompt: "str | Sequence[dict]", system: str | None = None) -> str:
+    """The chat-template rendering of one user turn (or of a conversation ending in one), ready for the
+    assistant's answer."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    messages = ([{"role": "system", "content": system}] if system else []) + turns
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
@@ -711,7 +713,7 @@ class Trainer:
         """
         from .gate import fit_gate
 
-        from .data import load_probe_rows
+        from .data import load_probe_rows, probe_input
 
         stage, model = "router", self.model
         if (self.data_dir / PROBE_FILE).is_file():  # every train prompt (data.PROBE_FILE); the probes need no answer
@@ -720,7 +722,7 @@ class Trainer:
             rows = self._rows(stage, capped=False)[: self.cfg.router_init_examples]
         start = time.perf_counter()
         model.eval()
-        stats = fit_gate(model, [r["prompt"] for r in rows], [int(r["label"]) for r in rows],
+        stats = fit_gate(model, [probe_input(r) for r in rows], [int(r["label"]) for r in rows],
                          batch_size=self.cfg.stages[stage].micro_batch_size, progress=self.progress)
         with torch.no_grad():
             model.gate.threshold.fill_(self.cfg.router_init_glad_bias)

@@ -41,6 +41,9 @@ class EvalConfig:
     # Applied to the harmful prompts of every benchmark; "none" asks every prompt plainly.
     attacks: list[str] = field(default_factory=lambda: ["none"])
     attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Also wrap each attack around the benign prompts (task prompts excepted): a control, since a defense that
+    # refuses them is refusing the frame (fiction, role-play, a prefill), not the request inside it.
+    attack_benign: bool = False
     defense_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     benchmark_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_dir: str | None = None
@@ -207,7 +210,7 @@ class EvalRunner:
 
     def attacked(self, sets: dict[str, list]) -> dict[str, list]:
         """Per benchmark, the work items: every prompt plainly (attack ``none``, when selected), then each
-        other attack's conversation for every harmful prompt."""
+        other attack's conversation for every harmful prompt (and every benign one with ``attack_benign``)."""
         from .attacks import AttackedPrompt, build_attacks
 
         attacks = build_attacks(self.cfg.attacks, options=self.cfg.attack_options, data_dir=self._data_dir(),
@@ -218,7 +221,7 @@ class EvalRunner:
             items = []
             for name, attack in attacks.items():
                 for p in prompts:
-                    if name == "none" or p.harmful:
+                    if name == "none" or p.harmful or (self.cfg.attack_benign and "task" not in p.meta):
                         items.append(AttackedPrompt(p, name, attack.apply(p.prompt, p.id, p.meta)))
             work[bname] = items
         return work
