@@ -122,7 +122,9 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     stats = json.loads((tmp_path / "demo" / "data" / "data_stats.json").read_text())
     assert stats["benign_train_used"] == 240 < stats["benign_train_available"]
     # The gate is fitted on every labelled train prompt, the benign ones left out of distillation too.
-    assert stats["probe"] == stats["glad_pairs"] + stats["benign_train_available"]
+    # ...and framed copies of them (shipped jailbreak-style frames), as many harmful as benign.
+    assert stats["probe"] == stats["glad_pairs"] + stats["benign_train_available"] + stats["probe_framed"]
+    assert stats["probe_framed"] == 2 * stats["glad_pairs"]
     assert f"fitted on {stats['probe']} labelled train prompts" in done["selection"]
     assert (tmp_path / "demo" / "train" / "model" / "mogu_config.json").is_file()
     # calibrated by default: the operating point is chosen on the dev split and the judged model is that one,

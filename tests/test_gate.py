@@ -260,7 +260,8 @@ def test_router_stage_fits_the_gate_without_steps_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     fits = [r["gate_fit"] for r in rows if "gate_fit" in r]
     assert fits and all(f["examples"] == n_probe for f in fits)  # every labelled train prompt, not the router set
-    assert n_probe == 24 + 2
+    # 24 plain train prompts, the 2 added here, and a framed copy of each of the 12 harmful and 12 benign
+    assert n_probe == 24 + 2 + 24
 
 
 def test_bad_router_type_is_rejected():
