@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from mogu.errors import ConfigError
-from mogu.eval import runner as runner_mod
 from mogu.eval.report import compute_metrics, pareto_front
 from mogu.eval.runner import EvalConfig, EvalRunner, parse_options, wilson_interval
 from tiny_models import tiny_model, tiny_tokenizer

@@ -187,13 +187,24 @@ OVERWRITE_HELP = ("Replace --out even if mogu did not write it (never /, home, t
                   "folder holding this command's inputs).")
 
 
+def _dtype_option():
+    return typer.Option("auto", help="Backbone dtype: auto (bfloat16 on a CUDA GPU that supports it, float32 "
+                                     "otherwise), bfloat16, float16 or float32. Experts and routers stay float32.")
+
+
+def _dtype(value: str):
+    from .loading import resolve_dtype
+
+    return resolve_dtype(value)  # a one-line error for an unknown name, before any model loads
+
+
 def _overwrite_option():
     return typer.Option(False, "--overwrite", help=OVERWRITE_HELP)
 
 
 def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_overrides: dict,
                 preset_name: str = "paper", resume: bool = False, model=None, tokenizer=None,
-                progress: bool = True, layer_selection: dict | None = None, overwrite: bool = False):
+                progress: bool = True, layer_selection: dict | None = None, overwrite: bool = False, dtype=None):
     """Train a MoGU model; ``layer_selection`` (select_layers overrides) first picks routed layers by probe.
     ``out/model`` must be replaceable (checked before training; ``overwrite`` allows a foreign folder)."""
     from .io import check_replaceable
@@ -246,7 +257,7 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     if model is None and (Path(model_name) / CONFIG_NAME).is_file():
         # A MoGU checkpoint (e.g. from `mogu convert peft`): keep its experts and routers and train
         # the stages asked for (--stages router trains only the routers); its own config applies.
-        model = MoGUModel.from_pretrained(model_name)
+        model = MoGUModel.from_pretrained(model_name, dtype=dtype)
         layer_selection = None
         _echo(f"continuing from the MoGU checkpoint {model_name} ({model.config.version}, "
               f"{len(model.routed_modules)} routed layers); its config overrides --version/--r/--routed-layers")
@@ -254,13 +265,13 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
         if model is None:
             from .loading import load_base_model
 
-            model, tokenizer = load_base_model(model_name)
+            model, tokenizer = load_base_model(model_name, dtype=dtype)
             mogu_config.base_model_name_or_path = model_name
         mogu_config.routed_layers = _probe_selected_layers(model, tokenizer, data, out, cfg, layer_selection,
                                                            mogu_config.target_modules, resume=resume)
         mogu_config.validate()
     if model is None:
-        model = MoGUModel.from_base(model_name, mogu_config)
+        model = MoGUModel.from_base(model_name, mogu_config, dtype=dtype)
     elif not isinstance(model, MoGUModel):
         model = MoGUModel.from_base(model, mogu_config, tokenizer=tokenizer)
     from .training import Trainer
@@ -357,6 +368,11 @@ def train(
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints (50)."),
     keep_checkpoints: Optional[int] = typer.Option(None, min=0, help="Newest step checkpoints kept per stage (2; 0 keeps all)."),
     seed: Optional[int] = typer.Option(None),
+    dtype: str = _dtype_option(),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute the backbone's activations in backward "
+                                                "(less memory, about a third more step time)."),
+    mixed_precision: Optional[str] = typer.Option(None, help="Autocast: no, fp16 or bf16 (default: the launcher's "
+                                                  "mixed_precision, e.g. from configs/accelerate)."),
     overwrite: bool = _overwrite_option(),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -379,9 +395,10 @@ def train(
                  "save_every": save_every, "keep_checkpoints": keep_checkpoints, "seed": seed,
                  "responder_loss": responder_loss, "router_init": router_init,
                  "router_init_refits": router_init_refits, "router_init_glad_bias": router_init_glad_bias,
-                 "stages": stages.split(",") if stages else None}
+                 "stages": stages.split(",") if stages else None,
+                 "gradient_checkpointing": gradient_checkpointing or None, "mixed_precision": mixed_precision}
     train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume,
-                layer_selection=selection, overwrite=overwrite)
+                layer_selection=selection, overwrite=overwrite, dtype=_dtype(dtype))
 
 
 def selection_pooling(router_type: str) -> str:
@@ -429,6 +446,8 @@ def finetune(
                                               "after fine-tuning (the threshold is kept)."),
     overwrite: bool = _overwrite_option(),
     seed: int = typer.Option(0),
+    dtype: str = _dtype_option(),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute the backbone's activations in backward."),
     threads: Optional[int] = typer.Option(None),
 ):
     """Instruction fine-tuning with a task LoRA (PEFT), optionally mixing MoGU's router set into every batch."""
@@ -442,7 +461,8 @@ def finetune(
                          micro_batch_size=micro_batch_size, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          target_modules=_csv(target_modules) if target_modules else None,
                          max_response_tokens=max_response_tokens, save_every=save_every,
-                         keep_checkpoints=keep_checkpoints, seed=seed, refit_gate=refit_gate, overwrite=overwrite)
+                         keep_checkpoints=keep_checkpoints, seed=seed, refit_gate=refit_gate, overwrite=overwrite,
+                         dtype=dtype, gradient_checkpointing=gradient_checkpointing)
     _, _, summary = run_finetune(model, cfg, resume=resume, log=_echo)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -482,6 +502,7 @@ def generate(
     handoff: Optional[str] = _handoff_option(),
     gate_benign: Optional[str] = _gate_benign_option(),
     trace: bool = typer.Option(False, help="Print mean router weights per layer."),
+    dtype: str = _dtype_option(),
     threads: Optional[int] = typer.Option(None),
 ):
     """Generate answers for one or more prompts (batched, left-padded)."""
@@ -489,7 +510,7 @@ def generate(
     from .training import render_prompt
 
     _setup_torch(threads)
-    m, tok, is_mogu = load_for_inference(model, handoff=handoff, gate_benign=gate_benign)
+    m, tok, is_mogu = load_for_inference(model, handoff=handoff, gate_benign=gate_benign, dtype=_dtype(dtype))
     texts = [render_prompt(tok, p) for p in prompt]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     kw = _gen_kwargs(tok, max_new_tokens, temperature, top_p)
@@ -519,6 +540,7 @@ def chat(
     api_key: Optional[str] = typer.Option(None, envvar="MOGU_API_KEY", help="Bearer key for --url (env MOGU_API_KEY)."),
     handoff: Optional[str] = _handoff_option(),
     gate_benign: Optional[str] = _gate_benign_option(),
+    dtype: str = _dtype_option(),
     threads: Optional[int] = typer.Option(None),
 ):
     """Interactive chat that streams tokens. Empty line or Ctrl-D quits; /reset clears history."""
@@ -535,7 +557,7 @@ def chat(
     from .inference import load_for_inference
 
     _setup_torch(threads)
-    m, tok, _ = load_for_inference(model, handoff=handoff, gate_benign=gate_benign)
+    m, tok, _ = load_for_inference(model, handoff=handoff, gate_benign=gate_benign, dtype=_dtype(dtype))
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     typer.echo("mogu chat: empty line or Ctrl-D to quit, /reset to clear the history.")
@@ -606,6 +628,7 @@ def eval_command(
     seed: int = typer.Option(0),
     handoff: Optional[str] = _handoff_option(),
     list_all: bool = typer.Option(False, "--list", help="List the benchmarks, defenses, judges and attacks, then exit."),
+    dtype: str = _dtype_option(),
     threads: Optional[int] = typer.Option(None),
 ):
     """Compare defenses on benchmarks: refusal / attack-success with 95% CIs, judge scores, Pareto plot.
@@ -651,7 +674,7 @@ def eval_command(
                                                    handoff, defense_names),
                      benchmark_options=bench_opts, data_dir=str(data_dir) if data_dir else None, limit=limit,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                     reference_tokens=reference_tokens)
+                     reference_tokens=reference_tokens, dtype=str(_dtype(dtype)).removeprefix("torch."))
     metrics = EvalRunner(cfg, log=_echo).run()
     if metrics is None:  # a non-main process under `accelerate launch`: the main one merges and reports
         return
@@ -840,6 +863,7 @@ def calibrate(
     max_new_tokens: Optional[int] = typer.Option(None, min=1, max=1024, help="Tokens generated per prompt for the refusal judge (default: the model's route_tokens, i.e. the routed prefix alone, or 16 when it routes every token; on SmolLM2 5 tokens gave the same refusal rates as 16 and 64 at half the cost of 16; docs/RESULTS.md)."),
     batch_size: int = typer.Option(32, min=1, max=1024),
     overwrite: bool = _overwrite_option(),
+    dtype: str = _dtype_option(),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Choose the router's operating point on dev prompts: the glad-bias shift with the fewest benign refusals
@@ -874,7 +898,7 @@ def calibrate(
     check_replaceable(out, kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected)  # before any work
     harm, ben = prompts(harmful, True), prompts(benign, False)
     _setup_torch(threads)
-    m, tok, is_mogu = load_for_inference(model)
+    m, tok, is_mogu = load_for_inference(model, dtype=_dtype(dtype))
     if not is_mogu:
         raise MoGUError(f"{model} is not a MoGU checkpoint (no mogu_config.json): calibrate a trained model")
 
@@ -1054,6 +1078,7 @@ def serve_command(
                                                 "any). Default: localhost,127.0.0.1,::1 on a loopback bind, any otherwise."),
     special_tokens: str = typer.Option("escape", help="Special-token text in message content: escape (kept as text), "
                                        "refuse (400) or allow (acts as control tokens)."),
+    dtype: str = _dtype_option(),
 ):
     """Serve a model behind an OpenAI-compatible API: /v1/chat/completions (SSE streaming), /v1/models, /health."""
     from .serve import serve
@@ -1066,7 +1091,7 @@ def serve_command(
           max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit,
           max_body_bytes=max_body_bytes, log_level=log_level, echo=_echo, handoff=handoff,
           max_prompt_tokens=max_prompt_tokens, request_timeout_s=request_timeout or None, allowed_hosts=hosts,
-          special_tokens=special_tokens, gate_benign=gate_benign)
+          special_tokens=special_tokens, gate_benign=gate_benign, dtype=_dtype(dtype))
 
 
 def main() -> None:

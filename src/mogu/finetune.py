@@ -316,10 +316,15 @@ class FinetuneConfig:
     # Prompt-gated MoGU models: refit the gate's probes on the mix set's labelled prompts after training, since
     # the task adapter moves the features they read (the calibrated threshold is kept).
     refit_gate: bool = True
+    dtype: str = "auto"  # the backbone's (mogu.loading.resolve_dtype); the task LoRA and MoGU's parts stay float32
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward
     overwrite: bool = False  # replace output_dir/model even if mogu did not write it (mogu.io.check_replaceable)
 
     def validate(self) -> None:
         """Ranges and input files, checked before any model is loaded."""
+        from .loading import resolve_dtype
+
+        resolve_dtype(self.dtype)
         if not 0.0 <= self.mix_ratio < 1.0:
             raise ConfigError(f"mix ratio must be in [0, 1), got {self.mix_ratio}")
         if self.mix_ratio > 0 and not self.mix_data:
@@ -451,6 +456,10 @@ class FineTuner:
         for p in self.params.values():
             p.requires_grad_(True)
         self._lm = model if self.is_mogu else _CausalLM(model)
+        if cfg.gradient_checkpointing:
+            from .training import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
 
     # ---- bookkeeping
     def _record(self) -> dict[str, Any]:
@@ -553,11 +562,12 @@ class FineTuner:
             chunk = picks[i:i + micro]
             seqs = [encoded[src][j] for src, j in chunk]
             batch = {k: v.to(device) for k, v in collate(seqs, self.tokenizer.pad_token_id).items()}
-            if self.gated:
-                with self.model.pin_routing(self._gate_weights(seqs)):
+            with self.accelerator.autocast():  # the launcher's mixed precision, if any; NLLs are float32
+                if self.gated:
+                    with self.model.pin_routing(self._gate_weights(seqs)):
+                        nll = sequence_nll(self._lm, batch)
+                else:
                     nll = sequence_nll(self._lm, batch)
-            else:
-                nll = sequence_nll(self._lm, batch)
             self.accelerator.backward(nll.sum() / n)  # every micro-batch's share of the batch mean
             for (src, _), value in zip(chunk, nll.detach().tolist()):
                 sums[src] += value
@@ -688,7 +698,7 @@ def run_finetune(model_name: str, cfg: FinetuneConfig, *, resume: bool = False, 
     from .io import check_replaceable
     from .model import CHECKPOINT_KIND
 
-    model, tokenizer, is_mogu = load_for_inference(model_name)
+    model, tokenizer, is_mogu = load_for_inference(model_name, dtype=cfg.dtype)
     check_replaceable(Path(cfg.output_dir) / "model", kind=CHECKPOINT_KIND if is_mogu else TASK_ADAPTER_KIND,
                       overwrite=cfg.overwrite, protected=_inputs(cfg, model_name))
     tuner = FineTuner(model, tokenizer, cfg, model_name=model_name, log=log, progress=progress)

@@ -63,6 +63,12 @@ class RoutingState:
     prefix_score: PrefixScore | None = None
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the experts and routers over a backbone weight of ``base_dtype``: float32 unless the
+    backbone is float32 or float64 already."""
+    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class RoutedLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, layer_idx: int, *, r: int, lora_alpha: float,
                  lora_dropout: float, router_hidden: int | None, state: RoutingState):
@@ -73,7 +79,9 @@ class RoutedLinear(nn.Module):
         self.scaling = lora_alpha / r
         self.in_features, self.out_features = projection_shape(base_layer)
         weight = base_layer.weight
-        kw = {"device": weight.device, "dtype": weight.dtype}
+        # Experts and routers stay float32 over a bf16/fp16 (or quantised) backbone, as PEFT's
+        # autocast_adapter_dtype does: their updates are small, and router scores are sigmoids averaged over layers.
+        kw = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
         # Same module names as PEFT (lora_A.<adapter>, lora_B.<adapter>) to keep export trivial.
         self.lora_A = nn.ModuleDict({e: nn.Linear(self.in_features, r, bias=False, **kw) for e in EXPERTS})
         self.lora_B = nn.ModuleDict({e: nn.Linear(r, self.out_features, bias=False, **kw) for e in EXPERTS})
@@ -125,10 +133,11 @@ class RoutedLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if mode == "off":
             return result
-        if mode != "auto":  # a single expert: exactly PEFT's LoRA forward
+        result_dtype = result.dtype
+        if mode != "auto":  # a single expert: exactly PEFT's LoRA forward (and its cast back)
             lora_A, lora_B = self.lora_A[mode], self.lora_B[mode]
             x = x.to(lora_A.weight.dtype)
-            return result + lora_B(lora_A(self.lora_dropout(x))) * self.scaling
+            return (result + lora_B(lora_A(self.lora_dropout(x))) * self.scaling).to(result_dtype)
 
         x = x.to(self.lora_A["glad"].weight.dtype)
         r = self.r
@@ -158,7 +167,7 @@ class RoutedLinear(nn.Module):
         if state.trace_enabled:
             state.trace.setdefault(self.layer_idx, []).append(  # per token, also for a per-sequence gate
                 torch.cat([u, g], dim=-1).expand(*x.shape[:-1], 2).detach().float().cpu())
-        return out
+        return out.to(result_dtype)
 
     def _pinned_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The prompt gate's (u, g, b) for this batch, shaped [B, 1, 1] to broadcast over tokens (b is None

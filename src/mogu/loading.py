@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoGUError
+from .errors import ConfigError, MoGUError
 from .io import atomic_directory
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -86,22 +86,38 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: "str | torch.dtype | None", device: str | None = None) -> torch.dtype:
+    """The backbone dtype for ``--dtype``: ``auto`` (and None) is bfloat16 on a CUDA device that supports it,
+    float32 otherwise (CPU kernels for half precision are slow and lossy)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        on_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in _DTYPE_NAMES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return _DTYPE_NAMES[dtype]
+
+
 def load_base_model(name_or_path: str, *, revision: str | None = None, dtype: str | torch.dtype | None = None,
                     device: str | None = None):
     """(model, tokenizer) for a local folder, a Hub id, or the embedded default alias."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
-    if isinstance(dtype, str):
-        dtype = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype, dtype)
+    dtype = resolve_dtype(dtype)
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).exists()
     if looks_local and not Path(path).exists():
         raise MoGUError(f"{name_or_path}: no such model folder")
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise MoGUError(f"{name_or_path}: not a model folder (no config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise MoGUError(f"could not load model {name_or_path!r}: {_first_line(e)}") from None
     if device:

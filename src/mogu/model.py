@@ -15,7 +15,7 @@ from .config import CONFIG_NAME, MoGUConfig, read_json_object
 from .errors import CheckpointMismatchError, ConfigError, MoGUError
 from .families import (candidate_targets, is_projection, layer_index, matches_target, projection_shape,
                        resolve_target_modules)
-from .io import atomic_directory, atomic_write_text
+from .io import atomic_directory
 from .layer import EXPERTS, MODES, PrefixScore, RoutedLinear, RoutingState
 
 ROUTER_FILE = "router.safetensors"

@@ -45,6 +45,18 @@ STAGE_MODES = {"glad": "glad", "unwill": "unwill", "router": "auto"}
 LOG_KEYS = {"router": ("ce", "mse_u", "mse_g"), "ratio": ("ce_num", "ce_den"), "sft": ("ce_num",)}
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of the backbone's decoder layers: the backbone is frozen, so
+    the reentrant variant would see no input that needs a gradient and drop the experts' and routers' ones."""
+    base = getattr(model, "base_model", model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(base).__name__} does not support gradient checkpointing")
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name; the old one warns
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _cpu_only_launch() -> bool:
     """Several processes launched (torchrun, ``accelerate launch``) on a machine with no GPU.
 
@@ -172,7 +184,11 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest step checkpoints kept per stage (0: keep all, e.g. to study them)
     select_max_new_tokens: int = 16  # tokens generated per dev prompt for checkpoint scoring
     select_batch_size: int = 16
-    mixed_precision: str = "no"
+    # Autocast for the forward passes: None honours the launcher's setting (`accelerate launch`, the
+    # configs/accelerate files), else "no" / "fp16" / "bf16". Losses and router scores are float32 either way.
+    mixed_precision: str | None = None
+    # Recompute the backbone's activations in backward instead of keeping them (non-reentrant checkpointing).
+    gradient_checkpointing: bool = False
     # EOS closes every untruncated target (True), or targets end where the text ends (False: the authors'
     # add_eos_token=False). mogu appends it so that a refusal learns to stop: a held refusal is an answer.
     append_eos: bool = True
@@ -209,8 +225,10 @@ class TrainConfig:
             raise ConfigError(f"responder_loss must be 'ratio' or 'sft', got {self.responder_loss!r}")
         if not 0 < self.joint_expert_lr < 1:
             raise ConfigError(f"joint_expert_lr must be in (0, 1), got {self.joint_expert_lr}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError("mixed_precision must be no, fp16 or bf16")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if self.router_weight_average not in ("token", "example"):
             raise ConfigError(f"router_weight_average must be 'token' or 'example', got {self.router_weight_average!r}")
         if not isinstance(self.append_eos, bool):
@@ -443,6 +461,9 @@ class Trainer:
         self.log = log if acc.is_main_process else (lambda msg: None)
         self.progress = progress and acc.is_main_process
         self.model.to(acc.device)
+        self._check_precision(acc.mixed_precision)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.metrics_path = self.out / "metrics.jsonl"
         if model.gate is not None and cfg.joint_experts:
             raise ConfigError("joint_experts trains the experts with token routers; a prompt gate is fitted, "
@@ -459,6 +480,14 @@ class Trainer:
         if self._own_step:
             self.log(f"[train] {acc.distributed_type.value}: the frozen backbone is replicated on every process, "
                      "not sharded; only the experts' and routers' gradients are exchanged")
+
+    def _check_precision(self, mixed: str) -> None:
+        """One line where the launcher's autocast and the backbone's dtype disagree."""
+        backbone = next(p.dtype for n, p in self.model.named_parameters() if "lora_" not in n and "router" not in n)
+        clash = {("fp16", torch.bfloat16): "bfloat16", ("bf16", torch.float16): "float16"}.get((mixed, backbone))
+        if clash:
+            self.log(f"[train] mixed_precision {mixed} over a {clash} backbone: autocast runs the matmuls in "
+                     f"{mixed} while the weights stay {clash}; pass --dtype float32, or match the two")
 
     # ---- bookkeeping
     def _stage_dir(self, stage: str) -> Path:
@@ -685,7 +714,8 @@ class Trainer:
         totals = dict.fromkeys(("loss", *keys), 0.0)
         micro = self.cfg.stages[stage].micro_batch_size
         for i in range(0, len(mine), micro):
-            loss, parts = self._loss(stage, mine[i:i + micro], norm)
+            with acc.autocast():  # the launcher's (or TrainConfig's) mixed precision; a no-op for "no"
+                loss, parts = self._loss(stage, mine[i:i + micro], norm)
             if self._own_step:
                 loss.backward()
             else:

@@ -56,6 +56,7 @@ class EvalConfig:
     # Reference answers (AlpacaEval, Just-Eval) scored by each defense's own likelihood, cut to this many
     # tokens; 0 skips the stage.
     reference_tokens: int = 128
+    dtype: str = "auto"  # the model's backbone dtype (mogu.loading.resolve_dtype)
 
     def validate(self) -> None:
         if Path(self.out).exists() and not Path(self.out).is_dir():
@@ -74,6 +75,9 @@ class EvalConfig:
             raise ConfigError("defenses and benchmarks must not repeat")
         if not self.attacks or len(set(self.attacks)) != len(self.attacks):
             raise ConfigError("--attacks must name at least one attack, without repeats")
+        from ..loading import resolve_dtype
+
+        resolve_dtype(self.dtype)
         if not 0 <= self.reference_tokens <= 4096:
             raise ConfigError(f"--reference-tokens must be in [0, 4096], got {self.reference_tokens}")
 
@@ -238,7 +242,7 @@ class EvalRunner:
         if self._model is None:
             # Several processes: each its own device (one GPU per rank); one process keeps the default.
             device = str(self.state.device) if self.state.num_processes > 1 else None
-            self._model, self._tokenizer, _ = load_for_inference(self.cfg.model, device=device)
+            self._model, self._tokenizer, _ = load_for_inference(self.cfg.model, device=device, dtype=self.cfg.dtype)
         if isinstance(self._model, MoGUModel):
             self.mogu = self._model
             self._tokenizer = self._tokenizer or self._model.tokenizer
