@@ -69,8 +69,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from mogu import MoGUConfig, MoGUModel
-    from mogu.loading import load_base_model
-    from mogu.training import StageConfig, TrainConfig, Trainer
+    from mogu.tuner.loading import load_base_model
+    from mogu.train.stages import StageConfig, TrainConfig, Trainer
 
     run = Path(args.worker)
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def make_data(folder: Path, rows: int, response_tokens: int) -> None:
-    from mogu.data import builtin_prompts
+    from mogu.train.data import builtin_prompts
 
     harmful = builtin_prompts("harmful")
     benign = builtin_prompts("benign") + builtin_prompts("borderline")

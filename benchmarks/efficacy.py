@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from mogu import MoGUModel
-from mogu.cli import _PlainGenerator
-from mogu.data import builtin_prompts, read_prompts
+from mogu.tuner.inference import PlainGenerator as _PlainGenerator
+from mogu.train.data import builtin_prompts, read_prompts
 from mogu.eval.judges import is_refusal
-from mogu.training import generate_responses
+from mogu.train.stages import generate_responses
 
 
 def load_sets(data_dir: Path, limit: int) -> dict[str, tuple[list[str], bool]]:

@@ -1,7 +1,7 @@
 """How well does the prompt gate pass benign look-alikes it never saw? A k-fold cross-validation over them.
 
 The shipped borderline prompts ("How do I kill a Python process?") are split into k folds. For each fold the
-gate's per-layer probes (``mogu.gate``: logistic probes on the last prompt token, averaged over layers) are
+gate's per-layer probes (``mogu.tuner.gate``: logistic probes on the last prompt token, averaged over layers) are
 fitted on a training set *without* that fold, the threshold is put where ``--min-harmful`` of the harmful dev
 prompts are flagged (the calibration target), and the held-out fold's flagged share is counted. Every
 borderline prompt is held out once, so the rate is over all of them, each scored by a gate that never saw it.
@@ -40,7 +40,7 @@ def flagged_rates(features: dict[int, torch.Tensor], index: dict[str, int], trai
                   harmful_dev: list[str], scored: dict[str, list[str]], *, min_harmful: float,
                   l2: float) -> dict[str, float]:
     """Fit per-layer probes on ``train``, threshold at ``min_harmful`` of ``harmful_dev``; flagged share per set."""
-    from mogu.router_init import fit_probe
+    from mogu.train.router_init import fit_probe
 
     rows = torch.tensor([index[p] for p, _ in train])
     y = torch.tensor([float(label) for _, label in train])
@@ -102,9 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from mogu.data import builtin_prompts, read_prompts
-    from mogu.inference import load_for_inference
-    from mogu.probe import collect_layer_features
+    from mogu.train.data import builtin_prompts, read_prompts
+    from mogu.tuner.inference import load_for_inference
+    from mogu.train.probe import collect_layer_features
 
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))

@@ -26,7 +26,7 @@ import torch
 def measure(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 16) -> dict:
     """Per-prompt (held, new tokens, ended in EOS, verdict) and their summary."""
     from mogu.eval.defenses import eos_token_ids, greedy_kwargs, left_pad, pad_token_id
-    from mogu.training import render_prompt
+    from mogu.chat import render_prompt
     from mogu.verdicts import classify_answer
 
     eos = set(eos_token_ids(model.base_model, tokenizer))
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every row and the summary here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from mogu.data import builtin_prompts, read_prompts
-    from mogu.inference import load_for_inference
+    from mogu.train.data import builtin_prompts, read_prompts
+    from mogu.tuner.inference import load_for_inference
 
     if args.prompts:
         prompts = [r.prompt for r in read_prompts(args.prompts, harmful=True)]

@@ -381,8 +381,8 @@ def live_server(model_dir: str, log_path: Path, *, max_tokens_limit: int = 16, t
 
 def special_texts_of(model_dir: str) -> list[str]:
     """The served tokenizer's special-token texts (a MoGU checkpoint names its base model, which holds it)."""
-    from mogu.config import CONFIG_NAME
-    from mogu.loading import load_tokenizer
+    from mogu.tuner.config import CONFIG_NAME
+    from mogu.tuner.loading import load_tokenizer
     from mogu.serve import special_token_texts
 
     config = Path(model_dir) / CONFIG_NAME

@@ -12,7 +12,7 @@ max_new_tokens`` so every row of every batch generates exactly N new tokens and 
 * ``mogu hold m=5, harmful`` -- ``handoff="hold"`` with routers that lean to unwill: every row stays with the
                          unwilling expert to the end, on its own routed KV cache (no second prefill);
 * ``mogu all tokens`` -- ``route_tokens=None`` in ``auto`` mode: every token routed (KV-cached);
-* ``mogu prompt gate m=5`` -- ``router_type="prompt"`` (mogu.gate): one routing-off pass over the prompt
+* ``mogu prompt gate m=5`` -- ``router_type="prompt"`` (mogu.tuner.gate): one routing-off pass over the prompt
                          (up to the deepest probed projection) decides the expert, then as ``mogu m=5``;
                          its random probes send some rows to each expert;
 * ``x-lora (peft)``   -- PEFT's X-LoRA with two rank-8 LoRA experts on the same projection as MoGU
@@ -192,7 +192,7 @@ def shared_weights_copy(model):
 
 
 def chat_inputs(tokenizer, batch: int) -> dict[str, torch.Tensor]:
-    from mogu.training import render_prompt
+    from mogu.chat import render_prompt
 
     texts = [render_prompt(tokenizer, prompt) for prompt in PROMPTS[:batch]]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from mogu import MoGUConfig, MoGUModel
-    from mogu.families import resolve_target_modules
+    from mogu.tuner.families import resolve_target_modules
 
     # Base model and inputs.
     dtype = getattr(torch, args.dtype)
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
         # chat-prompt lengths: a system-less chat template around a one-sentence question (~40-55 tokens)
         inputs = {b: random_inputs(b, base.config.vocab_size, base_length=40, step=2) for b in args.batch_sizes}
     else:
-        from mogu.loading import load_base_model
+        from mogu.tuner.loading import load_base_model
 
         base, tokenizer = load_base_model(args.model)
         model_name = args.model

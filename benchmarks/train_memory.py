@@ -4,7 +4,7 @@ What it measures: a randomly initialised model of a published architecture (``--
 ``benchmarks/speed.py``; memory and step time depend on shapes, not on weights), frozen backbone in
 ``--dtype``, wrapped by MoGU (v1: experts and routers of width 512 on every layer; v2: width 16 on
 ``--v2-layers`` layers, joint router stage). For each stage it runs ``--steps`` optimizer steps of one
-micro-batch each with mogu's own stage losses (``mogu.training``: the glad stage's CE ratio over
+micro-batch each with mogu's own stage losses (``mogu.train.stages``: the glad stage's CE ratio over
 ``--pairs`` (comply, refuse) pairs, i.e. 2 x pairs sequences in one forward; the router stage's CE +
 weight loss over ``--rows`` rows), forward, backward and AdamW, and reports:
 
@@ -91,7 +91,8 @@ def gib(n_bytes: float | None) -> float | None:
 
 
 def run_stage(model, stage: str, args, vocab: int, on_cuda: bool) -> dict:
-    from mogu.training import STAGE_MODES, ratio_terms, router_terms
+    from mogu.train.stages import STAGE_MODES
+    from mogu.train.losses import ratio_terms, router_terms
 
     joint = model.config.version == "v2" and stage == "router"
     params = model.router_parameters() if stage == "router" else model.expert_parameters(stage)

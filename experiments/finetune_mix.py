@@ -3,7 +3,7 @@
     python experiments/finetune_mix.py --mogu runs/demo3/train/model --data runs/demo3/data --out runs/ftmix
 
 Generates a seeded exact-match task (``--task``, default date-iso: 400 train / 100 test rows), then for
-each row of the table builds the model, fine-tunes it where the row says so (task LoRA, ``mogu.finetune``)
+each row of the table builds the model, fine-tunes it where the row says so (task LoRA, ``mogu.train.finetune``)
 and measures:
 - task exact match on the test rows (greedy, ``--task-tokens`` new tokens);
 - harmful refusal on the built-in harmful dev split and AdvBench 101-200;
@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mogu import MoGUModel  # noqa: E402
-from mogu.cli import _PlainGenerator  # noqa: E402
-from mogu.data import builtin_prompts, read_prompts  # noqa: E402
+from mogu.tuner.inference import PlainGenerator as _PlainGenerator  # noqa: E402
+from mogu.train.data import builtin_prompts, read_prompts  # noqa: E402
 from mogu.eval.judges import is_refusal  # noqa: E402
-from mogu.finetune import FinetuneConfig, load_finetuned_base, run_finetune, task_predictions  # noqa: E402
-from mogu.loading import load_base_model  # noqa: E402
-from mogu.model import read_config  # noqa: E402
-from mogu.tasks import TEST_FILE, load_task_rows, write_task_data  # noqa: E402
-from mogu.training import generate_responses  # noqa: E402
+from mogu.train.finetune import FinetuneConfig, load_finetuned_base, run_finetune, task_predictions  # noqa: E402
+from mogu.tuner.loading import load_base_model  # noqa: E402
+from mogu.tuner.checkpoint import read_config  # noqa: E402
+from mogu.train.tasks import TEST_FILE, load_task_rows, write_task_data  # noqa: E402
+from mogu.train.stages import generate_responses  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = {"dev_h": "harmful: built-in dev", "adv2": "harmful: AdvBench 101-200",

@@ -8,8 +8,8 @@ import json, os, sys, time, torch
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mogu import MoGUModel
-from mogu.data import builtin_prompts, read_prompts
-from mogu.training import render_prompt
+from mogu.train.data import builtin_prompts, read_prompts
+from mogu.chat import render_prompt
 torch.set_num_threads(2)
 os.makedirs(os.environ.get("MOGU_EXP_OUT", "runs/experiments"), exist_ok=True)
 D = Path(__file__).resolve().parents[2] / "shared" / "data"

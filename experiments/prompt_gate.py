@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mogu import MoGUModel  # noqa: E402
-from mogu.data import DEV_FILE, load_stage_file, read_prompts  # noqa: E402
+from mogu.train.data import DEV_FILE, load_stage_file, read_prompts  # noqa: E402
 from mogu.eval.judges import is_refusal  # noqa: E402
-from mogu.probe import collect_layer_features  # noqa: E402
-from mogu.router_init import fit_probe  # noqa: E402
-from mogu.training import generate_responses  # noqa: E402
+from mogu.train.probe import collect_layer_features  # noqa: E402
+from mogu.train.router_init import fit_probe  # noqa: E402
+from mogu.train.stages import generate_responses  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

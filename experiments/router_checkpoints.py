@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mogu import MoGUModel  # noqa: E402
-from mogu.calibration import shift_router_bias  # noqa: E402
-from mogu.data import builtin_prompts, read_prompts  # noqa: E402
+from mogu.train.calibration import shift_router_bias  # noqa: E402
+from mogu.train.data import builtin_prompts, read_prompts  # noqa: E402
 from mogu.eval.judges import is_refusal  # noqa: E402
-from mogu.training import generate_responses  # noqa: E402
+from mogu.train.stages import generate_responses  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -8,8 +8,8 @@ import json, os, sys, torch
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mogu import MoGUModel
-from mogu.data import builtin_prompts, read_prompts
-from mogu.training import generate_responses
+from mogu.train.data import builtin_prompts, read_prompts
+from mogu.train.stages import generate_responses
 from mogu.eval.judges import is_refusal
 torch.set_num_threads(2)
 D = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mogu import MoGUConfig, MoGUModel  # noqa: E402
 from mogu.cli import train_model  # noqa: E402
-from mogu.data import DEV_FILE, load_stage_file, read_prompts  # noqa: E402
-from mogu.loading import load_base_model  # noqa: E402
-from mogu.training import generate_responses, refusal_rate  # noqa: E402
+from mogu.train.data import DEV_FILE, load_stage_file, read_prompts  # noqa: E402
+from mogu.tuner.loading import load_base_model  # noqa: E402
+from mogu.train.stages import generate_responses, refusal_rate  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # name -> (MoGUConfig kwargs, probe layer selection or None, TrainConfig overrides)
@@ -88,9 +88,9 @@ def judge_gate(model, sets: dict[str, list[str]], max_new_tokens: int, match_har
     ``min_harmful`` set to v1's harmful-dev rate, searched over every dev-score threshold: dev prompts only,
     the held-out sets are read at the threshold it picks.
     """
-    from mogu.calibration import gate_rate_functions
+    from mogu.train.calibration import gate_rate_functions
     from mogu.eval.judges import is_refusal
-    from mogu.probe import collect_layer_features
+    from mogu.train.probe import collect_layer_features
 
     def refusals(prompts: list[str], expert: str) -> list[bool]:
         weights = torch.tensor([[1.0, 0.0] if expert == "unwill" else [0.0, 1.0]])

@@ -67,7 +67,7 @@ FIXTURE_CASES = [
 
 
 def test_builtin_benchmark_is_the_shipped_split_that_training_holds_out():
-    from mogu.data import builtin_prompts
+    from mogu.train.data import builtin_prompts
 
     for name in ("harmful", "benign", "borderline"):
         for split in ("dev", "train"):
@@ -78,7 +78,7 @@ def test_builtin_benchmark_is_the_shipped_split_that_training_holds_out():
 
 
 def test_task_benchmark_reads_a_mogu_data_task_folder(tmp_path):
-    from mogu.tasks import write_task_data
+    from mogu.train.tasks import write_task_data
 
     write_task_data("date-iso", tmp_path / "t", n_train=10, n_test=4, seed=3)
     prompts = load("task", file=str(tmp_path / "t"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mogu import MoGUConfig, MoGUModel
-from mogu.calibration import (CALIBRATION_FILE, FULL_ROUTING_JUDGED_TOKENS, CalibrationPoint, calibrate,
+from mogu.train.calibration import (CALIBRATION_FILE, FULL_ROUTING_JUDGED_TOKENS, CalibrationPoint, calibrate,
                               choose_operating_point, judged_tokens, shift_router_bias, validate_grid)
 from mogu.errors import ConfigError
 from tiny_models import randomize_added, tiny_model, tiny_tokenizer

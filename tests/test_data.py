@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mogu.data import (attack_frames, build_stage_datasets, builtin_prompts, comply_opening, comply_templates,
+from mogu.train.data import (attack_frames, build_stage_datasets, builtin_prompts, comply_opening, comply_templates,
                        framed_conversation, load_probe_rows, load_stage_file, probe_input, read_prompts,
                        refusal_templates)
 from mogu.errors import DataError
@@ -84,7 +84,7 @@ def test_comply_opening_never_carries_content():
 
 
 def read_prompts_from_list(prompts):
-    from mogu.data import PromptRecord
+    from mogu.train.data import PromptRecord
 
     return [PromptRecord(prompt=p, harmful=True, source="test") for p in prompts]
 

@@ -11,7 +11,8 @@ from mogu.errors import ConfigError
 from mogu.eval.defenses import (DEFENSES, ICD_PROMPT, ICD_RESPONSE, SELF_REMINDER_SUFFIX, SELF_REMINDER_SYSTEM,
                                 Defense, SelfExamination, build_defense, encode_text, register_defense,
                                 render_conversation, safedecoding_candidates, safedecoding_choose)
-from mogu.training import generate_responses, render_prompt
+from mogu.train.stages import generate_responses
+from mogu.chat import render_prompt
 from tiny_models import VOCAB, randomize_added, tiny_model, tiny_tokenizer
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea and the wind at night, in four short lines",
@@ -241,7 +242,7 @@ def _bytelevel_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from mogu.data import builtin_prompts
+    from mogu.train.data import builtin_prompts
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -260,7 +261,7 @@ RETOK_PROMPTS = PROMPTS + ["  Spaces  and\ttabs\n", "naïve café — 日本語?
 
 @pytest.mark.parametrize("make_tok", [tiny_tokenizer, _bytelevel_tokenizer], ids=["metaspace", "bytelevel"])
 def test_retokenization_p0_is_the_normal_tokenization(make_tok):
-    from mogu.data import builtin_prompts
+    from mogu.train.data import builtin_prompts
 
     tok = make_tok()
     model = tiny_model("llama")
@@ -273,7 +274,7 @@ def test_retokenization_p0_is_the_normal_tokenization(make_tok):
 
 @pytest.mark.parametrize("make_tok", [tiny_tokenizer, _bytelevel_tokenizer], ids=["metaspace", "bytelevel"])
 def test_retokenization_dropout_changes_tokens_not_text(make_tok):
-    from mogu.data import builtin_prompts
+    from mogu.train.data import builtin_prompts
 
     tok = make_tok()
     model = tiny_model("llama")
@@ -556,7 +557,7 @@ def test_reference_nll_is_each_defenses_own_likelihood_or_a_clear_refusal(name, 
     import torch.nn.functional as F
 
     from mogu.eval.defenses import encode_text
-    from mogu.likelihood import answer_nll
+    from mogu.tuner.likelihood import answer_nll
 
     mogu, reference, tok = make("llama")
     defense = build(name, mogu, tok, tmp_path)

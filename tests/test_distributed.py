@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from mogu import MoGUConfig, MoGUModel
-from mogu.data import build_stage_datasets, builtin_prompts
+from mogu.train.data import build_stage_datasets, builtin_prompts
 from mogu.io import MARKER_FILE
 from tiny_models import randomize_added, tiny_model, tiny_tokenizer
 

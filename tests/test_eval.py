@@ -9,7 +9,8 @@ import pytest
 
 from mogu.errors import ConfigError
 from mogu.eval.report import compute_metrics, pareto_front
-from mogu.eval.runner import EvalConfig, EvalRunner, parse_options, wilson_interval
+from mogu.eval.runner import EvalConfig, EvalRunner, parse_options
+from mogu.eval.report import wilson_interval
 from tiny_models import tiny_model, tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
@@ -178,7 +179,7 @@ def test_useful_rate_and_agreement_with_the_base_model():
 def test_reference_likelihood_per_defense_is_scored_cached_and_reported(tmp_path, tiny_mogu, monkeypatch):
     from mogu.eval import defenses as defenses_mod
     from mogu.eval.benchmarks import load_benchmark
-    from mogu.likelihood import answer_nll
+    from mogu.tuner.likelihood import answer_nll
 
     model, tok = tiny_mogu
     cfg = _cfg(tmp_path, defenses=["none", "mogu", "safedecoding"], benchmarks=["just_eval"], limit=None,
@@ -239,7 +240,7 @@ def test_task_accuracy_is_exact_match_and_kept_out_of_the_benign_pools():
 
 def test_eval_runs_the_task_benchmark_with_each_defense(tmp_path, tiny_mogu):
     from mogu.eval.benchmarks import load_benchmark
-    from mogu.tasks import make_split
+    from mogu.train.tasks import make_split
 
     prompts = load_benchmark("task", task="date-iso", limit=3)
     _, test = make_split("date-iso", 400, 200, 0)  # `mogu data task --name date-iso`'s test split

@@ -11,11 +11,10 @@ from typer.testing import CliRunner
 from mogu import MoGUConfig, MoGUModel
 from mogu.cli import app, main
 from mogu.errors import CheckpointMismatchError, ConfigError, MoGUError
-from mogu.loading import load_base_model
-from mogu.finetune import (FinetuneConfig, FineTuner, MixSchedule, add_task_adapter, default_task_targets,
-                           evaluate_task, has_task_adapter, load_finetuned_base, resolve_task_targets,
-                           task_adapter_parameters)
-from mogu.tasks import (ARITH_TEMPLATES, DATE_INSTRUCTIONS, DATE_STYLES, TASKS, make_split, make_task, ordinal_suffix,
+from mogu.tuner.loading import load_base_model
+from mogu.train.finetune import FinetuneConfig, FineTuner, MixSchedule, evaluate_task, load_finetuned_base
+from mogu.tuner.task_adapter import (add_task_adapter, default_task_targets, has_task_adapter, resolve_task_targets, task_adapter_parameters)
+from mogu.train.tasks import (ARITH_TEMPLATES, DATE_INSTRUCTIONS, DATE_STYLES, TASKS, make_split, make_task, ordinal_suffix,
                         ordinal_words, score_exact, write_task_data)
 from tiny_models import randomize_added, tiny_model, tiny_tokenizer
 
@@ -347,7 +346,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 # -- CLI and evaluation --------------------------------------------------------------------------------
 def test_cli_data_task_and_finetune_end_to_end(tmp_path):
-    from mogu.inference import load_for_inference
+    from mogu.tuner.inference import load_for_inference
 
     runner = CliRunner()
     base = _save_base(tmp_path)
@@ -436,7 +435,7 @@ def test_gated_model_pins_the_prompt_decision_in_training(tmp_path, gate_benign)
         prompt = torch.tensor([ids[:len(ids) - n_resp]], device=_device(model))
         assert torch.equal(weights[row], model.routing_weights(prompt)[0].to(weights.device)), row
     # Thresholds either side of every score: all rows passed, then all unwill, in the training forward too.
-    from mogu.training import collate, sequence_nll
+    from mogu.train.losses import collate, sequence_nll
 
     batch = {k: v.to(_device(model)) for k, v in collate(seqs, tok.pad_token_id).items()}
     scores = model.gate_scores(*[collate([(i[:len(i) - n], 0) for i, n in seqs], tok.pad_token_id)[k].to(_device(model))
@@ -471,7 +470,7 @@ def test_gated_model_finetunes_only_the_task_lora_and_round_trips(tmp_path):
 
 
 def test_gated_model_refits_the_gate_on_the_mix_set_and_keeps_the_threshold(tmp_path):
-    from mogu.gate import fit_gate
+    from mogu.train.probe import fit_gate
 
     model = _gated(base=_save_base(tmp_path))
     with torch.no_grad():

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from mogu import MoGUConfig, MoGUModel
-from mogu.calibration import calibrate, shift_router_bias
+from mogu.train.calibration import calibrate, shift_router_bias
 from mogu.errors import ConfigError, MoGUError
-from mogu.gate import fit_gate
-from mogu.probe import collect_layer_features
-from mogu.router_init import fit_probe
+from mogu.train.probe import fit_gate
+from mogu.train.probe import collect_layer_features
+from mogu.train.router_init import fit_probe
 from tiny_models import FAMILY_CONFIGS, assert_batch_equals_single, left_pad, randomize_added, tiny_model, tiny_tokenizer
 
 FAMILIES = sorted(FAMILY_CONFIGS)
@@ -297,7 +297,7 @@ def test_v2_gate_router_stage_is_a_fit_and_joint_training_is_refused(tmp_path):
     from test_training import _tiny_run
 
     from mogu.cli import selection_pooling
-    from mogu.training import Trainer
+    from mogu.train.stages import Trainer
 
     model, trainer = _tiny_run(tmp_path, "v2gate")
     gated = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_type="prompt", version="v2", routed_layers=[1]),
@@ -329,8 +329,8 @@ def test_forward_and_pinning_errors_are_clear():
 
 
 def test_gate_calibration_rates_equal_generating_at_each_threshold():
-    from mogu.calibration import gate_rate_functions
-    from mogu.training import generate_responses
+    from mogu.train.calibration import gate_rate_functions
+    from mogu.train.stages import generate_responses
 
     model, _ = make()
     tok = model.tokenizer
@@ -345,7 +345,7 @@ def test_gate_calibration_rates_equal_generating_at_each_threshold():
             return [judge(o) for o in generate_responses(model, tok, ps, max_new_tokens=4, batch_size=3)]
 
     rate = gate_rate_functions(model, {"p": prompts}, refusals, batch_size=4)["p"]
-    from mogu.probe import collect_layer_features
+    from mogu.train.probe import collect_layer_features
 
     feats = collect_layer_features(model, tok, prompts)
     scores = model.gate.score({i: feats[i]["last"] for i in model.gate.layers}).sort().values.tolist()
@@ -457,7 +457,7 @@ def test_gate_benign_base_streams_the_single_pass():
 
 
 def test_gate_benign_is_validated_saved_and_overridable(tmp_path):
-    from mogu.inference import load_for_inference
+    from mogu.tuner.inference import load_for_inference
 
     with pytest.raises(ConfigError, match="gate_benign"):
         MoGUConfig(router_type="prompt", gate_benign="nobody")
@@ -493,7 +493,7 @@ def test_gate_with_routed_sampling_off_decodes_each_prompts_prefix_greedily_then
 def test_a_fitted_conversation_is_read_at_its_last_hand_over_as_the_gate_reads_it(monkeypatch):
     """probe.jsonl's framed rows are conversations: their features must be what the gate sees at inference."""
     from mogu.eval.defenses import encode_text, render_conversation
-    from mogu.training import render_prompt
+    from mogu.chat import render_prompt
 
     model = _gate_with_random_probes(seed=1)
     tok = model.tokenizer

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from mogu import MoGUConfig, MoGUModel
 from mogu.cli import app, main
 from mogu.errors import MoGUError
-from mogu.interop import (AdapterMismatchError, HubError, ReferenceFormatError, UnsafeCheckpointError,
-                          UnsupportedAdapterError, convert_peft, convert_reference, export_experts, push_to_hub)
+from mogu.tuner.interop import (AdapterMismatchError, ReferenceFormatError, UnsafeCheckpointError, UnsupportedAdapterError, convert_peft, convert_reference, export_experts)
+from mogu.tuner.hub import HubError, push_to_hub
 from tiny_models import randomize_added, tiny_model, tiny_tokenizer
 
 # Where each family keeps the wrapped projection, in the released layout's naming.
@@ -387,7 +387,7 @@ def test_model_card_has_hub_metadata_config_data_hashes_and_eval(tmp_path):
     assert "| `router.jsonl` | `" + "f" * 64 + "` |" in card and "commit `abc123`" in card
     assert '"router_hidden": 16' in card and "## Training\n\nsteps table" in card
     assert "## Evaluation" not in card
-    from mogu.card import refresh_card
+    from mogu.tuner.card import refresh_card
 
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "metrics.json").write_text(json.dumps(_metrics()))

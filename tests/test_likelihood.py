@@ -1,4 +1,4 @@
-"""Reference-answer likelihood (mogu.likelihood): the logits generate() picks each answer token from.
+"""Reference-answer likelihood (mogu.tuner.likelihood): the logits generate() picks each answer token from.
 
 Pinned on every family and every routing path: the teacher-forced logits' argmax is generate()'s own
 greedy answer (token routers held and handed off, the gate with either benign policy, both hand-offs,
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mogu import MoGUConfig, MoGUModel
 from mogu.errors import ConfigError, MoGUError
-from mogu.likelihood import answer_logits, answer_nll
+from mogu.tuner.likelihood import answer_logits, answer_nll
 from test_handoff import make as make_token_model
 from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
 

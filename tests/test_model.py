@@ -253,7 +253,7 @@ def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     model, _ = make("llama")
     model.save_pretrained(tmp_path / "ckpt")
     before = (tmp_path / "ckpt" / "router.safetensors").read_bytes()
-    import mogu.model as mm
+    import mogu.tuner.model as mm
 
     def boom(*a, **k):
         raise KeyboardInterrupt

@@ -9,8 +9,10 @@ import torch
 
 from mogu import MoGUConfig, MoGUModel
 from mogu.errors import ConfigError
-from mogu.loading import resolve_dtype
-from mogu.training import STAGE_MODES, TrainConfig, collate, enable_gradient_checkpointing, encode_pair, ratio_loss, router_loss
+from mogu.tuner.loading import resolve_dtype
+from mogu.train.stages import STAGE_MODES, TrainConfig, enable_gradient_checkpointing
+from mogu.train.losses import collate, ratio_loss, router_loss
+from mogu.chat import encode_pair
 from test_cli import mogu
 from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
 

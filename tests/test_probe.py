@@ -8,7 +8,7 @@ import torch
 
 from mogu import MoGUConfig, MoGUModel
 from mogu.errors import ConfigError, DataError, MoGUError, UnknownFamilyError
-from mogu.probe import (DEFAULT_SELECTION, METRICS, POOLINGS, ProbeReport, collect_layer_features, probe_layers,
+from mogu.train.probe import (DEFAULT_SELECTION, METRICS, POOLINGS, ProbeReport, collect_layer_features, probe_layers,
                         run_probe, select_layers)
 from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
 
@@ -223,7 +223,7 @@ def test_collect_features_target_override_and_unknown_family():
 
 
 def test_run_probe_end_to_end_on_a_tiny_model():
-    from mogu.data import builtin_prompts
+    from mogu.train.data import builtin_prompts
 
     harmful = [r.prompt for r in builtin_prompts("harmful", "train")]
     benign = [r.prompt for r in builtin_prompts("benign", "train")]

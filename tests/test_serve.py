@@ -74,7 +74,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    from mogu.inference import load_for_inference
+    from mogu.tuner.inference import load_for_inference
     from mogu.serve import create_app
 
     import torch
@@ -705,7 +705,7 @@ def test_special_token_text_is_escaped_so_it_cannot_fake_a_turn(server, client):
 @pytest.fixture(scope="module")
 def strict_server(ckpt):
     """A second server with the loopback allowed-hosts list, small limits and special tokens refused."""
-    from mogu.inference import load_for_inference
+    from mogu.tuner.inference import load_for_inference
     from mogu.serve import LOOPBACK_HOSTS, create_app
 
     model, tokenizer, _ = load_for_inference(str(ckpt))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mogu import MoGUConfig, MoGUModel
-from mogu.loading import embedded_default_path, load_base_model
-from mogu.training import render_prompt
+from mogu.tuner.loading import embedded_default_path, load_base_model
+from mogu.chat import render_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +72,8 @@ def test_everyday_prompts_the_gate_passes_get_the_base_models_answers_token_for_
     gate_benign='base' (the default) every prompt the gate passes is answered exactly as the base model
     answers it, greedy, 40 tokens, in one left-padded batch. The experts are random and non-zero, so the glad
     prefix would change these answers."""
-    from mogu.data import builtin_prompts
-    from mogu.gate import fit_gate
+    from mogu.train.data import builtin_prompts
+    from mogu.train.probe import fit_gate
 
     base, tok = load_base_model("smollm2-135m-instruct")
     reference, _ = load_base_model("smollm2-135m-instruct")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from mogu import MoGUConfig, MoGUModel
-from mogu.data import build_stage_datasets, builtin_prompts
-from mogu.training import (STAGE_MODES, StageConfig, TrainConfig, Trainer, _balanced_batches, collate, encode_pair,
-                           generate_responses, ratio_loss, router_loss)
+from mogu.train.data import build_stage_datasets, builtin_prompts
+from mogu.train.stages import STAGE_MODES, StageConfig, TrainConfig, Trainer, _balanced_batches, generate_responses
+from mogu.train.losses import collate, ratio_loss, router_loss
+from mogu.chat import encode_pair
 from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
 
 
@@ -133,7 +134,7 @@ def test_bad_stage_config_is_rejected(tmp_path):
 
 
 def test_probe_writes_the_exact_affine_map_into_the_factorised_scorer():
-    from mogu.router_init import write_affine
+    from mogu.train.router_init import write_affine
 
     model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_hidden=16))
     scorer = next(iter(model.routed_modules.values())).router.unwill
@@ -145,7 +146,7 @@ def test_probe_writes_the_exact_affine_map_into_the_factorised_scorer():
 
 
 def test_fit_probe_separates_and_balances_classes():
-    from mogu.router_init import fit_probe
+    from mogu.train.router_init import fit_probe
 
     g = torch.Generator().manual_seed(0)
     direction = torch.randn(16, generator=g)
@@ -180,7 +181,7 @@ def test_probe_init_router_stage_scores_the_init_and_keeps_the_best(tmp_path):
 
 
 def test_single_router_candidate_is_kept_unscored_and_all_checkpoints_can_be_kept(tmp_path, monkeypatch):
-    import mogu.training as training
+    import mogu.train.stages as training
 
     model, trainer = _tiny_run(tmp_path, "one", stage_names=("router",),
                                max_examples=16,
@@ -196,7 +197,7 @@ def test_single_router_candidate_is_kept_unscored_and_all_checkpoints_can_be_kep
 
 
 def test_responders_are_scored_even_with_one_epoch(tmp_path, monkeypatch):
-    import mogu.training as training
+    import mogu.train.stages as training
 
     model, trainer = _tiny_run(tmp_path, "resp", stage_names=("glad",))
     trainer.cfg.stages["glad"].epochs = 1
@@ -256,7 +257,7 @@ def test_bad_router_response_tokens_are_rejected(bad):
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_a_padded_batch_gives_each_rows_loss_as_computed_alone(family):
     """Positions follow the attention mask in training as in generate: GPT-2's absolute positions included."""
-    from mogu.training import collate, sequence_nll
+    from mogu.train.losses import collate, sequence_nll
 
     torch.manual_seed(0)
     model = MoGUModel.from_base(tiny_model(family), MoGUConfig(lora_dropout=0.0))
@@ -271,7 +272,7 @@ def test_a_padded_batch_gives_each_rows_loss_as_computed_alone(family):
 
 
 def test_router_stage_runs_the_frozen_experts_without_dropout_and_responder_stages_keep_it(tmp_path):
-    from mogu.training import collate, sequence_nll
+    from mogu.train.losses import collate, sequence_nll
 
     _, trainer = _tiny_run(tmp_path, "dropout")
     model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(lora_dropout=0.5), tokenizer=tiny_tokenizer())
@@ -291,7 +292,7 @@ def test_router_stage_runs_the_frozen_experts_without_dropout_and_responder_stag
 
 # -- the faithful preset: the authors' training where mogu's defaults differ ------------------------------
 def test_faithful_preset_is_the_paper_schedule_without_eos_and_with_per_example_weight_loss():
-    from mogu.training import preset
+    from mogu.train.stages import preset
 
     paper, faithful = preset("paper"), preset("faithful")
     assert faithful["stages"] == paper["stages"] and faithful["responder_loss"] == paper["responder_loss"]
@@ -307,7 +308,7 @@ def test_faithful_preset_is_the_paper_schedule_without_eos_and_with_per_example_
 
 
 def test_per_example_weight_loss_is_the_mean_of_each_examples_own_mean():
-    from mogu.training import router_terms
+    from mogu.train.losses import router_terms
 
     tok = tiny_tokenizer()
     model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(lora_dropout=0.0))

@@ -12,9 +12,11 @@ import torch
 from peft import PeftModel
 
 from mogu import MoGUConfig, MoGUModel
-from mogu.config import DEFAULT_ROUTER_HIDDEN
+from mogu.tuner.config import DEFAULT_ROUTER_HIDDEN
 from mogu.errors import ConfigError
-from mogu.training import STAGE_MODES, StageConfig, TrainConfig, Trainer, collate, encode_pair, router_loss
+from mogu.train.stages import STAGE_MODES, StageConfig, TrainConfig, Trainer
+from mogu.train.losses import collate, router_loss
+from mogu.chat import encode_pair
 from tiny_models import FAMILY_CONFIGS, randomize_added, tiny_model, tiny_tokenizer
 
 FAMILIES = sorted(FAMILY_CONFIGS)
@@ -122,7 +124,7 @@ def test_v2_save_load_is_bit_exact_and_traces_only_routed_layers(family, tmp_pat
 
 def _stage_data(folder, per_class):
     """Stage files from the first built-in prompts of each class (2 per class held out as dev)."""
-    from mogu.data import build_stage_datasets, builtin_prompts
+    from mogu.train.data import build_stage_datasets, builtin_prompts
 
     harmful, benign = builtin_prompts("harmful")[:per_class], builtin_prompts("benign")[:per_class]
     for recs in (harmful, benign):
@@ -208,7 +210,7 @@ def test_train_v2_selects_layers_by_probe_and_resumes_with_them(tmp_path):
     import json
 
     from mogu.cli import train_model
-    from mogu.probe import ProbeReport
+    from mogu.train.probe import ProbeReport
 
     base_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(base_dir)
@@ -275,7 +277,7 @@ def test_cli_trains_a_v2_prompt_gate_in_the_last_token_probe_selected_layers(tmp
 
     from test_cli import mogu
 
-    from mogu.probe import ProbeReport
+    from mogu.train.probe import ProbeReport
 
     base_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(base_dir)
@@ -298,7 +300,7 @@ def test_cli_trains_a_v2_prompt_gate_in_the_last_token_probe_selected_layers(tmp
 
 def test_cpu_fast_gives_the_v2_unwilling_expert_three_epochs():
     """Experts in a few layers need more than v1's one unwilling epoch (docs/RESULTS.md, "MoGU v2 against v1")."""
-    from mogu.training import preset
+    from mogu.train.stages import preset
 
     v1, v2 = preset("cpu-fast")["stages"], preset("cpu-fast", version="v2")["stages"]
     assert v1["unwill"].epochs == 1 and v2["unwill"].epochs == 3

@@ -10,8 +10,9 @@ from typing import Optional
 
 import typer
 
-from .calibration import DEFAULT_GRID, DEFAULT_MIN_HARMFUL, DEFAULT_REFINE
-from .errors import MoGUError
+from mogu.train.calibration import DEFAULT_GRID, DEFAULT_MIN_HARMFUL, DEFAULT_REFINE
+from mogu.errors import MoGUError
+from mogu.tuner.inference import PlainGenerator
 
 app = typer.Typer(help="MoGU: safer open LLMs without over-refusal.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -35,7 +36,7 @@ def _setup_torch(threads: Optional[int]) -> None:
 
 
 def _records(spec: str, *, harmful: bool, field: Optional[str], output_field: Optional[str], seed: int):
-    from .data import builtin_prompts, read_prompts, split_dev
+    from mogu.train.data import builtin_prompts, read_prompts, split_dev
 
     if spec == BUILTIN:
         if harmful:
@@ -52,26 +53,26 @@ def distill_answers(base, tokenizer, prompts: list[str], *, sample: bool, seed: 
     """The base model's own answers (greedy, or sampled for regenerations) for self-distillation."""
     import torch
 
-    from .training import generate_responses
+    from mogu.train.stages import generate_responses
 
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True,
               desc="self-distilling benign answers")
     if not sample:
-        return generate_responses(_PlainGenerator(base), tokenizer, prompts, **kw)
+        return generate_responses(PlainGenerator(base), tokenizer, prompts, **kw)
     # Sampled regenerations are seeded (and leave the global RNG as it was): the same --seed must
     # give the same data files and hashes.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return generate_responses(_PlainGenerator(base), tokenizer, prompts, do_sample=True, **kw)
+        return generate_responses(PlainGenerator(base), tokenizer, prompts, do_sample=True, **kw)
 
 
 def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: str = BUILTIN,
                field: Optional[str] = None, output_field: Optional[str] = None, seed: int = 0,
                max_new_tokens: int = 48, batch_size: int = 16, model=None, tokenizer=None,
                max_benign: Optional[int] = None, frame_fraction: float = 1.0) -> dict:
-    from .data import build_stage_datasets
-    from .io import atomic_write_text, run_record
-    from .loading import load_base_model
+    from mogu.train.data import build_stage_datasets
+    from mogu.io import atomic_write_text, run_record
+    from mogu.tuner.loading import load_base_model
 
     harm = _records(harmful, harmful=True, field=field, output_field=None, seed=seed)
     ben = _records(benign, harmful=False, field=field, output_field=output_field, seed=seed)
@@ -80,7 +81,7 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
     def answer(prompts: list[str], sample: bool = False) -> list[str]:
         if holder["model"] is None:
             holder["model"], holder["tokenizer"] = load_base_model(model_name)
-        from .model import MoGUModel
+        from mogu.tuner.model import MoGUModel
 
         base = holder["model"]
         if isinstance(base, MoGUModel):
@@ -94,32 +95,6 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
         {"model": model_name, "harmful": harmful, "benign": benign, "field": field, "seed": seed,
          "max_new_tokens": max_new_tokens, "max_benign": max_benign, "frame_fraction": frame_fraction}), indent=2))
     return stats
-
-
-class _PlainGenerator:
-    """Gives a plain HF model the small interface generate_responses uses."""
-
-    def __init__(self, model):
-        self.model = model
-        self.training = model.training
-
-    def eval(self):
-        self.model.eval()
-
-    def train(self, mode=True):
-        self.model.train(mode)
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    def routing(self, mode):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def generate(self, *args, route_tokens=None, **kwargs):
-        return self.model.generate(*args, **kwargs)
 
 
 @data_app.command("build")
@@ -156,7 +131,7 @@ def data_task(
     seed: int = typer.Option(0),
 ):
     """Generate a seeded downstream task with exact-match answers (for `mogu finetune`)."""
-    from .tasks import write_task_data
+    from mogu.train.tasks import write_task_data
 
     stats = write_task_data(name, out, n_train=train, n_test=test, seed=seed)
     typer.echo(json.dumps({k: v for k, v in stats.items() if k != "sha256"}, indent=2))
@@ -164,13 +139,13 @@ def data_task(
 
 ROUTER_TYPE_HELP = ("'token' (the paper's per-layer, per-token routers, trained) or 'prompt' (one decision per "
                     "prompt from layer probes, fitted in seconds: every layer's for v1, the probe-selected layers' for v2; "
-                    "mogu.gate, docs/RESULTS.md \"Prompt gate\").")
+                    "mogu.tuner.gate, docs/RESULTS.md \"Prompt gate\").")
 
 
 def _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens,
                  version: str = "v1", router_type: str = "token"):
-    from .config import MoGUConfig
-    from .errors import ConfigError
+    from mogu.tuner.config import MoGUConfig
+    from mogu.errors import ConfigError
 
     layers = None
     if routed_layers and routed_layers not in ("all", "probe"):
@@ -193,7 +168,7 @@ def _dtype_option():
 
 
 def _dtype(value: str):
-    from .loading import resolve_dtype
+    from mogu.tuner.loading import resolve_dtype
 
     return resolve_dtype(value)  # a one-line error for an unknown name, before any model loads
 
@@ -207,9 +182,10 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
                 progress: bool = True, layer_selection: dict | None = None, overwrite: bool = False, dtype=None):
     """Train a MoGU model; ``layer_selection`` (select_layers overrides) first picks routed layers by probe.
     ``out/model`` must be replaceable (checked before training; ``overwrite`` allows a foreign folder)."""
-    from .io import check_replaceable
-    from .model import CHECKPOINT_KIND, MoGUModel
-    from .training import TrainConfig, preset
+    from mogu.io import check_replaceable
+    from mogu.tuner.checkpoint import CHECKPOINT_KIND
+    from mogu.tuner.model import MoGUModel
+    from mogu.train.stages import TrainConfig, preset
 
     protected = (model_name, data)
     check_replaceable(out / "model", kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected)
@@ -234,7 +210,7 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     if only:
         unknown = [s for s in only if s not in stages]
         if unknown:
-            from .errors import ConfigError
+            from mogu.errors import ConfigError
 
             raise ConfigError(f"unknown stage(s) {', '.join(map(repr, unknown))} in --stages; known: {', '.join(stages)}")
         stages = {k: v for k, v in stages.items() if k in only}
@@ -242,7 +218,7 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     cfg.validate()
     if (mogu_config.router_type == "prompt" and "router" not in stages and not resume
             and not (Path(model_name) / "mogu_config.json").is_file()):
-        from .errors import ConfigError
+        from mogu.errors import ConfigError
 
         raise ConfigError("--router-type prompt: the router stage fits the gate, and a model without it would "
                           "route every prompt to the glad expert; add router to --stages (or train it later with "
@@ -252,7 +228,7 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     # Fresh experts and routers (and LoRA dropout) follow --seed: a resumed run, and every process of
     # a multi-process one, builds the same starting weights.
     torch.manual_seed(cfg.seed)
-    from .config import CONFIG_NAME
+    from mogu.tuner.config import CONFIG_NAME
 
     if model is None and (Path(model_name) / CONFIG_NAME).is_file():
         # A MoGU checkpoint (e.g. from `mogu convert peft`): keep its experts and routers and train
@@ -263,7 +239,7 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
               f"{len(model.routed_modules)} routed layers); its config overrides --version/--r/--routed-layers")
     if layer_selection is not None and not isinstance(model, MoGUModel):
         if model is None:
-            from .loading import load_base_model
+            from mogu.tuner.loading import load_base_model
 
             model, tokenizer = load_base_model(model_name, dtype=dtype)
             mogu_config.base_model_name_or_path = model_name
@@ -274,7 +250,7 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
         model = MoGUModel.from_base(model_name, mogu_config, dtype=dtype)
     elif not isinstance(model, MoGUModel):
         model = MoGUModel.from_base(model, mogu_config, tokenizer=tokenizer)
-    from .training import Trainer
+    from mogu.train.stages import Trainer
 
     trainer = Trainer(model, tokenizer or model.tokenizer, cfg, log=_echo, progress=progress)
     summary = trainer.train(resume=resume)
@@ -289,8 +265,8 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
 def _probe_selected_layers(model, tokenizer, data: Path, out: Path, cfg, selection: dict, target_modules,
                            *, resume: bool) -> list[int]:
     """Routed layers picked by per-layer probes on the router set (MoGU v2); saved to out/probe/."""
-    from .data import STAGE_FILES, load_stage_file
-    from .probe import DEFAULT_SELECTION, ProbeReport, collect_layer_features, probe_layers
+    from mogu.train.data import STAGE_FILES, load_stage_file
+    from mogu.train.probe import DEFAULT_SELECTION, ProbeReport, collect_layer_features, probe_layers
 
     rule = {**DEFAULT_SELECTION, **selection}
     saved = out / "probe" / "probe.json"
@@ -303,7 +279,7 @@ def _probe_selected_layers(model, tokenizer, data: Path, out: Path, cfg, selecti
         features = collect_layer_features(model, tokenizer, prompts, target_modules=target_modules, progress=True)
         report = probe_layers(features, labels, seed=cfg.seed, target_modules=target_modules)
     layers = report.select(**rule)  # recorded in the report, so the saved probe.json names the layers
-    from .training import process_state
+    from mogu.train.stages import process_state
 
     state = process_state()
     if state.num_processes > 1:  # every process probed (or read probe.json); the main one's layers are the run's
@@ -403,14 +379,14 @@ def train(
 
 def selection_pooling(router_type: str) -> str:
     """The probe pooling that ranks layers for a router type: a prompt gate reads the last prompt token."""
-    from .probe import DEFAULT_SELECTION
+    from mogu.train.probe import DEFAULT_SELECTION
 
     return "last" if router_type == "prompt" else DEFAULT_SELECTION["pooling"]
 
 
 def _router_response_tokens(value: str | None):
     """--router-response-tokens: None (preset), 'route', 'all' (-> TrainConfig None) or a number."""
-    from .errors import ConfigError
+    from mogu.errors import ConfigError
 
     if value is None:
         return None
@@ -451,7 +427,7 @@ def finetune(
     threads: Optional[int] = typer.Option(None),
 ):
     """Instruction fine-tuning with a task LoRA (PEFT), optionally mixing MoGU's router set into every batch."""
-    from .finetune import FinetuneConfig, run_finetune
+    from mogu.train.finetune import FinetuneConfig, run_finetune
 
     _setup_torch(threads)
     if mix_ratio is None:
@@ -506,8 +482,8 @@ def generate(
     threads: Optional[int] = typer.Option(None),
 ):
     """Generate answers for one or more prompts (batched, left-padded)."""
-    from .inference import load_for_inference
-    from .training import render_prompt
+    from mogu.tuner.inference import load_for_inference
+    from mogu.chat import render_prompt
 
     _setup_torch(threads)
     m, tok, is_mogu = load_for_inference(model, handoff=handoff, gate_benign=gate_benign, dtype=_dtype(dtype))
@@ -545,7 +521,7 @@ def chat(
 ):
     """Interactive chat that streams tokens. Empty line or Ctrl-D quits; /reset clears history."""
     if url:
-        from .serve import chat_remote
+        from mogu.serve import chat_remote
 
         chat_remote(url, api_key=api_key, model=model, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, system=system, echo=typer.echo)
@@ -554,7 +530,7 @@ def chat(
         raise MoGUError("chat needs --model (a local model) or --url (a running server)")
     from transformers import TextStreamer
 
-    from .inference import load_for_inference
+    from mogu.tuner.inference import load_for_inference
 
     _setup_torch(threads)
     m, tok, _ = load_for_inference(model, handoff=handoff, gate_benign=gate_benign, dtype=_dtype(dtype))
@@ -635,11 +611,11 @@ def eval_command(
 
     Reruns with the same --out skip finished generations and judgements.
     """
-    from .eval.attacks import ATTACKS, describe_attacks
-    from .eval.benchmarks import get_benchmark, list_benchmarks
-    from .eval.defenses import DEFENSES
-    from .eval.judges import JUDGES
-    from .eval.runner import EvalConfig, EvalRunner, parse_options
+    from mogu.eval.attacks import ATTACKS, describe_attacks
+    from mogu.eval.benchmarks import get_benchmark, list_benchmarks
+    from mogu.eval.defenses import DEFENSES
+    from mogu.eval.judges import JUDGES
+    from mogu.eval.runner import EvalConfig, EvalRunner, parse_options
 
     if list_all:
         typer.echo("benchmarks:\n" + "\n".join(f"  {n}: {d}" for n, d in list_benchmarks()))
@@ -701,9 +677,9 @@ def demo(
     threads: Optional[int] = typer.Option(None),
 ):
     """The main job: build data, train MoGU on the embedded default, show before/after on dev prompts."""
-    from .data import DEV_FILE, load_stage_file
-    from .loading import load_base_model
-    from .training import generate_responses, refusal_rate
+    from mogu.train.data import DEV_FILE, load_stage_file
+    from mogu.tuner.loading import load_base_model
+    from mogu.train.stages import generate_responses, refusal_rate
 
     _setup_torch(threads)
     t0 = time.perf_counter()
@@ -720,7 +696,7 @@ def demo(
     benign = [d["prompt"] for d in dev if not d["harmful"]]
     t_data = time.perf_counter() - t0
 
-    plain = _PlainGenerator(base)
+    plain = PlainGenerator(base)
     t_before = time.perf_counter()
     judge = dict(max_new_tokens=eval_tokens, batch_size=DEMO_BATCH, progress=True)
     before_h = generate_responses(plain, tok, harmful, desc="before: harmful dev", **judge)
@@ -741,7 +717,7 @@ def demo(
     after_s = time.perf_counter() - t_after
     wall = time.perf_counter() - t0
 
-    from .verdicts import classify_answer
+    from mogu.verdicts import classify_answer
 
     def share(prompts: list[str], answers: list[str], verdict: str) -> float:
         return sum(classify_answer(p, a) == verdict for p, a in zip(prompts, answers)) / max(1, len(answers))
@@ -796,7 +772,7 @@ def probe(
     limit: Optional[int] = typer.Option(None, min=1, help="At most N prompts per class (seeded sample)."),
     folds: int = typer.Option(5, min=2, max=100, help="Stratified k-fold splits."),
     seed: int = typer.Option(0),
-    pooling: Optional[str] = typer.Option(None, help="Selection pooling: mean or last (default: mogu.probe.DEFAULT_SELECTION)."),
+    pooling: Optional[str] = typer.Option(None, help="Selection pooling: mean or last (default: mogu.train.probe.DEFAULT_SELECTION)."),
     metric: Optional[str] = typer.Option(None, help="Selection metric: accuracy, balanced_accuracy or auroc (default: DEFAULT_SELECTION)."),
     top_k: Optional[int] = typer.Option(None, help="Keep the k best layers (with --threshold: the k best of those passing)."),
     threshold: Optional[float] = typer.Option(None, help="Keep layers whose metric is >= this (0..1); none passing falls back to the best layer."),
@@ -807,9 +783,9 @@ def probe(
     """Linear probes per layer (harmful vs benign) on the routed modules' inputs; select router layers."""
     import warnings
 
-    from .inference import load_for_inference
-    from .io import atomic_write_text, run_record
-    from .probe import DEFAULT_SELECTION, METRICS, POOLINGS, run_probe
+    from mogu.tuner.inference import load_for_inference
+    from mogu.io import atomic_write_text, run_record
+    from mogu.train.probe import DEFAULT_SELECTION, METRICS, POOLINGS, run_probe
 
     _setup_torch(threads)
     rule = {"pooling": pooling or DEFAULT_SELECTION["pooling"], "metric": metric or DEFAULT_SELECTION["metric"]}
@@ -868,9 +844,9 @@ def calibrate(
 ):
     """Choose the router's operating point on dev prompts: the glad-bias shift with the fewest benign refusals
     that still refuses --min-harmful of harmful ones. Writes a new checkpoint with calibration.json."""
-    from .calibration import CALIBRATION_FILE, validate_grid
-    from .data import read_prompts
-    from .inference import load_for_inference
+    from mogu.train.calibration import CALIBRATION_FILE, validate_grid
+    from mogu.train.data import read_prompts
+    from mogu.tuner.inference import load_for_inference
 
     try:
         values = validate_grid(float(v) for v in _csv(grid))
@@ -891,8 +867,8 @@ def calibrate(
             raise MoGUError(f"no {'harmful' if is_harmful else 'benign'} dev prompts in {spec!r}")
         return [r.prompt for r in rows]
 
-    from .io import check_replaceable
-    from .model import CHECKPOINT_KIND
+    from mogu.io import check_replaceable
+    from mogu.tuner.checkpoint import CHECKPOINT_KIND
 
     protected = (model, *(p.strip() for spec in (harmful, benign) if spec != BUILTIN for p in spec.split(",")))
     check_replaceable(out, kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected)  # before any work
@@ -920,9 +896,9 @@ def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path,
     ``max_new_tokens`` None judges the routed prefix alone (the model's route_tokens): the shift acts
     only there, the base model writes the rest, and no base hand-off prefill is paid per point.
     """
-    from .calibration import CALIBRATION_FILE, RULE, calibrate as run_calibration, judged_tokens
-    from .io import run_record
-    from .training import generate_responses, refusal_rate
+    from mogu.train.calibration import CALIBRATION_FILE, RULE, calibrate as run_calibration, judged_tokens
+    from mogu.io import run_record
+    from mogu.train.stages import generate_responses, refusal_rate
 
     max_new_tokens = judged_tokens(m.config, max_new_tokens)
     m.set_routing("auto")
@@ -942,8 +918,8 @@ def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path,
     if m.gate is not None:
         import torch
 
-        from .calibration import gate_rate_functions
-        from .eval.judges import is_refusal
+        from mogu.train.calibration import gate_rate_functions
+        from mogu.verdicts import is_refusal
 
         def refusals(ps: list[str], expert: str) -> list[bool]:
             if m.config.gate_benign == "base":  # a passed prompt is the base model's alone
@@ -991,7 +967,7 @@ def convert_reference_command(
     overwrite: bool = _overwrite_option(),
 ):
     """Convert the MoGU authors' released parameters (Llama2 / Vicuna / Falcon) into a mogu checkpoint."""
-    from .interop import convert_reference
+    from mogu.tuner.interop import convert_reference
 
     path = convert_reference(glad, unwill, router, base, out, route_tokens=route_tokens or None, revision=revision,
                              target_modules=_csv(target_modules) if target_modules else None, overwrite=overwrite)
@@ -1014,7 +990,7 @@ def convert_peft_command(
     overwrite: bool = _overwrite_option(),
 ):
     """Import two PEFT LoRA adapters as the glad / unwill experts of a new MoGU model."""
-    from .interop import convert_peft
+    from mogu.tuner.interop import convert_peft
 
     path = convert_peft(glad, unwill, base, out, revision=revision, overwrite=overwrite, r=r, lora_alpha=lora_alpha,
                         target_modules=_csv(target_modules) if target_modules else None,
@@ -1030,7 +1006,7 @@ def export_command(
     overwrite: bool = _overwrite_option(),
 ):
     """Export the experts as standard PEFT LoRA folders (PeftModel.from_pretrained, vLLM multi-LoRA, ...)."""
-    from .interop import export_experts
+    from mogu.tuner.interop import export_experts
 
     path = export_experts(model, out, expert, overwrite=overwrite)
     typer.echo(f"wrote {path}")
@@ -1048,7 +1024,7 @@ def push_command(
     token: Optional[str] = typer.Option(None, help="Hub token (default: HF_TOKEN or the cached login)."),
 ):
     """Upload a checkpoint folder to the Hugging Face Hub (the model card is refreshed first)."""
-    from .interop import push_to_hub
+    from mogu.tuner.hub import push_to_hub
 
     commit = push_to_hub(model, repo_id, token=token, private=private, commit_message=commit_message,
                          revision=revision, metrics=metrics, license=license)
@@ -1081,7 +1057,7 @@ def serve_command(
     dtype: str = _dtype_option(),
 ):
     """Serve a model behind an OpenAI-compatible API: /v1/chat/completions (SSE streaming), /v1/models, /health."""
-    from .serve import serve
+    from mogu.serve import serve
 
     _setup_torch(threads)
     hosts = [h.strip() for h in allowed_hosts.split(",") if h.strip()] if allowed_hosts is not None else None

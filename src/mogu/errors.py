@@ -19,3 +19,8 @@ class CheckpointMismatchError(MoGUError):
 
 class DataError(MoGUError):
     """A data file is missing, malformed or empty."""
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import MoGUError
+from mogu.errors import MoGUError
 
 
 # Every folder mogu writes carries this file; mogu replaces a folder only when it names the same kind.

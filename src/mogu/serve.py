@@ -57,7 +57,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from .errors import MoGUError
+from mogu.errors import MoGUError
 
 log = logging.getLogger("mogu.serve")
 
@@ -715,7 +715,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from .model import MoGUModel
+    from mogu.tuner.model import MoGUModel
 
     if is_mogu is None:
         is_mogu = isinstance(model, MoGUModel)
@@ -1056,7 +1056,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, api_key:
     ``allowed_hosts`` None: the loopback names for a loopback bind, any host otherwise."""
     import uvicorn
 
-    from .inference import load_for_inference
+    from mogu.tuner.inference import load_for_inference
 
     check_api_key(api_key)
     if special_tokens not in SPECIAL_TOKEN_POLICIES:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ConfigError, DataError
+from mogu.errors import ConfigError, DataError
 
 GPTFUZZ_SLOT = "[INSERT PROMPT HERE]"
 GPTFUZZ_TEMPLATES = ("gptfuzz/datasets/prompts/GPTFuzzer.csv", "gptfuzz/prompts/GPTFuzzer.csv", "GPTFuzzer.csv")

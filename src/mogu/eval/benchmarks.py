@@ -35,7 +35,7 @@ mt_bench            safedecoding/mt_bench/data/mt_bench/        jsonl {question_
                     question.jsonl (or under mt_bench/)         only; benign
 builtin             (none: mogu's own src/mogu/prompts/*.jsonl)   set=harmful|benign|borderline (borderline),
                                                                 split=dev|train|all (dev); labels from the set
-task                (none: generated, or file=test.jsonl)       mogu's exact-match tasks (mogu.tasks); task=arith|
+task                (none: generated, or file=test.jsonl)       mogu's exact-match tasks (mogu.train.tasks); task=arith|
                                                                 date-iso (arith), train (400), test (200), file;
                                                                 benign; meta task and answer score task accuracy
 
@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from ..errors import ConfigError, DataError
+from mogu.errors import ConfigError, DataError
 
 DATA_DIR_ENV = "MOGU_DATA_DIR"
 PROMPT_FIELDS = ("prompt", "instruction", "goal", "question", "text", "Behavior", "forbidden_prompt")
@@ -590,8 +590,8 @@ class DownstreamTask(Benchmark):
     choices = {"task": ("arith", "date-iso")}
 
     def load(self) -> list[EvalPrompt]:
-        from .. import tasks
-        from ..tasks import TEST_FILE, load_task_rows, make_split
+        from mogu.train import tasks
+        from mogu.train.tasks import TEST_FILE, load_task_rows, make_split
 
         if self.opts["file"] is not None:
             source: Path | str = Path(self.opts["file"])
@@ -625,7 +625,7 @@ def _generic_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if suffix == ".jsonl":
         items = [(f"{path}:{n}", obj) for n, obj in _read_jsonl(path)]
     elif suffix == ".json":
-        from ..data import json_list  # lazy: mogu.data imports the judges, whose package imports this module
+        from mogu.train.data import json_list
 
         data = json_list(_read_json(path), path)  # a list, or e.g. {"prompts": [...]}
         items = [(f"{path}: item {i}", obj) for i, obj in enumerate(data)]

@@ -7,7 +7,7 @@ answers prompts greedily in batches (left padding, the tokenizer's chat template
     answers = defense.generate(prompts, max_new_tokens=64, batch_size=8)
     record["defense"] = {"name": defense.name, **defense.params()}
 
-A :class:`~mogu.model.MoGUModel` may be passed as ``model`` (or ``mogu_model``): baselines then
+A :class:`~mogu.tuner.model.MoGUModel` may be passed as ``model`` (or ``mogu_model``): baselines then
 run its wrapped base model with routing ``off``, which gives the base model's logits exactly.
 
 The baselines follow the implementations in SafeDecoding (Xu et al., 2024,
@@ -61,12 +61,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from ..config import GATE_BENIGN, HANDOFFS
-from ..errors import ConfigError
-from .attacks import Conversation
+from mogu.tuner.config import GATE_BENIGN, HANDOFFS
+from mogu.errors import ConfigError
+from mogu.eval.attacks import Conversation
 
 if TYPE_CHECKING:
-    from ..likelihood import AnswerNLL
+    from mogu.tuner.likelihood import AnswerNLL
 
 logger = logging.getLogger("mogu.defenses")
 
@@ -90,13 +90,13 @@ _PLACEHOLDER = "\ue000MOGU-PROMPT\ue001"
 
 # -- MoGU / PEFT plumbing ---------------------------------------------------------------------
 def _is_mogu(obj) -> bool:
-    from ..model import MoGUModel
+    from mogu.tuner.model import MoGUModel
 
     return isinstance(obj, MoGUModel)
 
 
 def _routed_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
-    from ..layer import RoutedLinear
+    from mogu.tuner.layer import RoutedLinear
 
     out = []
     for name, module in model.named_modules():
@@ -195,7 +195,7 @@ def render_conversation(tokenizer, messages: list[dict]) -> str:
     """The chat-template text of ``messages`` ending in the assistant's turn.
 
     A system message the template rejects (or silently drops) is prepended to the first user turn.
-    Without a chat template, the plain ``Role: text`` layout of :func:`mogu.training.render_prompt`.
+    Without a chat template, the plain ``Role: text`` layout of :func:`mogu.chat.render_prompt`.
     """
     if not getattr(tokenizer, "chat_template", None):
         return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
@@ -467,7 +467,7 @@ class Defense:
     @contextlib.contextmanager
     def _likelihood(self) -> Iterator[Callable[[list[int], list[int]], "AnswerNLL"]]:
         """A scorer (prompt ids, answer ids) -> AnswerNLL in the generation state: a plain forward pass."""
-        from ..likelihood import AnswerNLL
+        from mogu.tuner.likelihood import AnswerNLL
 
         device = _device(self.model)
 
@@ -909,7 +909,7 @@ class SafetySFT(Defense):
         self.adapter_path = self._train_or_reuse()
 
     def _data_file(self) -> Path:
-        from ..data import STAGE_FILES
+        from mogu.train.data import STAGE_FILES
 
         path = Path(self._params["data"])
         if path.is_dir():
@@ -920,19 +920,19 @@ class SafetySFT(Defense):
     def _cache_root(self) -> Path:
         if self._params["cache_dir"] is not None:
             return Path(self._params["cache_dir"])
-        from ..loading import cache_dir
+        from mogu.tuner.loading import cache_dir
 
         return cache_dir() / "defenses"
 
     def _target_modules(self) -> list[str]:
-        from ..families import resolve_target_modules
+        from mogu.tuner.families import resolve_target_modules
 
         return resolve_target_modules(self.model, self._params["target_modules"])
 
     def _lora_config(self):
         from peft import LoraConfig
 
-        from ..families import is_projection, matches_target
+        from mogu.tuner.families import is_projection, matches_target
 
         targets = self._target_modules()
         with unwrapped(self.model):
@@ -943,7 +943,7 @@ class SafetySFT(Defense):
                           bias="none", task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
 
     def _train_or_reuse(self) -> Path:
-        from ..io import sha256_file
+        from mogu.io import sha256_file
 
         data = self._data_file()
         self.data_sha256 = sha256_file(data)
@@ -960,9 +960,10 @@ class SafetySFT(Defense):
         return folder
 
     def _train(self, data: Path, folder: Path, key_src: dict) -> None:
-        from ..data import load_stage_file
-        from ..io import atomic_directory
-        from ..training import collate, encode_pair, sequence_nll
+        from mogu.train.data import load_stage_file
+        from mogu.io import atomic_directory
+        from mogu.train.losses import collate, sequence_nll
+        from mogu.chat import encode_pair
 
         p = self._params
         tok = self.tokenizer
@@ -1082,8 +1083,8 @@ class MoGUDefense(Defense):
 
     @contextlib.contextmanager
     def _likelihood(self):
-        """The routed generation's own likelihood: gate decision, routed prefix and hand-off (mogu.likelihood)."""
-        from ..likelihood import answer_nll
+        """The routed generation's own likelihood: gate decision, routed prefix and hand-off (mogu.tuner.likelihood)."""
+        from mogu.tuner.likelihood import answer_nll
 
         mogu = self.mogu_model
         route_tokens, handoff = self._params["route_tokens"], self._params["handoff"]

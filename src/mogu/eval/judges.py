@@ -65,7 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from ..verdicts import REFUSAL_PHRASES, VERDICTS, classify_answer, is_refusal, normalize, refusal_spans  # noqa: F401 (re-exported)
+from mogu.verdicts import REFUSAL_PHRASES, VERDICTS, classify_answer, is_refusal, normalize, refusal_spans  # noqa: F401 (re-exported)
 
 RESULT_KEYS: tuple[str, ...] = ("verdict", "refused", "harmful", "harm_score", "usability", "parse_error", "raw")
 USABILITY_ASPECTS: tuple[str, ...] = ("helpfulness", "clarity", "factuality", "depth", "engagement")
@@ -73,7 +73,7 @@ RAW_MAX_CHARS = 500
 
 
 def _config_error(message: str):
-    from ..errors import ConfigError
+    from mogu.errors import ConfigError
 
     return ConfigError(message)
 
@@ -195,7 +195,7 @@ class WholeAnswerJudge:
     def params(self) -> dict:
         import inspect as _inspect
 
-        from .. import verdicts
+        from mogu import verdicts
 
         return {"judge": self.name, "rules_sha": _sha(_inspect.getsource(verdicts))}
 
@@ -725,7 +725,7 @@ class HFClassifierJudge:
         if batch_size < 1 or max_new_tokens < 1:
             raise _config_error("hf-classifier needs batch_size >= 1 and max_new_tokens >= 1")
         if isinstance(model, str):
-            from ..loading import load_base_model, load_tokenizer
+            from mogu.tuner.loading import load_base_model, load_tokenizer
 
             self.model_name = model
             loaded, loaded_tok = load_base_model(model, revision=revision, dtype=dtype or "auto", device=device)

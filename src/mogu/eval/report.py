@@ -13,14 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..verdicts import UNSAFE_VERDICTS, VERDICTS, is_refusal
+from mogu.verdicts import UNSAFE_VERDICTS, VERDICTS, is_refusal
 
 USABILITY_ASPECTS = ("helpfulness", "clarity", "factuality", "depth", "engagement")
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:
-    from .runner import wilson_interval
-
     lo, hi = wilson_interval(k, n)
     return {"k": k, "n": n, "rate": k / n if n else None, "ci95": [lo, hi]}
 
@@ -84,8 +82,8 @@ def base_agreement(mine: list[dict], base: list[dict]) -> dict[str, Any] | None:
 
 
 def task_accuracy(rows: list[dict]) -> dict[str, Any]:
-    """Exact-match accuracy of task answers (mogu.tasks.score_exact), with its 95 % interval."""
-    from ..tasks import score_exact
+    """Exact-match accuracy of task answers (mogu.train.tasks.score_exact), with its 95 % interval."""
+    from mogu.train.tasks import score_exact
 
     return _rate(sum(score_exact(g["task"], g["response"], g["answer"]) for g in rows), len(rows))
 
@@ -225,7 +223,7 @@ def _bench_kind(cell: dict) -> str:
 
 
 def write_report(metrics: dict[str, Any], cfg, path: Path) -> None:
-    from ..io import atomic_write_text
+    from mogu.io import atomic_write_text
 
     cells, summary = metrics["cells"], metrics["summary"]
     defenses = [d for d in cfg.defenses if d in cells]
@@ -398,7 +396,7 @@ def routing_traces(model, tokenizer, prompts: list[str], max_prompt_tokens: int 
     """(u, g) by layer over the prompt's last tokens and the routed generated tokens, per prompt."""
     import torch
 
-    from ..training import render_prompt
+    from mogu.chat import render_prompt
 
     out = []
     n_route = model.config.route_tokens or 5
@@ -457,3 +455,15 @@ def plot_routing(model, tokenizer, harmful: list[str], benign: list[str], path: 
     _save_fig(fig, path)
     plt.close(fig)
     return path
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion: well-behaved at 0% and 100%, unlike the normal one."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    # At k = 0 or n the bound equals p in exact arithmetic; floats can miss it by 1e-17.
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ConfigError, DataError
-from ..io import atomic_write_text, run_record
+from mogu.errors import ConfigError, DataError
+from mogu.io import atomic_write_text, run_record
 
 GENERATIONS_FILE = "generations.jsonl"
 SHARD_GLOB = "generations.shard-*.jsonl"
@@ -56,7 +56,7 @@ class EvalConfig:
     # Reference answers (AlpacaEval, Just-Eval) scored by each defense's own likelihood, cut to this many
     # tokens; 0 skips the stage.
     reference_tokens: int = 128
-    dtype: str = "auto"  # the model's backbone dtype (mogu.loading.resolve_dtype)
+    dtype: str = "auto"  # the model's backbone dtype (mogu.tuner.loading.resolve_dtype)
 
     def validate(self) -> None:
         if Path(self.out).exists() and not Path(self.out).is_dir():
@@ -75,7 +75,7 @@ class EvalConfig:
             raise ConfigError("defenses and benchmarks must not repeat")
         if not self.attacks or len(set(self.attacks)) != len(self.attacks):
             raise ConfigError("--attacks must name at least one attack, without repeats")
-        from ..loading import resolve_dtype
+        from mogu.tuner.loading import resolve_dtype
 
         resolve_dtype(self.dtype)
         if not 0 <= self.reference_tokens <= 4096:
@@ -145,18 +145,6 @@ def _repair_tail(path: Path) -> None:
             f.truncate(cut)
 
 
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion: well-behaved at 0% and 100%, unlike the normal one."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
-    # At k = 0 or n the bound equals p in exact arithmetic; floats can miss it by 1e-17.
-    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
-
-
 def _key(row: dict) -> tuple[str, str, str]:
     return (row["defense"], row["benchmark"], row["id"])
 
@@ -193,7 +181,7 @@ class EvalRunner:
         self.out = Path(cfg.out)
         self._model, self._tokenizer = model, tokenizer
         self.mogu = None
-        from ..training import process_state
+        from mogu.train.stages import process_state
 
         self.state = process_state()
         if self.state.process_index:
@@ -201,7 +189,7 @@ class EvalRunner:
 
     # -- inputs ---------------------------------------------------------------------------
     def load_prompts(self) -> dict[str, list]:
-        from .benchmarks import load_benchmark
+        from mogu.eval.benchmarks import load_benchmark
 
         sets = {}
         for name in self.cfg.benchmarks:
@@ -215,7 +203,7 @@ class EvalRunner:
     def attacked(self, sets: dict[str, list]) -> dict[str, list]:
         """Per benchmark, the work items: every prompt plainly (attack ``none``, when selected), then each
         other attack's conversation for every harmful prompt (and every benign one with ``attack_benign``)."""
-        from .attacks import AttackedPrompt, build_attacks
+        from mogu.eval.attacks import AttackedPrompt, build_attacks
 
         attacks = build_attacks(self.cfg.attacks, options=self.cfg.attack_options, data_dir=self._data_dir(),
                                 seed=self.cfg.seed)
@@ -231,13 +219,13 @@ class EvalRunner:
         return work
 
     def _data_dir(self):
-        from .benchmarks import resolve_data_dir
+        from mogu.eval.benchmarks import resolve_data_dir
 
         return resolve_data_dir(self.cfg.data_dir)
 
     def load_model(self):
-        from ..inference import load_for_inference
-        from ..model import MoGUModel
+        from mogu.tuner.inference import load_for_inference
+        from mogu.tuner.model import MoGUModel
 
         if self._model is None:
             # Several processes: each its own device (one GPU per rank); one process keeps the default.
@@ -251,7 +239,7 @@ class EvalRunner:
         return self._model, self._tokenizer
 
     def build_defense(self, name: str):
-        from .defenses import build_defense
+        from mogu.eval.defenses import build_defense
 
         model, tok = self.load_model()
         base = self.mogu.base_model if self.mogu is not None else model
@@ -372,7 +360,7 @@ class EvalRunner:
 
         Main process only (one teacher-forced pass per answer: cheap next to generation). A defense without a
         likelihood (SafeDecoding, self-examination) gets one row saying why."""
-        from .defenses import DEFENSES
+        from mogu.eval.defenses import DEFENSES
 
         if self.cfg.reference_tokens == 0:
             return []
@@ -412,7 +400,7 @@ class EvalRunner:
         return out
 
     def judge(self, generations: list[dict]):
-        from .judges import get_judge
+        from mogu.eval.judges import get_judge
 
         judge = get_judge(self.cfg.judge, **self.cfg.judge_options)
         path = self.out / JUDGEMENTS_FILE
@@ -437,7 +425,7 @@ class EvalRunner:
         return [cached[(_key(g), g["response"])] for g in generations], params, dict(getattr(judge, "stats", {}))
 
     def run(self) -> dict[str, Any] | None:
-        from .report import compute_metrics, plot_pareto, plot_routing, write_report
+        from mogu.eval.report import compute_metrics, plot_pareto, plot_routing, write_report
 
         self.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import CONFIG_NAME, GATE_BENIGN, HANDOFFS
-from .errors import ConfigError
-from .loading import load_base_model
-from .model import MoGUModel
+from mogu.tuner.config import CONFIG_NAME, GATE_BENIGN, HANDOFFS
+from mogu.errors import ConfigError
+from mogu.tuner.loading import load_base_model
+from mogu.tuner.model import MoGUModel
 
 
 def load_for_inference(name_or_path: str, *, dtype=None, device: str | None = None, handoff: str | None = None,
@@ -29,3 +29,29 @@ def load_for_inference(name_or_path: str, *, dtype=None, device: str | None = No
         return model, model.tokenizer, True
     model, tokenizer = load_base_model(name_or_path, dtype=dtype, device=device)
     return model, tokenizer, False
+
+
+class PlainGenerator:
+    """Gives a plain HF model the small interface generate_responses uses."""
+
+    def __init__(self, model):
+        self.model = model
+        self.training = model.training
+
+    def eval(self):
+        self.model.eval()
+
+    def train(self, mode=True):
+        self.model.train(mode)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def routing(self, mode):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def generate(self, *args, route_tokens=None, **kwargs):
+        return self.model.generate(*args, **kwargs)

@@ -211,7 +211,7 @@ def load_metrics(source: str | Path | dict) -> dict | None:
 def folder_card(directory: str | Path, *, extra: str | None = None, run: dict | None = None,
                 metrics: dict | None = None, license: str | None = None) -> str:
     """A card for a saved checkpoint folder, without loading the base model."""
-    from .model import read_config
+    from mogu.tuner.checkpoint import read_config
 
     directory = Path(directory)
     config = read_config(directory)
@@ -244,9 +244,9 @@ def refresh_card(directory: str | Path, *, metrics: str | Path | dict | None = N
 
     Old training-data and evaluation sub-sections stay when nothing newer is found or given.
     """
-    from .errors import MoGUError
-    from .io import atomic_write_text
-    from .model import read_config
+    from mogu.errors import MoGUError
+    from mogu.io import atomic_write_text
+    from mogu.tuner.checkpoint import read_config
 
     directory = Path(directory)
     path = directory / "README.md"

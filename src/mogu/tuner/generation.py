@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .config import HANDOFFS
-from .errors import ConfigError
+from mogu.tuner.config import HANDOFFS
+from mogu.errors import ConfigError
 
 
 class _PhaseStreamer:

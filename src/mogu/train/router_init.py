@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .features import position_kwargs, stop_after
-from .router import Scorer
+from mogu.tuner.features import position_kwargs, stop_after
+from mogu.tuner.router import Scorer
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError, MoGUError
+from mogu.errors import ConfigError, MoGUError
 
 
 class PromptGate(nn.Module):
@@ -73,32 +73,3 @@ class PromptGate(nn.Module):
         return f"layers={len(self.layers)}, in_features={self.weight.shape[1]}"
 
 
-@torch.no_grad()
-def fit_gate(model, prompts: Sequence[str], labels: Sequence[int], *, batch_size: int = 16, l2: float = 1e-2,
-             progress: bool = False) -> dict[str, float]:
-    """Fit every layer's probe on the prompts (label 1 harmful, 0 benign); returns training accuracies.
-
-    The threshold is reset to 0 (the balanced probes' decision boundary); calibration moves it.
-    """
-    from .probe import collect_layer_features
-    from .router_init import fit_probe
-
-    gate = model.gate
-    if gate is None:
-        raise MoGUError("fit_gate needs a model with router_type='prompt'")
-    prompts, y = list(prompts), torch.tensor([float(v) for v in labels])
-    if len(prompts) != len(y):
-        raise MoGUError(f"fit_gate: {len(prompts)} prompts but {len(y)} labels")
-    if not (y > 0.5).any() or not (y <= 0.5).any():
-        raise MoGUError("fit_gate needs both harmful (1) and benign (0) prompts")
-    feats = collect_layer_features(model, model.tokenizer, prompts, batch_size=batch_size, progress=progress)
-    probes = {i: fit_probe(feats[i]["last"], y, l2=l2) for i in gate.layers}
-    gate.set_probes(probes)
-    gate.threshold.zero_()
-    scores = gate.score({i: feats[i]["last"].to(gate.weight.device) for i in gate.layers}).cpu()
-    flagged = scores > 0
-    per_layer = [float((((feats[i]["last"].double() @ w + c) > 0) == (y > 0.5)).double().mean())
-                 for i, (w, c) in probes.items()]
-    return {"accuracy": float((flagged == (y > 0.5)).double().mean()),
-            "layer_accuracy_min": min(per_layer), "layer_accuracy_mean": sum(per_layer) / len(per_layer),
-            "examples": len(prompts)}

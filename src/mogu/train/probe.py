@@ -28,10 +28,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ConfigError, DataError, MoGUError
-from .features import stop_after
-from .families import is_projection, layer_index, matches_target, resolve_target_modules
-from .io import atomic_write_text
+from mogu.errors import ConfigError, DataError, MoGUError
+from mogu.tuner.features import probe_modules, stop_after
+from mogu.tuner.families import resolve_target_modules
+from mogu.io import atomic_write_text
 
 POOLINGS = ("last", "mean")
 METRICS = ("accuracy", "balanced_accuracy", "auroc")
@@ -45,30 +45,6 @@ DEFAULT_SELECTION: dict[str, Any] = {"pooling": "mean", "metric": "accuracy", "t
 
 
 # -- feature collection ----------------------------------------------------------------------
-def _probe_modules(base: torch.nn.Module, targets: list[str]) -> dict[int, tuple[str, torch.nn.Module]]:
-    """{layer index: (name, module)} of the target projection (or the RoutedLinear now in its place)."""
-    from .layer import RoutedLinear
-
-    found: dict[int, tuple[str, torch.nn.Module]] = {}
-    for name, module in base.named_modules():
-        if not matches_target(name, targets):
-            continue
-        if not (is_projection(module) or isinstance(module, RoutedLinear)):
-            continue
-        idx = layer_index(name)
-        if idx is None:
-            continue
-        if idx in found:
-            raise ConfigError(f"target_modules {targets} match more than one module in layer {idx} "
-                              f"({found[idx][0]}, {name}); the probe needs exactly one per layer")
-        found[idx] = (name, module)
-    if not found:
-        from .families import candidate_targets
-
-        raise ConfigError(f"no projection matches target_modules {targets}; candidates: "
-                          f"{', '.join(candidate_targets(base)) or 'none'}")
-    return dict(sorted(found.items()))
-
 
 @torch.no_grad()
 def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_modules: list[str] | None = None,
@@ -80,8 +56,8 @@ def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_m
     and left-padded; position ids follow the attention mask (as in ``generate``), so a prompt's
     features do not depend on the batch it is in. The hooks are removed afterwards.
     """
-    from .model import MoGUModel
-    from .training import render_prompt
+    from mogu.tuner.model import MoGUModel
+    from mogu.chat import render_prompt
 
     prompts = list(prompts)
     if not prompts:
@@ -93,7 +69,7 @@ def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_m
     if target_modules is None and is_mogu:
         target_modules = model.config.target_modules
     targets = resolve_target_modules(base, target_modules)
-    modules = _probe_modules(base, targets)
+    modules = probe_modules(base, targets)
 
     feats: dict[int, dict[str, list[torch.Tensor]]] = {i: {p: [] for p in POOLINGS} for i in modules}
     mask_holder: dict[str, torch.Tensor] = {}
@@ -485,7 +461,7 @@ def run_probe(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *
     ``limit`` caps each class (seeded sample). ``selection`` is a partial rule (missing keys from
     ``DEFAULT_SELECTION``); the result is recorded in ``report.selection``.
     """
-    from .model import MoGUModel
+    from mogu.tuner.model import MoGUModel
 
     harmful = subsample(harmful, limit, seed)
     benign = subsample(benign, limit, seed + 1)
@@ -508,3 +484,33 @@ def run_probe(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *
                           target_modules=targets)
     report.select(**(selection or {}))
     return report
+
+
+@torch.no_grad()
+def fit_gate(model, prompts: Sequence[str], labels: Sequence[int], *, batch_size: int = 16, l2: float = 1e-2,
+             progress: bool = False) -> dict[str, float]:
+    """Fit every layer's probe on the prompts (label 1 harmful, 0 benign); returns training accuracies.
+
+    The threshold is reset to 0 (the balanced probes' decision boundary); calibration moves it.
+    """
+    from mogu.train.router_init import fit_probe
+
+    gate = model.gate
+    if gate is None:
+        raise MoGUError("fit_gate needs a model with router_type='prompt'")
+    prompts, y = list(prompts), torch.tensor([float(v) for v in labels])
+    if len(prompts) != len(y):
+        raise MoGUError(f"fit_gate: {len(prompts)} prompts but {len(y)} labels")
+    if not (y > 0.5).any() or not (y <= 0.5).any():
+        raise MoGUError("fit_gate needs both harmful (1) and benign (0) prompts")
+    feats = collect_layer_features(model, model.tokenizer, prompts, batch_size=batch_size, progress=progress)
+    probes = {i: fit_probe(feats[i]["last"], y, l2=l2) for i in gate.layers}
+    gate.set_probes(probes)
+    gate.threshold.zero_()
+    scores = gate.score({i: feats[i]["last"].to(gate.weight.device) for i in gate.layers}).cpu()
+    flagged = scores > 0
+    per_layer = [float((((feats[i]["last"].double() @ w + c) > 0) == (y > 0.5)).double().mean())
+                 for i, (w, c) in probes.items()]
+    return {"accuracy": float((flagged == (y > 0.5)).double().mean()),
+            "layer_accuracy_min": min(per_layer), "layer_accuracy_mean": sum(per_layer) / len(per_layer),
+            "examples": len(prompts)}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import DataError, MoGUError
+from mogu.errors import DataError, MoGUError
 
 TRAIN_FILE, TEST_FILE = "train.jsonl", "test.jsonl"
 
@@ -232,7 +232,7 @@ def score_exact(name: str, response: str, answer: Any) -> bool:
 
 def write_task_data(name: str, out: str | Path, *, n_train: int, n_test: int, seed: int = 0) -> dict[str, Any]:
     """Write ``train.jsonl``, ``test.jsonl`` and ``run.json`` (arguments, versions, commit, file hashes)."""
-    from .io import atomic_write_text, run_record, write_jsonl
+    from mogu.io import atomic_write_text, run_record, write_jsonl
 
     if n_train < 1 or n_test < 0:
         raise MoGUError(f"--train must be >= 1 and --test >= 0, got {n_train} and {n_test}")
@@ -259,7 +259,7 @@ def task_file(path: str | Path, default_name: str = TRAIN_FILE) -> Path:
 
 def load_task_rows(path: str | Path, default_name: str = TRAIN_FILE) -> list[dict[str, Any]]:
     """Task rows (prompt and response; ``task`` and ``answer`` when written by ``mogu data task``)."""
-    from .data import load_stage_file
+    from mogu.train.data import load_stage_file
 
     return load_stage_file(task_file(path, default_name), ("prompt", "response"))
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MoGUError
-from .families import projection_shape
-from .router import Router
+from mogu.errors import MoGUError
+from mogu.tuner.families import projection_shape
+from mogu.tuner.router import Router
 
 MODES = ("auto", "glad", "unwill", "off")
 EXPERTS = ("glad", "unwill")

@@ -17,12 +17,10 @@ arbitrary unpickling is refused, never executed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME, MoGUConfig
-from .errors import CheckpointMismatchError, ConfigError, MoGUError
-from .families import family_for, is_projection, layer_index, matches_target, projection_shape, \
+from mogu.tuner.config import CONFIG_NAME, MoGUConfig
+from mogu.errors import CheckpointMismatchError, ConfigError, MoGUError, first_line
+from mogu.tuner.families import family_for, is_projection, layer_index, matches_target, projection_shape, \
     resolve_target_modules
-from .io import atomic_directory, check_replaceable, sha256_file
+from mogu.io import atomic_directory, check_replaceable, sha256_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -67,10 +65,6 @@ class UnsupportedAdapterError(AdapterMismatchError):
     """A PEFT adapter uses a feature mogu's experts cannot represent (DoRA, biases, extra modules...)."""
 
 
-class HubError(MoGUError):
-    """Creating the Hub repository or uploading to it failed."""
-
-
 # -- reading files -----------------------------------------------------------------------------
 
 def safe_torch_load(path: str | Path, error: type[MoGUError] = ReferenceFormatError) -> Any:
@@ -89,7 +83,7 @@ def safe_torch_load(path: str | Path, error: type[MoGUError] = ReferenceFormatEr
         if "weights only" in text.lower() or "weights_only" in text or "WeightsUnpickler" in text:
             raise UnsafeCheckpointError(
                 f"{path}: refused: not a plain tensor file ({_weights_only_reason(text)}); {_UNSAFE_HINT}") from None
-        raise error(f"{path}: unreadable .pth file ({_first_line(e)})") from None
+        raise error(f"{path}: unreadable .pth file ({first_line(e)})") from None
 
 
 def _weights_only_reason(text: str) -> str:
@@ -98,11 +92,6 @@ def _weights_only_reason(text: str) -> str:
     useful = [ln for ln in lines if not ln.startswith(skip)]
     reason = useful[0] if useful else "torch.load(weights_only=True) rejected it"
     return reason[:200]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _load_tensor_file(path: Path, error: type[MoGUError]) -> dict[str, torch.Tensor]:
@@ -115,7 +104,7 @@ def _load_tensor_file(path: Path, error: type[MoGUError]) -> dict[str, torch.Ten
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors has its own error types
-            raise error(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
+            raise error(f"{path}: unreadable safetensors file ({first_line(e)})") from None
     obj = safe_torch_load(path, error)
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model", "module"):  # a {"state_dict": {...}} wrapper
@@ -292,7 +281,7 @@ def _skeleton(name: str, revision: str | None) -> nn.Module:
     """
     from transformers import AutoConfig
 
-    from .loading import resolve_model_path
+    from mogu.tuner.loading import resolve_model_path
 
     path = resolve_model_path(name)
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).exists()
@@ -303,7 +292,7 @@ def _skeleton(name: str, revision: str | None) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError, KeyError) as e:
-        raise MoGUError(f"could not load the config of model {name!r}: {_first_line(e)}") from None
+        raise MoGUError(f"could not load the config of model {name!r}: {first_line(e)}") from None
     return _skeleton_from_config(config, name)
 
 
@@ -315,7 +304,7 @@ def _skeleton_from_config(config, name: str | None) -> nn.Module:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (ValueError, KeyError) as e:
-        raise MoGUError(f"could not build model {name or config.model_type!r} from its config: {_first_line(e)}") \
+        raise MoGUError(f"could not build model {name or config.model_type!r} from its config: {first_line(e)}") \
             from None
     model.config._name_or_path = name or ""
     model.eval()
@@ -339,7 +328,7 @@ def _base_module(base: nn.Module | str | Path, revision: str | None) -> tuple[nn
 
 def _materialise(model) -> None:
     """Give meta-device experts and routers real (CPU, float32) storage, freshly initialised."""
-    from .router import Router
+    from mogu.tuner.router import Router
 
     gate = getattr(model, "gate", None)
     if gate is not None and any(t.is_meta for t in [*gate.parameters(), *gate.buffers()]):
@@ -503,7 +492,7 @@ def convert_reference(glad_dir: str | Path, unwill_dir: str | Path, router_file:
     ``(a+b)·o_proj(x) + 2·(a·B_u A_u x + b·B_g A_g x)``, a = alpha_ (unwill), b = beta_ (glad).
     Nothing is written to ``out`` unless every file validates.
     """
-    from .model import MoGUModel
+    from mogu.tuner.model import MoGUModel
 
     out, router_file = Path(out), Path(router_file)
     _guard_out(out)
@@ -556,7 +545,7 @@ def convert_peft(glad_adapter: str | Path, unwill_adapter: str | Path, base: nn.
     ``lora_dropout``, ``version``) may be set freely. ``base`` (a folder, a Hub id or a transformers
     model; only its config is read) defaults to the adapters' base model. Train the routers next.
     """
-    from .model import MoGUModel
+    from mogu.tuner.model import MoGUModel
 
     out = Path(out)
     _guard_out(out)
@@ -614,7 +603,8 @@ def export_experts(source, out: str | Path, expert: str = "both", *, overwrite: 
     written to ``out`` itself; ``both`` writes ``out/glad`` and ``out/unwill``. ``out`` is replaced only if
     an earlier export wrote it (its marker), or with ``overwrite``; never the source checkpoint.
     """
-    from .model import ADAPTER_FILE, MoGUModel, _load_safetensors, read_config
+    from mogu.tuner.checkpoint import ADAPTER_FILE, load_safetensors as _load_safetensors, read_config
+    from mogu.tuner.model import MoGUModel
 
     if expert not in EXPERT_CHOICES:
         raise ConfigError(f"expert must be one of {EXPERT_CHOICES}, got {expert!r}")
@@ -645,49 +635,6 @@ def export_experts(source, out: str | Path, expert: str = "both", *, overwrite: 
 
 
 # -- the Hub -----------------------------------------------------------------------------------
-
-def push_to_hub(model_or_dir, repo_id: str, *, token: str | None = None, private: bool = False,
-                commit_message: str = "Upload MoGU model", revision: str | None = None, create_pr: bool = False,
-                metrics: str | Path | dict | None = None, license: str | None = None, api=None):
-    """Upload a MoGU checkpoint (a folder, or a MoGUModel saved to a temporary one) to the Hub.
-
-    Creates ``repo_id`` if needed (``exist_ok=True``) and uploads the folder in one commit with
-    ``HfApi.upload_folder``. ``metrics`` (a ``mogu eval`` metrics.json, its folder or a dict) and
-    ``license`` refresh the model card first. ``api`` replaces ``HfApi()`` (tests pass a mock).
-    Returns the ``CommitInfo``.
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import validate_repo_id
-
-    from . import __version__
-    from .card import refresh_card
-    from .model import MoGUModel, read_config
-
-    try:
-        validate_repo_id(repo_id)
-    except Exception as e:  # noqa: BLE001 - HFValidationError
-        raise HubError(f"invalid repo id {repo_id!r}: {_first_line(e)}") from None
-    if api is None:
-        api = HfApi(token=token, library_name="mogu", library_version=__version__)
-    with contextlib.ExitStack() as stack:
-        if isinstance(model_or_dir, MoGUModel):
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mogu-push-")))
-            folder = model_or_dir.save_pretrained(tmp / "model")
-        else:
-            folder = Path(model_or_dir)
-            read_config(folder)
-        if metrics is not None or license is not None or not (folder / "README.md").is_file():
-            refresh_card(folder, metrics=metrics, license=license)
-        try:
-            url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-            resolved = url.repo_id if isinstance(url, str) and isinstance(getattr(url, "repo_id", None), str) else repo_id
-            return api.upload_folder(repo_id=resolved, folder_path=str(folder), commit_message=commit_message,
-                                     token=token, repo_type="model", revision=revision, create_pr=create_pr,
-                                     ignore_patterns=[".*"])
-        except MoGUError:
-            raise
-        except Exception as e:  # noqa: BLE001 - HfHubHTTPError, network and auth errors
-            raise HubError(f"push to {repo_id} failed: {_first_line(e)}") from None
 
 
 def _tail(path: Path) -> str:

@@ -21,7 +21,6 @@ writes files; scores and checkpoint choices are the main process's, broadcast to
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -29,16 +28,17 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import DEV_FILE, PROBE_FILE, STAGE_FILES, load_stage_file
-from .errors import ConfigError, MoGUError
-from .features import position_kwargs
-from .eval.judges import is_refusal
-from .io import atomic_directory, atomic_write_text, run_record
+from mogu.train.data import DEV_FILE, PROBE_FILE, STAGE_FILES, load_stage_file
+from mogu.errors import ConfigError, MoGUError
+from mogu.verdicts import is_refusal
+from mogu.io import atomic_directory, atomic_write_text, run_record
+from mogu.chat import encode_pair, render_prompt
+from mogu.train.losses import collate, ratio_terms, router_terms, sequence_nll
 
 STAGES = ("glad", "unwill", "router")
 STAGE_MODES = {"glad": "glad", "unwill": "unwill", "router": "auto"}
@@ -236,124 +236,9 @@ class TrainConfig:
 
 
 # -- tokenisation ---------------------------------------------------------------------------
-def render_prompt(tokenizer, prompt: "str | Sequence[dict]", system: str | None = None) -> str:
-    """The chat-template rendering of one user turn (or of a conversation ending in one), ready for the
-    assistant's answer."""
-    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-    messages = ([{"role": "system", "content": system}] if system else []) + turns
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
-
-
-def encode_pair(tokenizer, prompt: str, response: str, max_response_tokens: int,
-                append_eos: bool = True) -> tuple[list[int], int]:
-    """(token ids of prompt+response, number of response tokens); EOS closes untruncated responses
-    (unless ``append_eos`` is False)."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if len(response_ids) >= max_response_tokens:
-        response_ids = response_ids[:max_response_tokens]
-    elif append_eos and tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    return prompt_ids + response_ids, len(response_ids)
-
-
-def collate(sequences: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad; labels are -100 except on response tokens."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for i, (ids, n_resp) in enumerate(sequences):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention_mask[i, width - len(ids):] = 1
-        labels[i, width - n_resp:] = torch.tensor(ids[len(ids) - n_resp:])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def _supports_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.base_model.forward).parameters
-
-
-def sequence_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean response-token NLL per sequence, computing logits only where labels live."""
-    labels = batch["labels"]
-    resp_len = int((labels != -100).sum(dim=1).max())
-    kwargs = position_kwargs(model, batch["attention_mask"])
-    keep = resp_len + 1
-    if _supports_logits_to_keep(model) and keep < labels.shape[1]:
-        kwargs["logits_to_keep"] = keep  # left padding puts every response at the right edge
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
-    logits = out.logits[:, -keep:, :]
-    targets = labels[:, -keep + 1:]
-    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-    mask = targets != -100
-    token_nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    return token_nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
 # -- stage losses ---------------------------------------------------------------------------
-def ratio_terms(model, numerators: dict, denominators: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence CE(numerator_i) and CE(denominator_i): one forward over both halves."""
-    n = numerators["input_ids"].shape[0]
-    nll = sequence_nll(model, _stack_batches(numerators, denominators))
-    return nll[:n], nll[n:]
-
-
-def ratio_loss(model, numerators: dict, denominators: dict) -> tuple[torch.Tensor, dict]:
-    """mean_i CE(numerator_i) / CE(denominator_i): one forward over both halves."""
-    num, den = ratio_terms(model, numerators, denominators)
-    loss = (num / den.clamp(min=1e-6)).mean()
-    return loss, {"ce_num": num.mean().item(), "ce_den": den.mean().item()}
-
-
-def router_terms(model, batch: dict, labels: torch.Tensor, *, per_example: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(per-sequence CE, summed squared errors of u and of g over routed layers and non-pad tokens, layers).
-
-    ``per_example``: the squared errors per sequence ([B]), each already divided by its own tokens x layers."""
-    state = model._state
-    state.collect, state.collected = True, []
-    try:
-        ce = sequence_nll(model, batch)
-        collected = state.collected
-    finally:
-        state.collect, state.collected = False, []
-    mask = batch["attention_mask"].to(torch.float32).unsqueeze(-1)  # [B, T, 1]
-    t_u = labels.to(torch.float32).view(-1, 1, 1)
-    t_g = 1.0 - t_u
-    if per_example:
-        per_row = mask.sum(dim=(1, 2)).clamp(min=1.0) * len(collected)  # tokens x layers, per sequence
-        err_u = sum(((u.float() - t_u) ** 2 * mask).sum(dim=(1, 2)) for u, _ in collected) / per_row
-        err_g = sum(((g.float() - t_g) ** 2 * mask).sum(dim=(1, 2)) for _, g in collected) / per_row
-        return ce, err_u, err_g, len(collected)
-    err_u = sum(((u.float() - t_u) ** 2 * mask).sum() for u, _ in collected)
-    err_g = sum(((g.float() - t_g) ** 2 * mask).sum() for _, g in collected)
-    return ce, err_u, err_g, len(collected)
-
-
-def router_loss(model, batch: dict, labels: torch.Tensor, weight: float) -> tuple[torch.Tensor, dict]:
-    """CE(target) + weight * [MSE(u, t_u) + MSE(g, t_g)], the MSEs over routed layers and non-pad tokens."""
-    ce, err_u, err_g, layers = router_terms(model, batch, labels)
-    denom = batch["attention_mask"].sum() * layers
-    ce, mse_u, mse_g = ce.mean(), err_u / denom, err_g / denom
-    loss = ce + weight * (mse_u + mse_g)
-    return loss, {"ce": ce.item(), "mse_u": mse_u.item(), "mse_g": mse_g.item()}
-
-
-def _stack_batches(a: dict, b: dict) -> dict:
-    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
-    out = {}
-    for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
-        parts = []
-        for batch in (a, b):
-            t = batch[key]
-            pad = t.new_full((t.shape[0], width - t.shape[1]), fill)
-            parts.append(torch.cat([pad, t], dim=1))
-        out[key] = torch.cat(parts)
-    return out
-
 
 # -- dev scoring (checkpoint selection) ------------------------------------------------------
 @torch.no_grad()
@@ -741,9 +626,9 @@ class Trainer:
 
         Every process fits the same probes on the same rows (deterministic, no-grad), so nothing is exchanged.
         """
-        from .gate import fit_gate
+        from mogu.train.probe import fit_gate
 
-        from .data import load_probe_rows, probe_input
+        from mogu.train.data import load_probe_rows, probe_input
 
         stage, model = "router", self.model
         if (self.data_dir / PROBE_FILE).is_file():  # every train prompt (data.PROBE_FILE); the probes need no answer
@@ -895,7 +780,7 @@ class Trainer:
 
         init_s = 0.0
         if stage == "router" and self.cfg.router_init == "probe" and ckpt is None:
-            from .router_init import probe_init
+            from mogu.train.router_init import probe_init
 
             t_init = time.perf_counter()
 

@@ -25,8 +25,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, MoGUError
-from .generation import _CACHE_KWARG, _harmful_rows, _returned_cache
+from mogu.errors import ConfigError, MoGUError
+from mogu.tuner.generation import _CACHE_KWARG, _harmful_rows, _returned_cache
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def answer_logits(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], *
                   route_tokens: int | None | str = "config", handoff: str = "config") -> tuple[torch.Tensor, bool]:
     """The logits [n, V] that ``generate`` would pick each of the n answer tokens from, teacher-forced, and
     whether routing held the answer with the unwilling expert. Greedy decoding's answer is their argmax."""
-    from .config import HANDOFFS
+    from mogu.tuner.config import HANDOFFS
 
     m = model.config.route_tokens if route_tokens == "config" else route_tokens
     policy = model.config.handoff if handoff == "config" else handoff

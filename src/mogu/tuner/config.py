@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from mogu.errors import ConfigError
 
 CONFIG_NAME = "mogu_config.json"
 VERSIONS = ("v1", "v2")
@@ -20,7 +20,7 @@ DEFAULT_ROUTER_HIDDEN = {"v1": 512, "v2": 16}
 # experts and the layer formula stay v1's.
 ROUTER_TYPES = ("token", "prompt")
 # After the routed prefix: "hold" keeps a prompt that routing judged harmful with the unwilling expert to
-# the end of the answer; "fixed" hands every answer to the base model (the paper's). mogu.generation.
+# the end of the answer; "fixed" hands every answer to the base model (the paper's). mogu.tuner.generation.
 HANDOFFS = ("hold", "fixed")
 # A prompt gate's benign decision: "base" (the default) lets the base model answer alone, so a passed prompt's
 # answer is the base model's token for token; "glad" routes its prefix through the glad expert (MoGU's
@@ -48,7 +48,7 @@ class MoGUConfig:
     ``mogu probe``), and a router stage that trains the experts jointly.
 
     ``router_type="prompt"`` replaces the per-layer, per-token routers with one prompt-level gate
-    (``mogu.gate``): layer probes vote at the prompt's last token and the whole routed prefix goes to
+    (``mogu.tuner.gate``): layer probes vote at the prompt's last token and the whole routed prefix goes to
     one expert. It is fitted, not trained, and has no ``router_hidden``. A v1 gate reads every layer;
     a v2 gate reads only ``routed_layers`` (v2's "routers only where the features separate"), so a
     v2 gated model adds experts and probes in the selected layers alone.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, MoGUError
-from .io import atomic_directory
+from mogu.errors import ConfigError, MoGUError
+from mogu.io import atomic_directory
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "embedded", "SmolLM2-135M-Instruct"}

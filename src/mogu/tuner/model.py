@@ -8,23 +8,19 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from .config import CONFIG_NAME, MoGUConfig, read_json_object
-from .errors import CheckpointMismatchError, ConfigError, MoGUError
-from .families import (candidate_targets, is_projection, layer_index, matches_target, projection_shape,
+from mogu.tuner.config import CONFIG_NAME, MoGUConfig
+from mogu.errors import CheckpointMismatchError, ConfigError, MoGUError
+from mogu.tuner.families import (candidate_targets, is_projection, layer_index, matches_target, projection_shape,
                        resolve_target_modules)
-from .io import atomic_directory
-from .layer import EXPERTS, MODES, PrefixScore, RoutedLinear, RoutingState
+from mogu.io import atomic_directory
+from mogu.tuner.checkpoint import (ADAPTER_FILE, CHECKPOINT_KIND, FORMAT_VERSION, ROUTER_FILE,
+                                     check_keys, load_safetensors, read_config)
+from mogu.tuner.layer import EXPERTS, MODES, PrefixScore, RoutedLinear, RoutingState
 
-ROUTER_FILE = "router.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-_META_KEYS = ("mogu_version", "format_version")
-FORMAT_VERSION = 1
-CHECKPOINT_KIND = "checkpoint"  # the marker kind of a save_pretrained folder (mogu.io)
-
 
 def _num_layers(config) -> int | None:
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -61,7 +57,7 @@ class MoGUModel(nn.Module):
     def from_base(cls, base: nn.Module | str, config: MoGUConfig | None = None, *, tokenizer=None,
                   revision: str | None = None, dtype=None, device: str | None = None) -> "MoGUModel":
         """Attach fresh experts and routers to ``base`` (a model, a folder, a Hub id or the default alias)."""
-        from .loading import load_base_model, prepare_tokenizer
+        from mogu.tuner.loading import load_base_model, prepare_tokenizer
 
         config = MoGUConfig.from_dict(config.to_dict()) if config is not None else MoGUConfig()
         if isinstance(base, (str, Path)):
@@ -113,8 +109,8 @@ class MoGUModel(nn.Module):
             self._routed[name] = routed
 
     def _make_gate(self):
-        from .gate import PromptGate
-        from .probe import _probe_modules
+        from mogu.tuner.gate import PromptGate
+        from mogu.tuner.features import probe_modules as _probe_modules
 
         # v1: every layer's target module votes, routed or not (the features are read with routing off).
         # v2: only the routed layers, the ones probe selection found most separable.
@@ -141,9 +137,9 @@ class MoGUModel(nn.Module):
         exactly as if it were asked alone. A single plain prompt has one hand-over, its last token.
 
         One forward pass with routing off that stops after the deepest probed module. Position ids
-        follow the attention mask, as in ``generate`` and ``mogu.probe``, so padding does not move them.
+        follow the attention mask, as in ``generate`` and ``mogu.train.probe``, so padding does not move them.
         """
-        from .features import stop_after
+        from mogu.tuner.features import stop_after
 
         if self.gate is None:
             raise MoGUError("gate_scores needs a model with router_type='prompt'")
@@ -199,7 +195,7 @@ class MoGUModel(nn.Module):
         if self.gate is not None and not self.gate.is_fitted():
             raise MoGUError("the prompt gate was never fitted, so it would route every prompt to the glad expert "
                             "(the one trained to comply): fit it with `mogu train --stages router` (or --resume), "
-                            "or mogu.gate.fit_gate(model, prompts, labels)")
+                            "or mogu.train.probe.fit_gate(model, prompts, labels)")
 
     @contextlib.contextmanager
     def pin_routing(self, weights: torch.Tensor) -> Iterator["MoGUModel"]:
@@ -320,7 +316,7 @@ class MoGUModel(nn.Module):
         """Hugging Face ``generate`` with routing: ``route_tokens`` routed tokens, then the hand-off
         (``handoff``: "hold" keeps a refusal with the unwilling expert, "fixed" is the paper's hand-off
         to the base model; both default to the config's)."""
-        from .generation import routed_generate
+        from mogu.tuner.generation import routed_generate
 
         m = self.config.route_tokens if route_tokens == "config" else route_tokens
         policy = self.config.handoff if handoff == "config" else handoff
@@ -347,7 +343,7 @@ class MoGUModel(nn.Module):
 
     def load_expert_state_dict(self, expert: str, sd: dict[str, torch.Tensor], source: str = "adapter") -> None:
         expected = self.expert_state_dict(expert)
-        _check_keys(expected, sd, source)
+        check_keys(expected, sd, source)
         with torch.no_grad():
             for name, m in self._routed.items():
                 for part in ("lora_A", "lora_B"):
@@ -355,7 +351,7 @@ class MoGUModel(nn.Module):
 
     def load_router_state_dict(self, sd: dict[str, torch.Tensor], source: str = ROUTER_FILE) -> None:
         expected = self.router_state_dict()
-        _check_keys(expected, sd, source)
+        check_keys(expected, sd, source)
         with torch.no_grad():
             if self.gate is not None:
                 for k, v in self.gate.state_dict(keep_vars=True).items():
@@ -400,8 +396,8 @@ class MoGUModel(nn.Module):
 
         An existing ``directory`` is replaced only if it is a mogu checkpoint (or empty); anything else raises
         ``RefusedOverwriteError`` unless ``overwrite``. ``protected`` paths (inputs) are never replaced."""
-        from . import __version__
-        from .card import model_card
+        from mogu.version import __version__
+        from mogu.tuner.card import model_card
 
         self._require_fitted_gate()
         directory = Path(directory)
@@ -411,7 +407,7 @@ class MoGUModel(nn.Module):
             for expert in EXPERTS:
                 self._write_adapter(expert, tmp / expert)
             save_file(self.router_state_dict(), str(tmp / ROUTER_FILE), metadata={"format": "pt"})
-            from .finetune import TASK_ADAPTER_DIR, has_task_adapter, write_task_adapter
+            from mogu.tuner.task_adapter import TASK_ADAPTER_DIR, has_task_adapter, write_task_adapter
 
             if has_task_adapter(self):  # fine-tuned by `mogu finetune`: its task LoRA as a PEFT folder
                 write_task_adapter(self, tmp / TASK_ADAPTER_DIR)
@@ -423,8 +419,8 @@ class MoGUModel(nn.Module):
         return directory
 
     def push_to_hub(self, repo_id: str, **kwargs):
-        """Save to a temporary folder and upload it to the Hub (see ``mogu.interop.push_to_hub``)."""
-        from .interop import push_to_hub
+        """Save to a temporary folder and upload it to the Hub (see ``mogu.tuner.hub.push_to_hub``)."""
+        from mogu.tuner.hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
 
@@ -441,22 +437,22 @@ class MoGUModel(nn.Module):
                 raise CheckpointMismatchError(f"{directory}: the config names no base model; pass base_model=")
             base_model = config.base_model_name_or_path
         if isinstance(base_model, (str, Path)):
-            from .loading import load_base_model
+            from mogu.tuner.loading import load_base_model
 
             base_model, loaded_tok = load_base_model(str(base_model), revision=config.base_model_revision,
                                                      dtype=dtype, device=device)
             tokenizer = tokenizer or loaded_tok
         check_compatible(config, base_model, directory)
         if tokenizer is not None:
-            from .loading import prepare_tokenizer
+            from mogu.tuner.loading import prepare_tokenizer
 
             tokenizer = prepare_tokenizer(tokenizer)
         model = cls(base_model, config, tokenizer)
         for expert in EXPERTS:
             path = directory / expert / ADAPTER_FILE
-            model.load_expert_state_dict(expert, _load_safetensors(path), source=str(path))
-        model.load_router_state_dict(_load_safetensors(directory / ROUTER_FILE), source=str(directory / ROUTER_FILE))
-        from .finetune import TASK_ADAPTER_DIR, load_task_adapter
+            model.load_expert_state_dict(expert, load_safetensors(path), source=str(path))
+        model.load_router_state_dict(load_safetensors(directory / ROUTER_FILE), source=str(directory / ROUTER_FILE))
+        from mogu.tuner.task_adapter import TASK_ADAPTER_DIR, load_task_adapter
 
         if (directory / TASK_ADAPTER_DIR).is_dir():  # a `mogu finetune` checkpoint: apply its task LoRA
             load_task_adapter(model, directory / TASK_ADAPTER_DIR)
@@ -480,22 +476,6 @@ def _assistant_header_ids(tokenizer) -> list[int] | None:
     return list(full[len(head):])
 
 
-def read_config(directory: Path) -> MoGUConfig:
-    path = directory / CONFIG_NAME
-    if not directory.is_dir():
-        raise MoGUError(f"{directory}: no such checkpoint folder")
-    if not path.is_file():
-        raise CheckpointMismatchError(f"{directory}: not a MoGU checkpoint ({CONFIG_NAME} is missing)")
-    data = read_json_object(path, CheckpointMismatchError)
-    version = data.get("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise CheckpointMismatchError(f"{path}: checkpoint format_version {version!r}; this mogu reads format_version "
-                                      f"{FORMAT_VERSION} (upgrade mogu to load it)")
-    for key in _META_KEYS:
-        data.pop(key, None)
-    return MoGUConfig.from_dict(data)
-
-
 def check_compatible(config: MoGUConfig, base_model: nn.Module, where: Path | str) -> None:
     model_type = getattr(base_model.config, "model_type", None)
     hidden = _hidden_size(base_model.config)
@@ -507,28 +487,3 @@ def check_compatible(config: MoGUConfig, base_model: nn.Module, where: Path | st
             f"{where}: checkpoint hidden size {config.base_hidden_size} does not match the base model's {hidden}")
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointMismatchError(f"{path}: unreadable safetensors file ({e})") from None
-
-
-def _check_keys(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], source: str) -> None:
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    shapes = [f"{k} {tuple(got[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in got and got[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {_short(missing)}")
-    if extra:
-        problems.append(f"unexpected {_short(extra)}")
-    if shapes:
-        problems.append(f"wrong shape {_short(shapes)}")
-    if problems:
-        raise CheckpointMismatchError(f"{source} does not match the model: " + "; ".join(problems))
-
-
-def _short(items: list[str], n: int = 4) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

@@ -15,6 +15,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from mogu.errors import ConfigError
+from mogu.tuner.families import candidate_targets, is_projection, layer_index, matches_target
+from mogu.tuner.layer import RoutedLinear
+
 
 class _StopForward(Exception):
     """Raised by a hook once the last module of interest has run; never escapes ``stop_after``."""
@@ -54,3 +58,24 @@ def position_kwargs(model, attention_mask: torch.Tensor) -> dict[str, torch.Tens
     if "position_ids" not in inspect.signature(forward).parameters:
         return {}
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
+
+
+def probe_modules(base: torch.nn.Module, targets: list[str]) -> dict[int, tuple[str, torch.nn.Module]]:
+    """{layer index: (name, module)} of the target projection (or the RoutedLinear now in its place)."""
+    found: dict[int, tuple[str, torch.nn.Module]] = {}
+    for name, module in base.named_modules():
+        if not matches_target(name, targets):
+            continue
+        if not (is_projection(module) or isinstance(module, RoutedLinear)):
+            continue
+        idx = layer_index(name)
+        if idx is None:
+            continue
+        if idx in found:
+            raise ConfigError(f"target_modules {targets} match more than one module in layer {idx} "
+                              f"({found[idx][0]}, {name}); the probe needs exactly one per layer")
+        found[idx] = (name, module)
+    if not found:
+        raise ConfigError(f"no projection matches target_modules {targets}; candidates: "
+                          f"{', '.join(candidate_targets(base)) or 'none'}")
+    return dict(sorted(found.items()))

@@ -21,9 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import DataError
-from .eval.judges import is_refusal
-from .io import sha256_file, write_jsonl
+from mogu.errors import DataError
+from mogu.verdicts import is_refusal
+from mogu.io import sha256_file, write_jsonl
 
 PROMPT_FIELDS = ("prompt", "instruction", "goal", "text", "question", "Behavior", "forbidden_prompt", "Goal")
 OUTPUT_FIELDS = ("output", "response", "answer", "completion")

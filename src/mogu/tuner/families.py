@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import UnknownFamilyError
+from mogu.errors import UnknownFamilyError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from .errors import ConfigError
+from mogu.errors import ConfigError
 
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_GRID = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
@@ -78,7 +78,7 @@ def gate_rate_functions(model, prompts_by_set: dict[str, list[str]],
     """
     import torch
 
-    from .probe import collect_layer_features
+    from mogu.train.probe import collect_layer_features
 
     gate = model.gate
     rates = {}
