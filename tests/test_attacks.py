@@ -109,13 +109,13 @@ def test_the_gate_scores_the_rendered_conversation_including_the_prefill(tiny_mo
     model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_type="prompt"), tokenizer=tok)
     randomize_added(model)
     seen = []
-    original = model.gate_scores
+    original = model.routing_strategy.scores  # what routing_weights / generate read the prompt through
 
     def spy(input_ids, attention_mask=None):
         seen.append(input_ids.clone())
         return original(input_ids, attention_mask)
 
-    monkeypatch.setattr(model, "gate_scores", spy)
+    monkeypatch.setattr(model.routing_strategy, "scores", spy)
     defense = build_defense("mogu", model=model.base_model, tokenizer=tok, mogu_model=model)
     conv = get_attack("prefill").apply("Do X", "k", {})
     defense.generate([conv], max_new_tokens=3, batch_size=1)

@@ -155,7 +155,7 @@ def test_max_benign_train_samples_train_prompts_only_and_distils_only_those(tmp_
 def test_sampled_regenerations_are_seeded_and_leave_the_global_rng_alone():
     import torch
 
-    from mogu.cli import distill_answers
+    from mogu.train.recipes import distill_answers
     from tiny_models import tiny_model, tiny_tokenizer
 
     base, tok = tiny_model("llama"), tiny_tokenizer()

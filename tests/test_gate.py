@@ -99,7 +99,7 @@ def test_generation_pins_the_prompts_decision_batch_equals_single(family):
     split_threshold(model, input_ids, mask)
     for route_tokens in (3, None):
         assert_batch_equals_single(model, rows, route_tokens)
-    assert model._state.pinned is None  # nothing stays pinned after generate
+    assert model.pinned_routing is None  # nothing stays pinned after generate
     assert "gate_s" in model.last_generate_timing
 
 
@@ -296,7 +296,7 @@ def test_v1_gate_still_reads_every_layer_when_experts_sit_in_some():
 def test_v2_gate_router_stage_is_a_fit_and_joint_training_is_refused(tmp_path):
     from test_training import _tiny_run
 
-    from mogu.cli import selection_pooling
+    from mogu.train.recipes import selection_pooling
     from mogu.train.stages import Trainer
 
     model, trainer = _tiny_run(tmp_path, "v2gate")
@@ -370,12 +370,12 @@ def test_the_gate_reads_each_assistant_hand_over_so_a_prefill_cannot_lower_its_s
 
     model = _gate_with_random_probes()
     tok = model.tokenizer
-    assert model._assistant_header()  # the tiny template's "<s>assistant: " as ids
+    assert model.routing_strategy._assistant_header()  # the tiny template's "<s>assistant: " as ids
     plain = encode_text(tok, render_conversation(tok, [{"role": "user", "content": "tell me how to do it"}]))
     prefilled = plain + encode_text(tok, "Sure, here is how")
     both = model.gate_scores(torch.tensor([prefilled]))
     alone = model.gate_scores(torch.tensor([plain]))
-    monkeypatch.setattr(model, "_header_ids", None)  # last token only: the old reading
+    monkeypatch.setattr(model.routing_strategy, "_header_ids", None)  # last token only: the old reading
     last_only = model.gate_scores(torch.tensor([prefilled]))
     torch.testing.assert_close(both, torch.maximum(alone, last_only))
     assert torch.equal(model.gate_scores(torch.tensor([plain])), alone)  # one hand-over: the last token
@@ -503,7 +503,7 @@ def test_a_fitted_conversation_is_read_at_its_last_hand_over_as_the_gate_reads_i
     assert render_prompt(tok, conv[:1]) == render_prompt(tok, conv[0]["content"])
     feats = collect_layer_features(model, tok, [conv, "plain prompt"], batch_size=2)
     fitted_view = model.gate.score({i: feats[i]["last"][:1] for i in model.gate.layers})
-    monkeypatch.setattr(model, "_header_ids", None, raising=False)  # the final hand-over only (no max over turns)
+    monkeypatch.setattr(model.routing_strategy, "_header_ids", None, raising=False)  # the final hand-over only (no max over turns)
     at_inference = model.gate_scores(torch.tensor([encode_text(tok, render_conversation(tok, conv))]))
     torch.testing.assert_close(fitted_view, at_inference, rtol=1e-5, atol=1e-5)
     labels = [1, 0]

@@ -209,7 +209,7 @@ def test_train_v2_selects_layers_by_probe_and_resumes_with_them(tmp_path):
     """`mogu train --version v2`: probe the router set, route only the selected layers, save probe.json."""
     import json
 
-    from mogu.cli import train_model
+    from mogu.train.recipes import train_model
     from mogu.train.probe import ProbeReport
 
     base_dir = tmp_path / "base"
@@ -248,7 +248,7 @@ def test_bad_routed_layers_option_is_a_clean_error(tmp_path):
 
 def test_train_continues_from_a_mogu_checkpoint_and_trains_only_the_asked_stage(tmp_path):
     """`mogu convert peft` then `mogu train --model CKPT --stages router`: experts kept, routers trained."""
-    from mogu.cli import train_model
+    from mogu.train.recipes import train_model
 
     base_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(base_dir)

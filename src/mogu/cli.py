@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from mogu.train.calibration import DEFAULT_GRID, DEFAULT_MIN_HARMFUL, DEFAULT_REFINE
+from mogu.train.recipes import BUILTIN
 from mogu.errors import MoGUError
-from mogu.tuner.inference import PlainGenerator
 
 app = typer.Typer(help="MoGU: safer open LLMs without over-refusal.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Build the stage datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-BUILTIN = "builtin"
 
 
 def _echo(msg: str) -> None:
@@ -33,68 +31,6 @@ def _setup_torch(threads: Optional[int]) -> None:
         raise MoGUError(f"--threads must be >= 1, got {threads}")
     if threads:
         torch.set_num_threads(threads)
-
-
-def _records(spec: str, *, harmful: bool, field: Optional[str], output_field: Optional[str], seed: int):
-    from mogu.train.data import builtin_prompts, read_prompts, split_dev
-
-    if spec == BUILTIN:
-        if harmful:
-            return builtin_prompts("harmful")
-        return builtin_prompts("benign") + builtin_prompts("borderline")
-    records = []
-    for part in spec.split(","):
-        records += read_prompts(part.strip(), harmful=harmful, field=field, output_field=output_field)
-    return split_dev(records, 0.15, seed)
-
-
-def distill_answers(base, tokenizer, prompts: list[str], *, sample: bool, seed: int, max_new_tokens: int,
-                    batch_size: int) -> list[str]:
-    """The base model's own answers (greedy, or sampled for regenerations) for self-distillation."""
-    import torch
-
-    from mogu.train.stages import generate_responses
-
-    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True,
-              desc="self-distilling benign answers")
-    if not sample:
-        return generate_responses(PlainGenerator(base), tokenizer, prompts, **kw)
-    # Sampled regenerations are seeded (and leave the global RNG as it was): the same --seed must
-    # give the same data files and hashes.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return generate_responses(PlainGenerator(base), tokenizer, prompts, do_sample=True, **kw)
-
-
-def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: str = BUILTIN,
-               field: Optional[str] = None, output_field: Optional[str] = None, seed: int = 0,
-               max_new_tokens: int = 48, batch_size: int = 16, model=None, tokenizer=None,
-               max_benign: Optional[int] = None, frame_fraction: float = 1.0) -> dict:
-    from mogu.train.data import build_stage_datasets
-    from mogu.io import atomic_write_text, run_record
-    from mogu.tuner.loading import load_base_model
-
-    harm = _records(harmful, harmful=True, field=field, output_field=None, seed=seed)
-    ben = _records(benign, harmful=False, field=field, output_field=output_field, seed=seed)
-    holder: dict = {"model": model, "tokenizer": tokenizer}
-
-    def answer(prompts: list[str], sample: bool = False) -> list[str]:
-        if holder["model"] is None:
-            holder["model"], holder["tokenizer"] = load_base_model(model_name)
-        from mogu.tuner.model import MoGUModel
-
-        base = holder["model"]
-        if isinstance(base, MoGUModel):
-            base = base.base_model
-        return distill_answers(base, holder["tokenizer"], prompts, sample=sample, seed=seed,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-    stats = build_stage_datasets(harm, ben, out, answer_fn=answer, seed=seed, max_benign_train=max_benign,
-                                 frame_fraction=frame_fraction, log=_echo)
-    atomic_write_text(out / "run.json", json.dumps(run_record(
-        {"model": model_name, "harmful": harmful, "benign": benign, "field": field, "seed": seed,
-         "max_new_tokens": max_new_tokens, "max_benign": max_benign, "frame_fraction": frame_fraction}), indent=2))
-    return stats
 
 
 @data_app.command("build")
@@ -116,6 +52,8 @@ def data_build(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Build the three stage datasets (glad pairs, unwill pairs, router set) plus a dev split."""
+    from mogu.train.recipes import build_data
+
     _setup_torch(threads)
     stats = build_data(model, out, harmful=harmful, benign=benign, field=field, output_field=output_field,
                        seed=seed, max_new_tokens=max_new_tokens, max_benign=max_benign, frame_fraction=frame_fraction)
@@ -142,22 +80,6 @@ ROUTER_TYPE_HELP = ("'token' (the paper's per-layer, per-token routers, trained)
                     "mogu.tuner.gate, docs/RESULTS.md \"Prompt gate\").")
 
 
-def _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens,
-                 version: str = "v1", router_type: str = "token"):
-    from mogu.tuner.config import MoGUConfig
-    from mogu.errors import ConfigError
-
-    layers = None
-    if routed_layers and routed_layers not in ("all", "probe"):
-        try:
-            layers = [int(x) for x in routed_layers.split(",")]
-        except ValueError:
-            raise ConfigError(f"--routed-layers takes comma-separated integers, 'all' or 'probe', got {routed_layers!r}") from None
-    return MoGUConfig(version=version, target_modules=target_modules.split(",") if target_modules else None,
-                      routed_layers=layers, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                      router_hidden=router_hidden, route_tokens=route_tokens or None, router_type=router_type)
-
-
 OVERWRITE_HELP = ("Replace --out even if mogu did not write it (never /, home, the current folder, or a "
                   "folder holding this command's inputs).")
 
@@ -175,128 +97,6 @@ def _dtype(value: str):
 
 def _overwrite_option():
     return typer.Option(False, "--overwrite", help=OVERWRITE_HELP)
-
-
-def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_overrides: dict,
-                preset_name: str = "paper", resume: bool = False, model=None, tokenizer=None,
-                progress: bool = True, layer_selection: dict | None = None, overwrite: bool = False, dtype=None):
-    """Train a MoGU model; ``layer_selection`` (select_layers overrides) first picks routed layers by probe.
-    ``out/model`` must be replaceable (checked before training; ``overwrite`` allows a foreign folder)."""
-    from mogu.io import check_replaceable
-    from mogu.tuner.checkpoint import CHECKPOINT_KIND
-    from mogu.tuner.model import MoGUModel
-    from mogu.train.stages import TrainConfig, preset
-
-    protected = (model_name, data)
-    check_replaceable(out / "model", kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected)
-
-    schedule = preset(preset_name, version=mogu_config.version)
-    if preset_name == "faithful":  # the authors decode the routed tokens greedily whatever the sampling
-        mogu_config.routed_sampling = False
-    stages = schedule.pop("stages")
-    top = dict(schedule)
-    for key, value in train_overrides.items():
-        if value is None:
-            continue
-        stage, _, attr = key.partition(".")
-        if attr:
-            if attr == "max_examples" and value == 0:  # 0 on the command line: every row
-                value = None
-            if stage in stages:
-                setattr(stages[stage], attr, value)
-        else:
-            top[key] = value
-    only = top.pop("stages", None)
-    if only:
-        unknown = [s for s in only if s not in stages]
-        if unknown:
-            from mogu.errors import ConfigError
-
-            raise ConfigError(f"unknown stage(s) {', '.join(map(repr, unknown))} in --stages; known: {', '.join(stages)}")
-        stages = {k: v for k, v in stages.items() if k in only}
-    cfg = TrainConfig(data_dir=str(data), output_dir=str(out), stages=stages, **top)
-    cfg.validate()
-    if (mogu_config.router_type == "prompt" and "router" not in stages and not resume
-            and not (Path(model_name) / "mogu_config.json").is_file()):
-        from mogu.errors import ConfigError
-
-        raise ConfigError("--router-type prompt: the router stage fits the gate, and a model without it would "
-                          "route every prompt to the glad expert; add router to --stages (or train it later with "
-                          "--resume --stages router into the same --out)")
-    import torch
-
-    # Fresh experts and routers (and LoRA dropout) follow --seed: a resumed run, and every process of
-    # a multi-process one, builds the same starting weights.
-    torch.manual_seed(cfg.seed)
-    from mogu.tuner.config import CONFIG_NAME
-
-    if model is None and (Path(model_name) / CONFIG_NAME).is_file():
-        # A MoGU checkpoint (e.g. from `mogu convert peft`): keep its experts and routers and train
-        # the stages asked for (--stages router trains only the routers); its own config applies.
-        model = MoGUModel.from_pretrained(model_name, dtype=dtype)
-        layer_selection = None
-        _echo(f"continuing from the MoGU checkpoint {model_name} ({model.config.version}, "
-              f"{len(model.routed_modules)} routed layers); its config overrides --version/--r/--routed-layers")
-    if layer_selection is not None and not isinstance(model, MoGUModel):
-        if model is None:
-            from mogu.tuner.loading import load_base_model
-
-            model, tokenizer = load_base_model(model_name, dtype=dtype)
-            mogu_config.base_model_name_or_path = model_name
-        mogu_config.routed_layers = _probe_selected_layers(model, tokenizer, data, out, cfg, layer_selection,
-                                                           mogu_config.target_modules, resume=resume)
-        mogu_config.validate()
-    if model is None:
-        model = MoGUModel.from_base(model_name, mogu_config, dtype=dtype)
-    elif not isinstance(model, MoGUModel):
-        model = MoGUModel.from_base(model, mogu_config, tokenizer=tokenizer)
-    from mogu.train.stages import Trainer
-
-    trainer = Trainer(model, tokenizer or model.tokenizer, cfg, log=_echo, progress=progress)
-    summary = trainer.train(resume=resume)
-    if trainer.accelerator.is_main_process:  # under `accelerate launch` the others wait for the save
-        final = model.save_pretrained(out / "model", extra_card=_training_card(summary), overwrite=overwrite,
-                                      protected=protected)
-        _echo(f"saved MoGU model to {final}")
-    trainer.accelerator.wait_for_everyone()
-    return model, summary
-
-
-def _probe_selected_layers(model, tokenizer, data: Path, out: Path, cfg, selection: dict, target_modules,
-                           *, resume: bool) -> list[int]:
-    """Routed layers picked by per-layer probes on the router set (MoGU v2); saved to out/probe/."""
-    from mogu.train.data import STAGE_FILES, load_stage_file
-    from mogu.train.probe import DEFAULT_SELECTION, ProbeReport, collect_layer_features, probe_layers
-
-    rule = {**DEFAULT_SELECTION, **selection}
-    saved = out / "probe" / "probe.json"
-    if resume and saved.is_file():  # the layers of the interrupted run, not a refit
-        report = ProbeReport.load(saved)
-    else:
-        rows = load_stage_file(data / STAGE_FILES["router"], ("prompt", "label"))[: cfg.router_init_examples]
-        prompts = [r["prompt"] for r in rows]
-        labels = [int(r["label"]) for r in rows]
-        features = collect_layer_features(model, tokenizer, prompts, target_modules=target_modules, progress=True)
-        report = probe_layers(features, labels, seed=cfg.seed, target_modules=target_modules)
-    layers = report.select(**rule)  # recorded in the report, so the saved probe.json names the layers
-    from mogu.train.stages import process_state
-
-    state = process_state()
-    if state.num_processes > 1:  # every process probed (or read probe.json); the main one's layers are the run's
-        from accelerate.utils import broadcast_object_list
-
-        layers = broadcast_object_list([layers], from_process=0)[0]
-    if state.is_main_process:
-        report.save(out / "probe")
-    _echo(f"probe-selected routed layers ({', '.join(f'{k}={v}' for k, v in rule.items())}): {layers}")
-    return layers
-
-
-def _training_card(summary: dict) -> str:
-    lines = ["## Training", "", "| stage | steps | seconds | checkpoint selection |", "|---|---|---|---|"]
-    for stage, s in summary.items():
-        lines.append(f"| {stage} | {s.get('steps')} | {s.get('train_s')} | {s.get('selection')} |")
-    return "\n".join(lines)
 
 
 @app.command()
@@ -353,8 +153,10 @@ def train(
     threads: Optional[int] = typer.Option(None),
 ):
     """Train glad -> unwill -> router on a frozen base model."""
+    from mogu.train.recipes import make_mogu_config, selection_pooling, train_model
+
     _setup_torch(threads)
-    cfg = _mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens,
+    cfg = make_mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens,
                        version=version, router_type=router_type)
     selection = None
     if routed_layers == "probe" or (routed_layers is None and version == "v2"):
@@ -375,13 +177,6 @@ def train(
                  "gradient_checkpointing": gradient_checkpointing or None, "mixed_precision": mixed_precision}
     train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume,
                 layer_selection=selection, overwrite=overwrite, dtype=_dtype(dtype))
-
-
-def selection_pooling(router_type: str) -> str:
-    """The probe pooling that ranks layers for a router type: a prompt gate reads the last prompt token."""
-    from mogu.train.probe import DEFAULT_SELECTION
-
-    return "last" if router_type == "prompt" else DEFAULT_SELECTION["pooling"]
 
 
 def _router_response_tokens(value: str | None):
@@ -443,15 +238,6 @@ def finetune(
     typer.echo(json.dumps(summary, indent=2))
 
 
-def _gen_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
-    kw = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
-    if temperature > 0:
-        kw.update(do_sample=True, temperature=temperature, top_p=top_p)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return kw
-
-
 HANDOFF_HELP = ("After the routed prefix: 'hold' keeps an answer that routing judged harmful with the unwilling "
                 "expert to its end (the default), 'fixed' hands every answer to the base model (the paper's). "
                 "Default: the checkpoint's.")
@@ -482,27 +268,17 @@ def generate(
     threads: Optional[int] = typer.Option(None),
 ):
     """Generate answers for one or more prompts (batched, left-padded)."""
-    from mogu.tuner.inference import load_for_inference
-    from mogu.chat import render_prompt
+    from mogu.tuner.inference import generate_answers, load_for_inference
 
     _setup_torch(threads)
     m, tok, is_mogu = load_for_inference(model, handoff=handoff, gate_benign=gate_benign, dtype=_dtype(dtype))
-    texts = [render_prompt(tok, p) for p in prompt]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    kw = _gen_kwargs(tok, max_new_tokens, temperature, top_p)
-    if is_mogu:
-        m.set_routing(mode)
-        if route_tokens is not None:
-            if route_tokens < 0:
-                raise MoGUError(f"--route-tokens must be >= 0 (0 routes every token), got {route_tokens}")
-            kw["route_tokens"] = route_tokens or None
-        m.enable_routing_trace(trace)
-    out = m.generate(**enc, **kw)
-    for p, row in zip(prompt, out):
-        typer.echo(f"### {p}\n{tok.decode(row[enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()}\n")
-    if is_mogu and trace:
-        for layer, t in m.routing_trace().items():
-            typer.echo(f"layer {layer}: mean u={t[..., 0].mean():.3f} g={t[..., 1].mean():.3f}")
+    answers, weights = generate_answers(m, tok, prompt, is_mogu=is_mogu, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_p=top_p, route_tokens=route_tokens, mode=mode,
+                                        trace=trace)
+    for p, answer in zip(prompt, answers):
+        typer.echo(f"### {p}\n{answer}\n")
+    for layer, (u, g) in weights.items():
+        typer.echo(f"layer {layer}: mean u={u:.3f} g={g:.3f}")
 
 
 @app.command()
@@ -530,11 +306,11 @@ def chat(
         raise MoGUError("chat needs --model (a local model) or --url (a running server)")
     from transformers import TextStreamer
 
-    from mogu.tuner.inference import load_for_inference
+    from mogu.tuner.inference import ChatSession, load_for_inference
 
     _setup_torch(threads)
     m, tok, _ = load_for_inference(model, handoff=handoff, gate_benign=gate_benign, dtype=_dtype(dtype))
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    session = ChatSession(m, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     typer.echo("mogu chat: empty line or Ctrl-D to quit, /reset to clear the history.")
     while True:
@@ -545,17 +321,9 @@ def chat(
         if not line:
             break
         if line == "/reset":
-            history = history[:1] if system else []
+            session.reset()
             continue
-        history.append({"role": "user", "content": line})
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
-        else:
-            text = "".join(f"{h['role'].capitalize()}: {h['content']}\n" for h in history) + "Assistant: "
-        enc = tok(text, return_tensors="pt", add_special_tokens=False)
-        out = m.generate(**enc, streamer=streamer, **_gen_kwargs(tok, max_new_tokens, temperature, top_p))
-        reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        history.append({"role": "assistant", "content": reply})
+        session.reply(line, streamer=streamer)
 
 
 def _with_handoff(options: dict, handoff: Optional[str], defenses: list[str]) -> dict:
@@ -659,12 +427,6 @@ def eval_command(
     typer.echo(f"Pareto front: {front}. Wrote {out}/report.md, metrics.json, pareto.png.")
 
 
-DEMO_BENIGN_TRAIN = 240
-# Generation batch for the demo's distillation, judging and calibration: on 2 CPU cores batch 32
-# decodes ~1.3x more rows per second than 16 (docs/RESULTS.md, "mogu demo"); memory is no concern at 135M.
-DEMO_BATCH = 32
-
-
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run folder."),
@@ -677,89 +439,12 @@ def demo(
     threads: Optional[int] = typer.Option(None),
 ):
     """The main job: build data, train MoGU on the embedded default, show before/after on dev prompts."""
-    from mogu.train.data import DEV_FILE, load_stage_file
-    from mogu.tuner.loading import load_base_model
-    from mogu.train.stages import generate_responses, refusal_rate
+    from mogu.train.recipes import run_demo
 
     _setup_torch(threads)
-    t0 = time.perf_counter()
-    base, tok = load_base_model(model)
-    data_dir = out / "data"
-    if not (resume and (data_dir / "data_stats.json").is_file()):
-        # 32 tokens: cpu-fast trains on the first 32 response tokens, so longer answers are cut anyway.
-        # DEMO_BENIGN_TRAIN of the benign train prompts: distilling all of them is the demo's slowest
-        # step, and cpu-fast trains on fewer rows than that (docs/RESULTS.md, "mogu demo").
-        build_data(model, data_dir, model=base, tokenizer=tok, max_new_tokens=32, max_benign=DEMO_BENIGN_TRAIN,
-                   batch_size=DEMO_BATCH)
-    dev = load_stage_file(data_dir / DEV_FILE, ("prompt", "harmful"))
-    harmful = [d["prompt"] for d in dev if d["harmful"]]
-    benign = [d["prompt"] for d in dev if not d["harmful"]]
-    t_data = time.perf_counter() - t0
-
-    plain = PlainGenerator(base)
-    t_before = time.perf_counter()
-    judge = dict(max_new_tokens=eval_tokens, batch_size=DEMO_BATCH, progress=True)
-    before_h = generate_responses(plain, tok, harmful, desc="before: harmful dev", **judge)
-    before_b = generate_responses(plain, tok, benign, desc="before: benign dev", **judge)
-    before_s = time.perf_counter() - t_before
-    mogu_model, summary = train_model(model, data_dir, out / "train", mogu_config=_mogu_config(None, None, 8, 16.0, 0.05, 512, 5, router_type=router_type),
-                                      train_overrides={}, preset_name="cpu-fast", resume=resume, model=base,
-                                      tokenizer=tok)
-    model_dir, calibration = out / "train" / "model", None
-    if calibrate:
-        model_dir = out / "calibrated"
-        calibration = calibrate_and_save(mogu_model, tok, harmful, benign, model_dir, source=str(out / "train" / "model"),
-                                         grid=DEFAULT_GRID, min_harmful=DEFAULT_MIN_HARMFUL, batch_size=DEMO_BATCH,
-                                         args={"demo": str(out)})
-    t_after = time.perf_counter()
-    after_h = generate_responses(mogu_model, tok, harmful, desc="after: harmful dev", **judge)
-    after_b = generate_responses(mogu_model, tok, benign, desc="after: benign dev", **judge)
-    after_s = time.perf_counter() - t_after
-    wall = time.perf_counter() - t0
-
-    from mogu.verdicts import classify_answer
-
-    def share(prompts: list[str], answers: list[str], verdict: str) -> float:
-        return sum(classify_answer(p, a) == verdict for p, a in zip(prompts, answers)) / max(1, len(answers))
-
-    # The whole-answer verdicts decide; the keyword rates are kept for comparison with earlier runs.
-    rates = {"harmful_dev_refusal_before": share(harmful, before_h, "refusal"),
-             "harmful_dev_refusal_after": share(harmful, after_h, "refusal"),
-             "harmful_dev_refuse_then_comply_before": share(harmful, before_h, "refuse_then_comply"),
-             "harmful_dev_refuse_then_comply_after": share(harmful, after_h, "refuse_then_comply"),
-             "benign_dev_refusal_before": share(benign, before_b, "refusal"),
-             "benign_dev_refusal_after": share(benign, after_b, "refusal"),
-             "keyword": {"harmful_dev_refusal_before": refusal_rate(before_h), "harmful_dev_refusal_after": refusal_rate(after_h),
-                         "benign_dev_refusal_before": refusal_rate(before_b), "benign_dev_refusal_after": refusal_rate(after_b)},
-             "judge": "whole_answer", "handoff": mogu_model.config.handoff,
-             "n_harmful_dev": len(harmful), "n_benign_dev": len(benign), "eval_tokens": eval_tokens,
-             "data_s": round(t_data, 1), "before_s": round(before_s, 1), "after_s": round(after_s, 1),
-             "train_s": {k: v["train_s"] for k, v in summary.items()},
-             "router_init_s": summary.get("router", {}).get("init_s", 0.0), "router_type": router_type,
-             "wall_s": round(wall, 1), "model_dir": str(model_dir),
-             "calibration": None if calibration is None else {"glad_bias": calibration.chosen, "reason": calibration.reason,
-                                                                "calibrate_s": calibration.wall_s}}
-    (out / "demo_results.json").write_text(json.dumps(rates, indent=2))
-    samples = {"harmful": list(zip(harmful, before_h, after_h)), "benign": list(zip(benign, before_b, after_b))}
-    (out / "demo_answers.json").write_text(json.dumps(samples, indent=2))
-    for kind in ("harmful", "benign"):
-        for p, b, a in samples[kind][:2]:
-            typer.echo(f"\n[{kind}] {p}\n  before: {b[:160]!r}\n  after:  {a[:160]!r}")
-    kw = rates["keyword"]
-    typer.echo("\n| dev set (whole answer read) | refused before | refused after | refused, then answered: after | "
-               "keyword judge: before / after |\n|---|---|---|---|---|")
-    typer.echo(f"| harmful ({len(harmful)}) | {rates['harmful_dev_refusal_before']:.0%} | {rates['harmful_dev_refusal_after']:.0%} | "
-               f"{rates['harmful_dev_refuse_then_comply_after']:.0%} | {kw['harmful_dev_refusal_before']:.0%} / "
-               f"{kw['harmful_dev_refusal_after']:.0%} |")
-    typer.echo(f"| benign ({len(benign)}) | {rates['benign_dev_refusal_before']:.0%} | {rates['benign_dev_refusal_after']:.0%} | | "
-               f"{kw['benign_dev_refusal_before']:.0%} / {kw['benign_dev_refusal_after']:.0%} |")
-    parts = {"data": rates["data_s"], "before": rates["before_s"], **rates["train_s"],
-             **({"router init": rates["router_init_s"]} if router_type == "token" else {}),
-             **({"calibrate": calibration.wall_s} if calibration else {}), "after": rates["after_s"]}
-    typer.echo("\ntime (s): " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()))
-    if calibration:
-        typer.echo(f"operating point: glad bias {calibration.chosen:+g} ({calibration.reason})")
-    typer.echo(f"wall time {wall / 60:.1f} min; model saved to {model_dir}; chat with: mogu chat --model {model_dir}")
+    result = run_demo(out, model=model, eval_tokens=eval_tokens, resume=resume, calibrate=calibrate,
+                      router_type=router_type, log=_echo)
+    typer.echo(result.to_markdown())
 
 
 @app.command()
@@ -781,11 +466,8 @@ def probe(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Linear probes per layer (harmful vs benign) on the routed modules' inputs; select router layers."""
-    import warnings
-
-    from mogu.tuner.inference import load_for_inference
-    from mogu.io import atomic_write_text, run_record
-    from mogu.train.probe import DEFAULT_SELECTION, METRICS, POOLINGS, run_probe
+    from mogu.train.probe import DEFAULT_SELECTION
+    from mogu.train.recipes import probe_model
 
     _setup_torch(threads)
     rule = {"pooling": pooling or DEFAULT_SELECTION["pooling"], "metric": metric or DEFAULT_SELECTION["metric"]}
@@ -793,32 +475,9 @@ def probe(
         rule.update(top_k=DEFAULT_SELECTION["top_k"], threshold=DEFAULT_SELECTION["threshold"])
     else:
         rule.update(top_k=top_k, threshold=threshold)
-    if rule["pooling"] not in POOLINGS or rule["metric"] not in METRICS:
-        raise MoGUError(f"--pooling must be one of {', '.join(POOLINGS)} and --metric one of {', '.join(METRICS)}")
-    if rule["threshold"] is not None and not 0.0 <= rule["threshold"] <= 1.0:
-        raise MoGUError(f"--threshold must be in [0, 1], got {rule['threshold']}")
-    if rule["top_k"] is not None and rule["top_k"] < 1:
-        raise MoGUError(f"--top-k must be >= 1, got {rule['top_k']}")
-    harm = [r.prompt for r in _records(harmful, harmful=True, field=field, output_field=None, seed=seed)
-            if r.split != "dev"]
-    ben = [r.prompt for r in _records(benign, harmful=False, field=field, output_field=None, seed=seed)
-           if r.split != "dev"]
-    t0 = time.perf_counter()
-    m, tok, is_mogu = load_for_inference(model)
-    model_id = (m.config.base_model_name_or_path or model) if is_mogu else model
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        report = run_probe(m, tok, harm, ben, folds=folds, seed=seed, limit=limit, batch_size=batch_size,
-                           target_modules=_csv(target_modules) if target_modules else None, model_id=model_id,
-                           selection=rule, progress=True)
-    for w in caught:
-        if issubclass(w.category, UserWarning) and "falling back" in str(w.message):
-            _echo(f"warning: {w.message}")
-    report.extra.update(source=model, is_mogu_checkpoint=is_mogu, wall_s=round(time.perf_counter() - t0, 1))
-    report.save(out)
-    atomic_write_text(out / "run.json", json.dumps(run_record(
-        {"model": model, "harmful": harmful, "benign": benign, "field": field, "limit": limit, "folds": folds,
-         "seed": seed, "selection": rule, "target_modules": target_modules, "batch_size": batch_size}), indent=2))
+    report = probe_model(model, out, harmful=harmful, benign=benign, field=field, limit=limit, folds=folds, seed=seed,
+                         rule=rule, target_modules=_csv(target_modules) if target_modules else None,
+                         batch_size=batch_size, log=_echo)
     typer.echo(report.to_markdown())
     layers = report.selection["layers"]
     typer.echo(f"\nselected layers: {','.join(map(str, layers))}  (wrote {out}/probe.json, probe.png, run.json)")
@@ -845,109 +504,19 @@ def calibrate(
     """Choose the router's operating point on dev prompts: the glad-bias shift with the fewest benign refusals
     that still refuses --min-harmful of harmful ones. Writes a new checkpoint with calibration.json."""
     from mogu.train.calibration import CALIBRATION_FILE, validate_grid
-    from mogu.train.data import read_prompts
-    from mogu.tuner.inference import load_for_inference
+    from mogu.train.recipes import calibrate_checkpoint
 
     try:
         values = validate_grid(float(v) for v in _csv(grid))
     except ValueError as e:
         raise MoGUError(f"--grid must be comma-separated numbers, got {grid!r} ({e})") from None
-    if not 0.0 <= min_harmful <= 1.0:
-        raise MoGUError(f"--min-harmful must be in [0, 1], got {min_harmful}")
-    if Path(model).resolve() == out.resolve():
-        raise MoGUError("--out must differ from --model: calibration writes a new checkpoint")
-
-    def prompts(spec: str, is_harmful: bool) -> list[str]:
-        if spec == BUILTIN:
-            rows = [r for r in _records(BUILTIN, harmful=is_harmful, field=None, output_field=None, seed=0)
-                    if r.split == "dev"]
-        else:
-            rows = [r for part in spec.split(",") for r in read_prompts(part.strip(), harmful=is_harmful, field=field)]
-        if not rows:
-            raise MoGUError(f"no {'harmful' if is_harmful else 'benign'} dev prompts in {spec!r}")
-        return [r.prompt for r in rows]
-
-    from mogu.io import check_replaceable
-    from mogu.tuner.checkpoint import CHECKPOINT_KIND
-
-    protected = (model, *(p.strip() for spec in (harmful, benign) if spec != BUILTIN for p in spec.split(",")))
-    check_replaceable(out, kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected)  # before any work
-    harm, ben = prompts(harmful, True), prompts(benign, False)
     _setup_torch(threads)
-    m, tok, is_mogu = load_for_inference(model, dtype=_dtype(dtype))
-    if not is_mogu:
-        raise MoGUError(f"{model} is not a MoGU checkpoint (no mogu_config.json): calibrate a trained model")
-
-    result = calibrate_and_save(m, tok, harm, ben, out, source=model, grid=values, min_harmful=min_harmful,
-                                exhaustive=exhaustive, refine=refine, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, overwrite=overwrite, protected=protected,
-                                args={"model": model, "harmful": harmful, "benign": benign, "field": field})
+    result = calibrate_checkpoint(model, out, harmful=harmful, benign=benign, field=field, grid=values,
+                                  min_harmful=min_harmful, exhaustive=exhaustive, refine=refine,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size, overwrite=overwrite,
+                                  dtype=_dtype(dtype), log=_echo)
     typer.echo(result.to_markdown())
     typer.echo(f"\nchosen glad bias {result.chosen:+g}: {result.reason}\nwrote {out} ({CALIBRATION_FILE} inside)")
-
-
-def calibrate_and_save(m, tok, harmful: list[str], benign: list[str], out: Path, *, source: str, grid,
-                       min_harmful: float, exhaustive: bool = False, refine: int = DEFAULT_REFINE,
-                       max_new_tokens: int | None = None,
-                       batch_size: int = 32, args: dict | None = None, overwrite: bool = False,
-                       protected: tuple = ()):
-    """Calibrate ``m`` in place on dev prompts (keyword judge, greedy) and save it with calibration.json.
-
-    ``max_new_tokens`` None judges the routed prefix alone (the model's route_tokens): the shift acts
-    only there, the base model writes the rest, and no base hand-off prefill is paid per point.
-    """
-    from mogu.train.calibration import CALIBRATION_FILE, RULE, calibrate as run_calibration, judged_tokens
-    from mogu.io import run_record
-    from mogu.train.stages import generate_responses, refusal_rate
-
-    max_new_tokens = judged_tokens(m.config, max_new_tokens)
-    m.set_routing("auto")
-
-    def rate(ps: list[str], desc: str) -> float:
-        return refusal_rate(generate_responses(m, tok, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                               progress=True, desc=desc))
-
-    t0 = time.perf_counter()
-
-    def score_harmful() -> float:
-        return rate(harmful, "harmful dev")
-
-    def score_benign() -> float:
-        return rate(benign, "benign dev")
-
-    if m.gate is not None:
-        import torch
-
-        from mogu.train.calibration import gate_rate_functions
-        from mogu.verdicts import is_refusal
-
-        def refusals(ps: list[str], expert: str) -> list[bool]:
-            if m.config.gate_benign == "base":  # a passed prompt is the base model's alone
-                weights = torch.tensor([[1.0, 0.0, 0.0] if expert == "unwill" else [0.0, 0.0, 1.0]])
-            else:
-                weights = torch.tensor([[1.0, 0.0] if expert == "unwill" else [0.0, 1.0]])
-            with m.pin_routing(weights):  # one row: repeated for every row of each batch
-                out = generate_responses(m, tok, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         progress=True, desc=f"{expert} expert")
-            return [is_refusal(o) for o in out]
-
-        _echo("[calibrate] prompt gate: each dev prompt is generated once per expert; every threshold's "
-              "refusal rates follow from the gate's scores")
-        fns = gate_rate_functions(m, {"harmful": harmful, "benign": benign}, refusals, batch_size=batch_size)
-        score_harmful, score_benign = fns["harmful"], fns["benign"]
-    result = run_calibration(m, score_harmful, score_benign,
-                             grid=grid, min_harmful=min_harmful, exhaustive=exhaustive, refine=refine, log=_echo)
-    result.max_new_tokens, result.num_harmful, result.num_benign = max_new_tokens, len(harmful), len(benign)
-    result.wall_s = round(time.perf_counter() - t0, 1)
-    record = {**result.to_dict(), "source": str(source),
-              "run": run_record({**(args or {}), "grid": list(grid), "min_harmful": min_harmful,
-                                 "exhaustive": exhaustive, "refine": refine, "max_new_tokens": max_new_tokens,
-                                 "batch_size": batch_size})}
-    card = (f"## Calibration\n\nRouter operating point chosen by `mogu calibrate`: glad bias {result.chosen:+g} "
-            f"({result.reason}). Rule: {RULE}.\n\n{result.to_markdown()}\n")
-    m.save_pretrained(out, extra_card=card, extra_files={CALIBRATION_FILE: json.dumps(record, indent=2)},
-                      overwrite=overwrite, protected=protected)
-    return result
 
 
 convert_app = typer.Typer(help="Import experts and routers from other formats.", no_args_is_help=True)

@@ -55,6 +55,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional, Union
 
+from mogu.extras import require_extra
+
+require_extra("serve")  # before pydantic: the request schema below is built at import
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from mogu.errors import MoGUError

@@ -109,7 +109,7 @@ def _routed_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
 @contextlib.contextmanager
 def base_behaviour(model) -> Iterator[None]:
     """Routing ``off`` for every MoGU layer inside ``model`` (exactly the base logits); a no-op otherwise."""
-    states = {id(m._state): m._state for _, _, m in _routed_layers(model)}
+    states = {id(m.routing_state): m.routing_state for _, _, m in _routed_layers(model)}
     previous = {k: s.mode for k, s in states.items()}
     for s in states.values():
         s.mode = "off"

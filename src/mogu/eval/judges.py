@@ -538,6 +538,9 @@ class OpenAIJudge:
                 raise _config_error(f"the openai judge reads its API key from ${api_key_env}, which is unset "
                                     "(for a local server, set base_url / MOGU_JUDGE_BASE_URL)")
             api_key = "EMPTY"
+        from mogu.extras import require_extra
+
+        require_extra("eval", "openai")
         import openai
 
         self._openai = openai

@@ -68,6 +68,9 @@ BASE_DEFENSE = "none"
 
 def base_agreement(mine: list[dict], base: list[dict]) -> dict[str, Any] | None:
     """Benign answers against the base model's for the same (benchmark, id): share identical, mean chrF."""
+    from mogu.extras import require_extra
+
+    require_extra("eval", "sacrebleu")
     from sacrebleu.metrics import CHRF
 
     reference = {(g["benchmark"], g["id"]): g["response"] for g in base}
@@ -400,7 +403,7 @@ def routing_traces(model, tokenizer, prompts: list[str], max_prompt_tokens: int 
 
     out = []
     n_route = model.config.route_tokens or 5
-    was = model._state.trace_enabled if hasattr(model, "_state") else False
+    was = getattr(model, "routing_trace_enabled", False)
     try:
         for p in prompts:
             enc = tokenizer(render_prompt(tokenizer, p), return_tensors="pt", add_special_tokens=False).to(model.device)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mogu.errors import ConfigError, DataError
+from mogu.errors import ConfigError
 from mogu.io import atomic_write_text, run_record
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -426,7 +426,12 @@ class EvalRunner:
 
     def run(self) -> dict[str, Any] | None:
         from mogu.eval.report import compute_metrics, plot_pareto, plot_routing, write_report
+        from mogu.extras import has_extra, require_extra
 
+        require_extra("eval", "sacrebleu")  # before any generation, not after an hour of it
+        plots = has_extra("plots")
+        if not plots:
+            self.log("[eval] matplotlib is not installed: no pareto.png or routing.png (pip install 'mogu[plots]')")
         self.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         sets = self.load_prompts()
@@ -449,8 +454,9 @@ class EvalRunner:
         metrics["defense_params"] = getattr(self, "defense_params", {})
         metrics["wall_s"] = round(time.perf_counter() - t0, 1)
         atomic_write_text(self.out / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
-        plot_pareto(metrics, self.out / "pareto.png")
-        if self.mogu is not None or "mogu" in self.cfg.defenses:
+        if plots:
+            plot_pareto(metrics, self.out / "pareto.png")
+        if plots and (self.mogu is not None or "mogu" in self.cfg.defenses):
             model, tok = self.load_model()
             if self.mogu is not None:
                 harmful = [p.prompt for ps in sets.values() for p in ps if p.harmful][:self.cfg.routing_examples]
@@ -486,10 +492,3 @@ def _prompt_hashes(sets: dict[str, list]) -> dict[str, str]:
             h.update(p.id.encode() + b"\0" + p.prompt.encode() + b"\0")
         out[name] = h.hexdigest()
     return out
-
-
-def load_generations(out: str | Path) -> list[dict]:
-    rows, bad = read_jsonl_tolerant(Path(out) / GENERATIONS_FILE)
-    if not rows and bad:
-        raise DataError(f"{Path(out) / GENERATIONS_FILE}: no readable rows")
-    return rows

@@ -50,20 +50,11 @@ def judged_tokens(config, max_new_tokens: int | None = None) -> int:
 
 
 def shift_router_bias(model, delta: float) -> None:
-    """Move every routed layer's scorers by ``delta`` logits toward glad (u's logit - delta, g's logit + delta)."""
+    """Move the routing strategy's operating point ``delta`` logits toward glad: every routed layer's
+    scorers (u's logit - delta, g's logit + delta), or a prompt gate's threshold (fewer prompts flagged)."""
     if not math.isfinite(delta):
         raise ConfigError(f"router bias shift must be finite, got {delta}")
-    import torch  # lazily: the CLI reads this module's defaults without loading torch
-
-    with torch.no_grad():
-        if getattr(model, "gate", None) is not None:
-            # A prompt gate: the same move is a higher harmfulness threshold (fewer prompts flagged).
-            model.gate.threshold.add_(delta)
-            return
-        for module in model.routed_modules.values():
-            # In-place updates bump the parameters' versions, which invalidates the fused inference weights.
-            module.router.unwill.linear_2.bias.sub_(delta)
-            module.router.glad.linear_2.bias.add_(delta)
+    model.routing_strategy.shift_toward_glad(delta)
 
 
 def gate_rate_functions(model, prompts_by_set: dict[str, list[str]],
@@ -80,6 +71,8 @@ def gate_rate_functions(model, prompts_by_set: dict[str, list[str]],
 
     from mogu.train.probe import collect_layer_features
 
+    if not model.routing_strategy.decides_per_prompt:
+        raise ConfigError("gate_rate_functions needs a strategy that decides once per prompt (router_type='prompt')")
     gate = model.gate
     rates = {}
     for name, prompts in prompts_by_set.items():
@@ -95,6 +88,59 @@ def gate_rate_functions(model, prompts_by_set: dict[str, list[str]],
 
         rates[name] = rate
     return rates
+
+
+def generated_rate_functions(model, tokenizer, prompts_by_set: dict[str, list[str]], *, max_new_tokens: int,
+                             batch_size: int = 32, log: Callable[[str], None] | None = None
+                             ) -> dict[str, Callable[[], float]]:
+    """Token routers: each call generates every prompt of the set at the current operating point
+    (greedy, ``max_new_tokens``) and returns its keyword-judged refusal rate."""
+    from mogu.train.stages import generate_responses, refusal_rate
+
+    def rate_of(name: str, prompts: list[str]) -> Callable[[], float]:
+        return lambda: refusal_rate(generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                       batch_size=batch_size, progress=True, desc=f"{name} dev"))
+
+    return {name: rate_of(name, prompts) for name, prompts in prompts_by_set.items()}
+
+
+def gate_generated_rate_functions(model, tokenizer, prompts_by_set: dict[str, list[str]], *, max_new_tokens: int,
+                                  batch_size: int = 32, log: Callable[[str], None] | None = None
+                                  ) -> dict[str, Callable[[], float]]:
+    """A prompt gate: each prompt is generated once per expert (pinned), and every threshold's rates
+    follow from the gate's scores (``gate_rate_functions``)."""
+    import torch
+
+    from mogu.train.stages import generate_responses
+    from mogu.verdicts import is_refusal
+
+    def refusals(ps: list[str], expert: str) -> list[bool]:
+        if model.config.gate_benign == "base":  # a passed prompt is the base model's alone
+            weights = torch.tensor([[1.0, 0.0, 0.0] if expert == "unwill" else [0.0, 0.0, 1.0]])
+        else:
+            weights = torch.tensor([[1.0, 0.0] if expert == "unwill" else [0.0, 1.0]])
+        with model.pin_routing(weights):  # one row: repeated for every row of each batch
+            out = generate_responses(model, tokenizer, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     progress=True, desc=f"{expert} expert")
+        return [is_refusal(o) for o in out]
+
+    if log:
+        log("[calibrate] prompt gate: each dev prompt is generated once per expert; every threshold's "
+            "refusal rates follow from the gate's scores")
+    return gate_rate_functions(model, prompts_by_set, refusals, batch_size=batch_size)
+
+
+# How each routing strategy (mogu.tuner.routing.ROUTING_STRATEGIES) scores a calibration point.
+RATE_FUNCTIONS: dict[str, Callable[..., dict[str, Callable[[], float]]]] = {
+    "token": generated_rate_functions, "prompt": gate_generated_rate_functions}
+
+
+def rate_functions(model, tokenizer, prompts_by_set: dict[str, list[str]], **kwargs) -> dict[str, Callable[[], float]]:
+    """The refusal-rate functions ``calibrate`` scores points with, for the model's routing strategy."""
+    name = model.routing_strategy.name
+    if name not in RATE_FUNCTIONS:
+        raise ConfigError(f"no calibration rates for routing strategy {name!r}; known: {', '.join(RATE_FUNCTIONS)}")
+    return RATE_FUNCTIONS[name](model, tokenizer, prompts_by_set, **kwargs)
 
 
 @dataclass
@@ -175,24 +221,11 @@ def calibrate(model, score_harmful: Callable[[], float], score_benign: Callable[
         raise ConfigError(f"refine must be an integer in [0, 10], got {refine!r}")
     # Each point is set from the original biases, not by accumulating shifts, so that the chosen
     # point is exactly ``original + delta`` and a failure restores the original bit for bit.
-    gate = getattr(model, "gate", None)
-    if gate is not None:  # a prompt gate: the shift moves its threshold (shift_router_bias)
-        threshold0 = gate.threshold.detach().clone()
-    else:
-        originals = [(m.router.unwill.linear_2.bias, m.router.glad.linear_2.bias,
-                      m.router.unwill.linear_2.bias.detach().clone(), m.router.glad.linear_2.bias.detach().clone())
-                     for m in model.routed_modules.values()]
+    strategy = model.routing_strategy
+    original = strategy.operating_point()
 
     def set_shift(delta: float) -> None:
-        import torch
-
-        with torch.no_grad():
-            if gate is not None:
-                gate.threshold.copy_(threshold0 + delta)
-                return
-            for unwill, glad, unwill0, glad0 in originals:
-                unwill.copy_(unwill0 - delta)
-                glad.copy_(glad0 + delta)
+        strategy.set_operating_point(original, delta)
 
     points: dict[float, CalibrationPoint] = {}
 

@@ -212,7 +212,7 @@ class FineTuner:
         self.is_mogu = isinstance(model, MoGUModel)
         # A prompt gate decides on the prompt alone, but training rows hold prompt + response: each micro-batch
         # pins the gate's decision on its prompts (see _gate_weights), as generate() does at inference.
-        self.gated = self.is_mogu and model.gate is not None
+        self.gated = self.is_mogu and model.routing_strategy.decides_per_prompt
         self.model_name = model_name or (model.config.base_model_name_or_path if self.is_mogu
                                          else getattr(model.config, "_name_or_path", None))
         self.out = Path(cfg.output_dir)
@@ -367,11 +367,12 @@ class FineTuner:
                      "probes read the fine-tuned backbone's features with the weights fitted before fine-tuning")
             return None
         start = time.perf_counter()
-        threshold = float(self.model.gate.threshold)
+        strategy = self.model.routing_strategy
+        operating_point = strategy.operating_point()
+        threshold = float(operating_point)
         stats = fit_gate(self.model, [probe_input(r) for r in labelled], [int(r["label"]) for r in labelled],
                          batch_size=self.cfg.micro_batch_size or self.cfg.batch_size, progress=self.progress)
-        with torch.no_grad():
-            self.model.gate.threshold.fill_(threshold)
+        strategy.set_operating_point(operating_point)  # the refit probes keep the calibrated threshold
         stats = {**stats, "threshold": threshold, "seconds": round(time.perf_counter() - start, 1)}
         self.log(f"[finetune] refit the prompt gate on {stats['examples']} mix-set prompts: training accuracy "
                  f"{stats['accuracy']:.3f}, threshold kept at {threshold:+g}")

@@ -66,13 +66,9 @@ def router_terms(model, batch: dict, labels: torch.Tensor, *, per_example: bool 
     """(per-sequence CE, summed squared errors of u and of g over routed layers and non-pad tokens, layers).
 
     ``per_example``: the squared errors per sequence ([B]), each already divided by its own tokens x layers."""
-    state = model._state
-    state.collect, state.collected = True, []
-    try:
+    with model.collecting_router_weights() as weights:
         ce = sequence_nll(model, batch)
-        collected = state.collected
-    finally:
-        state.collect, state.collected = False, []
+        collected = list(weights)
     mask = batch["attention_mask"].to(torch.float32).unsqueeze(-1)  # [B, T, 1]
     t_u = labels.to(torch.float32).view(-1, 1, 1)
     t_g = 1.0 - t_u

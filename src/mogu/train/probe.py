@@ -188,7 +188,10 @@ class ProbeReport:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / PROBE_FILE
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
-        self.plot(directory / PLOT_FILE)
+        from mogu.extras import has_extra
+
+        if has_extra("plots"):  # the plot is a view of probe.json; training must not need matplotlib
+            self.plot(directory / PLOT_FILE)
         return path
 
     @classmethod
@@ -495,9 +498,10 @@ def fit_gate(model, prompts: Sequence[str], labels: Sequence[int], *, batch_size
     """
     from mogu.train.router_init import fit_probe
 
-    gate = model.gate
-    if gate is None:
+    strategy = getattr(model, "routing_strategy", None)
+    if strategy is None or strategy.name != "prompt":
         raise MoGUError("fit_gate needs a model with router_type='prompt'")
+    gate = strategy.gate
     prompts, y = list(prompts), torch.tensor([float(v) for v in labels])
     if len(prompts) != len(y):
         raise MoGUError(f"fit_gate: {len(prompts)} prompts but {len(y)} labels")

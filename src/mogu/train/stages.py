@@ -350,11 +350,12 @@ class Trainer:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.metrics_path = self.out / "metrics.jsonl"
-        if model.gate is not None and cfg.joint_experts:
+        strategy = model.routing_strategy
+        if not strategy.trains_by_gradient and cfg.joint_experts:
             raise ConfigError("joint_experts trains the experts with token routers; a prompt gate is fitted, "
                               "not trained (leave joint_experts unset or pass --frozen-experts)")
         # A gate's router stage takes no gradient steps, so it has nothing to train the experts with.
-        self.joint = model.gate is None and (cfg.joint_experts if cfg.joint_experts is not None
+        self.joint = strategy.trains_by_gradient and (cfg.joint_experts if cfg.joint_experts is not None
                                              else model.config.version == "v2")
         # DeepSpeed and FSDP shard a model handed to prepare(); the Trainer keeps its own data-parallel
         # step for the (small) trainable part under every launcher, so there the backbone is replicated.
@@ -639,8 +640,7 @@ class Trainer:
         model.eval()
         stats = fit_gate(model, [probe_input(r) for r in rows], [int(r["label"]) for r in rows],
                          batch_size=self.cfg.stages[stage].micro_batch_size, progress=self.progress)
-        with torch.no_grad():
-            model.gate.threshold.fill_(self.cfg.router_init_glad_bias)
+        model.routing_strategy.set_operating_point(0.0, self.cfg.router_init_glad_bias)
         elapsed = round(time.perf_counter() - start, 1)
         self._append_metrics({"stage": stage, "step": 0, "gate_fit": stats})
         reason = (f"prompt gate fitted on {stats['examples']} labelled train prompts: training accuracy "
@@ -737,16 +737,16 @@ class Trainer:
         done = self._stage_dir(stage) / "done.json"
         if resume and self._from_main(done.is_file()):
             self._restore(stage, load_file(str(self._stage_dir(stage) / "selected.safetensors")))
-            if stage == "router" and model.gate is not None:
-                with torch.no_grad():
-                    model.gate.threshold.fill_(self.cfg.router_init_glad_bias)
+            if stage == "router" and not model.routing_strategy.trains_by_gradient:
+                # A fitted strategy's operating point is set by the run's config, not stored with the stage.
+                model.routing_strategy.set_operating_point(0.0, self.cfg.router_init_glad_bias)
             self._load_rng(self._stage_dir(stage) / "rng.pt")  # the next stage's dropout as if never stopped
             self.log(f"[{stage}] already finished: loaded its selected weights")
             return json.loads(done.read_text())
         if not resume and main:  # a fresh run never resumes from, or keeps, an older run's stage files
             _remove_dir(self._stage_dir(stage))
             _remove_dir(self._ckpt_root(stage))
-        if stage == "router" and model.gate is not None:
+        if stage == "router" and not model.routing_strategy.trains_by_gradient:
             return self._fit_gate_stage()
         scfg = self.cfg.stages[stage]
         examples = self._encode(stage, self._rows(stage))

@@ -36,9 +36,10 @@ def render_card(config, num_params: int | None, *, extra: str | None = None, run
     base = config.base_model_name_or_path or "unknown"
     layers = "all" if config.routed_layers is None else ", ".join(map(str, config.routed_layers))
     params = f"{num_params:,}" if num_params is not None else "?"
-    router = ("a router per layer that weighs them per token" if config.router_type == "token" else
-              "a prompt gate (every layer's probe votes at the prompt's last token) that sends each prompt to one "
-              "of them")
+    from mogu.tuner.routing import strategy_class
+
+    strategy = strategy_class(config.router_type)
+    router = strategy.description
     body = f"""
 # MoGU model on `{base}`
 
@@ -50,7 +51,7 @@ A [MoGU](https://arxiv.org/abs/2405.14488) safety wrapper made with `mogu`: two 
 | version | {config.version} |
 | routed layers | {layers} |
 | LoRA r / alpha / dropout | {config.r} / {config.lora_alpha} / {config.lora_dropout} |
-| router | {config.router_type}{f" (hidden size {config.router_hidden})" if config.router_type == "token" else ""} |
+| router | {strategy.card_setting(config)} |
 | routed generated tokens (m) | {config.route_tokens if config.route_tokens is not None else 'all'} |
 | added parameters | {params} |
 

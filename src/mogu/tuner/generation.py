@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from mogu.tuner.config import HANDOFFS
 from mogu.errors import ConfigError
+from mogu.tuner.routing import handoff_policy
 
 
 class _PhaseStreamer:
@@ -65,10 +65,10 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     attention_mask = kwargs.pop("attention_mask", None)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if getattr(model, "gate", None) is not None and model.routing_mode == "auto" and model._state.pinned is None:
-        # A prompt-gated model decides once per prompt (gate.py), then generates with that decision pinned.
-        start = time.perf_counter()
-        weights = model.routing_weights(input_ids, attention_mask)
+    start = time.perf_counter()
+    weights = model.routing_decision(input_ids, attention_mask)
+    if weights is not None:
+        # The strategy decides once per prompt (routing.py), then generates with that decision pinned.
         gate_s = time.perf_counter() - start
         greedy_prefix = not model.config.routed_sampling and _samples(model, generation_config, kwargs)
         if weights.shape[1] == 3 and handoff == "hold" and route_tokens is not None and not greedy_prefix:
@@ -97,8 +97,7 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
         timing["total_s"] = time.perf_counter() - start
         return out
 
-    if handoff not in HANDOFFS:
-        raise ConfigError(f"handoff must be one of {HANDOFFS}, got {handoff!r}")
+    policy = handoff_policy(handoff)
     if gen_config.num_beams and gen_config.num_beams > 1:
         raise ConfigError("beam search cannot hand off mid-beam: use route_tokens=None with num_beams > 1")
     if gen_config.return_dict_in_generate:
@@ -122,11 +121,11 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
         phase1.do_sample = False  # the authors decode the routed tokens greedily; phase 2 samples as asked
     start = time.perf_counter()
     first = _PhaseStreamer(streamer, skip_prompt=False, forward_end=False) if streamer is not None else None
-    hold = handoff == "hold"
-    pinned = model._state.pinned
+    hold = policy.scores_prefix
+    pinned = model.pinned_routing
     # Token routers: the layers sum u - g at each step's last position (the one that picks the next token).
     score_prefix = hold and pinned is None
-    phase1.return_dict_in_generate = hold  # the held rows continue on this call's KV cache
+    phase1.return_dict_in_generate = hold  # the held rows may continue on this call's KV cache
     with model.routing("auto"), model.scoring_routed_prefix(score_prefix) as prefix_score:
         first_out = base.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=phase1,
                                   streamer=first, **common)
@@ -145,9 +144,7 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
         dummy_scores = torch.zeros(prefix.shape[0], 1, device=prefix.device)
         for criterion in stopping_criteria:
             alive &= ~torch.as_tensor(criterion(prefix, dummy_scores), device=prefix.device, dtype=torch.bool)
-    held = torch.zeros_like(alive)
-    if hold:
-        held = _harmful_rows(pinned, prefix_score, prefix.shape[0]).to(alive.device)
+    held = policy.held_rows(pinned, prefix_score, prefix.shape[0]).to(alive.device)
     timing["held_rows"] = int((held & alive).sum())
     timing["held"] = held.tolist()  # per row: routing judged the prompt harmful (hold hand-off only)
     if remaining <= 0 or not bool(alive.any()):
@@ -245,14 +242,6 @@ def _cache_kwarg() -> str:
 
 
 _CACHE_KWARG = _cache_kwarg()
-
-
-def _harmful_rows(pinned: torch.Tensor | None, prefix_score, batch: int) -> torch.Tensor:
-    """Rows routing judged harmful: the gate's decision (u > g), or the routed prefix's mean u > mean g."""
-    if pinned is not None:
-        weights = pinned.repeat_interleave(batch // pinned.shape[0], dim=0) if pinned.shape[0] != batch else pinned
-        return weights[:, 0] > weights[:, 1]
-    return prefix_score.margin() > 0
 
 
 def _finished_rows(new_tokens: torch.Tensor, gen_config, pad_id: int) -> torch.Tensor:

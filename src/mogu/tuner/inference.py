@@ -55,3 +55,66 @@ class PlainGenerator:
 
     def generate(self, *args, route_tokens=None, **kwargs):
         return self.model.generate(*args, **kwargs)
+
+
+def sampling_kwargs(tokenizer, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    """``generate`` keyword arguments: greedy for ``temperature`` 0, else nucleus sampling."""
+    kw = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def generate_answers(model, tokenizer, prompts: list[str], *, is_mogu: bool, max_new_tokens: int = 64,
+                     temperature: float = 0.0, top_p: float = 1.0, route_tokens: int | None = None,
+                     mode: str = "auto", trace: bool = False) -> tuple[list[str], dict]:
+    """(answers, {layer: (mean u, mean g)}): one left-padded batch through the chat template.
+
+    MoGU models route with ``mode``; ``route_tokens`` overrides the routed prefix (0 routes every token);
+    ``trace`` returns the mean router weights per layer (empty otherwise)."""
+    from mogu.chat import render_prompt
+
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    kw = sampling_kwargs(tokenizer, max_new_tokens, temperature, top_p)
+    if is_mogu:
+        model.set_routing(mode)
+        if route_tokens is not None:
+            if route_tokens < 0:
+                raise ConfigError(f"--route-tokens must be >= 0 (0 routes every token), got {route_tokens}")
+            kw["route_tokens"] = route_tokens or None
+        model.enable_routing_trace(trace)
+    out = model.generate(**enc.to(model.device), **kw)
+    n = enc["input_ids"].shape[1]
+    answers = [tokenizer.decode(row[n:], skip_special_tokens=True).strip() for row in out]
+    weights = {}
+    if is_mogu and trace:
+        weights = {layer: (float(t[..., 0].mean()), float(t[..., 1].mean())) for layer, t in model.routing_trace().items()}
+    return answers, weights
+
+
+class ChatSession:
+    """A multi-turn conversation with a local model: the history, rendered by the chat template each turn."""
+
+    def __init__(self, model, tokenizer, *, system: str | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.kwargs = sampling_kwargs(tokenizer, max_new_tokens, temperature, top_p)
+        self.reset()
+
+    def reset(self) -> None:
+        self.history: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+
+    def reply(self, text: str, *, streamer=None) -> str:
+        """The model's answer to one user turn (streamed to ``streamer`` as it is generated)."""
+        from mogu.chat import render_prompt
+
+        self.history.append({"role": "user", "content": text})
+        enc = self.tokenizer(render_prompt(self.tokenizer, self.history), return_tensors="pt",
+                             add_special_tokens=False).to(self.model.device)
+        out = self.model.generate(**enc, streamer=streamer, **self.kwargs)
+        answer = self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        self.history.append({"role": "assistant", "content": answer})
+        return answer

@@ -330,12 +330,7 @@ def _materialise(model) -> None:
     """Give meta-device experts and routers real (CPU, float32) storage, freshly initialised."""
     from mogu.tuner.router import Router
 
-    gate = getattr(model, "gate", None)
-    if gate is not None and any(t.is_meta for t in [*gate.parameters(), *gate.buffers()]):
-        gate.to_empty(device="cpu")
-        with torch.no_grad():  # an unfitted gate: every probe zero, threshold 0
-            for t in [*gate.parameters(), *gate.buffers()]:
-                t.zero_()
+    model.routing_strategy.materialise()
     for m in model.routed_modules.values():
         router = list(m.router.parameters()) if m.router is not None else []
         if not any(p.is_meta for p in [*m.lora_A.parameters(), *m.lora_B.parameters(), *router]):

@@ -126,6 +126,11 @@ class RoutedLinear(nn.Module):
             self._fused = (key, down, bias, up)
         return self._fused[1], self._fused[2], self._fused[3]
 
+    @property
+    def routing_state(self) -> RoutingState:
+        """The routing state this layer shares with the other routed layers of its model."""
+        return self._state
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state = self._state

