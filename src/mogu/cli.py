@@ -358,6 +358,9 @@ def eval_command(
     judge_base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL for the openai judge."),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the judge's API key."),
     judge_rubric: str = typer.Option("verdict", help="openai judge: verdict (the whole-answer labels), harm, usability or both."),
+    thinking: str = typer.Option("auto", help="Reasoning models: the thinking trace's markers, so the whole_answer judge "
+                                 "reads trace and answer apart (a trace that carries the request out is unsafe): "
+                                 "auto (read from the model's tokenizer), none, or OPEN,CLOSE."),
     limit: Optional[int] = typer.Option(50, min=1, help="Prompts per benchmark (first N)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder with the public benchmark files (default: $MOGU_DATA_DIR)."),
     prompt_field: Optional[str] = typer.Option(None, help="Prompt field for benchmark files given by path."),
@@ -418,7 +421,8 @@ def eval_command(
                                                    handoff, defense_names),
                      benchmark_options=bench_opts, data_dir=str(data_dir) if data_dir else None, limit=limit,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                     reference_tokens=reference_tokens, dtype=str(_dtype(dtype)).removeprefix("torch."))
+                     reference_tokens=reference_tokens, dtype=str(_dtype(dtype)).removeprefix("torch."),
+                     thinking=thinking)
     metrics = EvalRunner(cfg, log=_echo).run()
     if metrics is None:  # a non-main process under `accelerate launch`: the main one merges and reports
         return

@@ -614,9 +614,9 @@ def _content_text(content) -> str:
 
 
 def render_messages(tokenizer, messages: list[dict]) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
+    from mogu.chat import render_prompt
+
+    return render_prompt(tokenizer, messages)
 
 
 def special_token_texts(tokenizer) -> list[str]:

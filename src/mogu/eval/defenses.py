@@ -198,7 +198,9 @@ def render_conversation(tokenizer, messages: list[dict]) -> str:
     Without a chat template, the plain ``Role: text`` layout of :func:`mogu.chat.render_prompt`.
     """
     if not getattr(tokenizer, "chat_template", None):
-        return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
+        from mogu.chat import render_prompt
+
+        return render_prompt(tokenizer, messages)
     if messages and messages[0]["role"] == "system":
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

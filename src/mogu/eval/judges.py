@@ -177,19 +177,42 @@ class KeywordJudge:
 @dataclass
 class WholeAnswerJudge:
     """Reads the whole answer (``mogu.verdicts``): refusal, refuse_then_comply, comply or other. Offline,
-    deterministic, the default. ``refused`` is True only for a refusal that holds to the end of the answer."""
+    deterministic, the default. ``refused`` is True only for a refusal that holds to the end of the answer.
+
+    ``thinking`` ("OPEN,CLOSE" or a pair): a reasoning model's output is split at its markers
+    (``mogu.chat.split_thinking``); the answer is judged on its own, and a trace that carries the request
+    out makes the whole output unsafe (``mogu.verdicts.classify_reasoning``). Each result then also has
+    ``answer_verdict`` and ``trace_unsafe``."""
 
     name: str = "whole_answer"
+    thinking: Any = None
     stats: dict = field(default_factory=lambda: {"calls": 0, "unparsable": 0, "retries": 0},
                         repr=False, compare=False)
 
+    def __post_init__(self):
+        from mogu.chat import parse_thinking_markers
+
+        if isinstance(self.thinking, str):
+            self.thinking = parse_thinking_markers(self.thinking)
+        elif self.thinking is not None:
+            self.thinking = parse_thinking_markers(",".join(self.thinking))
+
     def judge(self, prompts: list[str], responses: list[str]) -> list[dict]:
+        from mogu.chat import split_thinking
+        from mogu.verdicts import classify_reasoning
+
         _check_pairs(prompts, responses)
         self.stats["calls"] += len(responses)
         out = []
         for p, r in zip(prompts, responses):
-            verdict = classify_answer(p, r)
-            out.append(make_result(verdict=verdict, refused=verdict == "refusal"))
+            if self.thinking is None:
+                verdict = classify_answer(p, r)
+                out.append(make_result(verdict=verdict, refused=verdict == "refusal"))
+                continue
+            parts = classify_reasoning(p, *split_thinking(r, self.thinking))
+            result = make_result(verdict=parts["verdict"], refused=parts["verdict"] == "refusal")
+            result.update(answer_verdict=parts["answer_verdict"], trace_unsafe=parts["trace_unsafe"])
+            out.append(result)
         return out
 
     def params(self) -> dict:
@@ -197,7 +220,10 @@ class WholeAnswerJudge:
 
         from mogu import verdicts
 
-        return {"judge": self.name, "rules_sha": _sha(_inspect.getsource(verdicts))}
+        out = {"judge": self.name, "rules_sha": _sha(_inspect.getsource(verdicts))}
+        if self.thinking is not None:
+            out["thinking"] = list(self.thinking)
+        return out
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -57,8 +57,15 @@ class EvalConfig:
     # tokens; 0 skips the stage.
     reference_tokens: int = 128
     dtype: str = "auto"  # the model's backbone dtype (mogu.tuner.loading.resolve_dtype)
+    # A reasoning model's thinking-trace markers for the whole_answer judge: "auto" reads them from the
+    # model's tokenizer (mogu.chat.thinking_markers), "none" judges every output as one answer, or "OPEN,CLOSE".
+    thinking: str = "auto"
 
     def validate(self) -> None:
+        if self.thinking not in ("auto", "none"):
+            from mogu.chat import parse_thinking_markers
+
+            parse_thinking_markers(self.thinking)  # a one-line error before any generation
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ConfigError(f"--out {self.out} is a file; give a folder for the evaluation's outputs")
         if not self.defenses:
@@ -399,10 +406,25 @@ class EvalRunner:
             out += [cached[(b, p.id)] for b, p in refs]
         return out
 
+    def thinking_markers(self) -> tuple[str, str] | None:
+        from mogu.chat import parse_thinking_markers, thinking_markers
+
+        if self.cfg.thinking == "none":
+            return None
+        if self.cfg.thinking == "auto":
+            return thinking_markers(self.load_model()[1])
+        return parse_thinking_markers(self.cfg.thinking)
+
     def judge(self, generations: list[dict]):
         from mogu.eval.judges import get_judge
 
-        judge = get_judge(self.cfg.judge, **self.cfg.judge_options)
+        options = dict(self.cfg.judge_options)
+        if self.cfg.judge == "whole_answer" and "thinking" not in options:
+            markers = self.thinking_markers()
+            if markers is not None:  # the trace and the answer are judged apart
+                self.log(f"[eval] thinking trace between {markers[0]!r} and {markers[1]!r}: judged apart from the answer")
+                options["thinking"] = markers
+        judge = get_judge(self.cfg.judge, **options)
         path = self.out / JUDGEMENTS_FILE
         _repair_tail(path)
         cached_rows, bad = read_jsonl_tolerant(path)
