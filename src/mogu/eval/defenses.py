@@ -964,8 +964,9 @@ class SafetySFT(Defense):
     def _train(self, data: Path, folder: Path, key_src: dict) -> None:
         from mogu.train.data import load_stage_file
         from mogu.io import atomic_directory
-        from mogu.train.losses import collate, sequence_nll
         from mogu.chat import encode_pair
+        from mogu.train.loop import run_steps
+        from mogu.train.losses import collate, sequence_nll
 
         p = self._params
         tok = self.tokenizer
@@ -984,16 +985,19 @@ class SafetySFT(Defense):
                 optimizer = torch.optim.AdamW(trainable, lr=p["lr"])
                 peft_model.train()
                 order: list[int] = []
-                for _ in range(p["steps"]):
+
+                def step_fn(_step: int) -> dict:
+                    nonlocal order
                     while len(order) < min(p["batch_size"], len(seqs)):
                         order += torch.randperm(len(seqs), generator=gen).tolist()
                     idx, order = order[: p["batch_size"]], order[p["batch_size"]:]
                     batch = {k: v.to(device) for k, v in collate([seqs[i] for i in idx], pad).items()}
                     loss = sequence_nll(peft_model, batch).mean()
                     loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    self.train_log.append(float(loss.detach()))
+                    return {"loss": float(loss.detach())}
+
+                run_steps(optimizer, start=0, stop=p["steps"], step_fn=step_fn,
+                          after_step=lambda _done, loss, _logs: self.train_log.append(loss))
                 peft_model.eval()
                 # mogu's own content-keyed cache: an incomplete earlier copy is rebuilt
                 with atomic_directory(folder, kind="sft-adapter", overwrite=True) as tmp:

@@ -44,6 +44,7 @@ from mogu.io import atomic_directory, atomic_write_text, run_record
 from mogu.tuner.model import MoGUModel
 from mogu.tuner.task_adapter import (TASK_ADAPTER_KIND, add_task_adapter, load_task_adapter, save_task_adapter, task_adapter_parameters,
                                        task_adapter_state_dict, load_task_state_dict)
+from mogu.train.loop import run_steps
 from mogu.train.tasks import load_task_rows, score_exact, task_file, task_name_of
 
 _CKPT_TENSORS = "task_lora.safetensors"
@@ -420,19 +421,18 @@ class FineTuner:
         bar = tqdm(total=self.total_steps, initial=step, desc="finetune", disable=not self.progress)
         start = time.perf_counter()
         first_loss = last_loss = None
-        while step < self.total_steps:
-            logs = self._step(step, encoded)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            first_loss = logs["loss"] if first_loss is None else first_loss
-            last_loss = logs["loss"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            self._append_metrics({"step": step, **logs, "lr": cfg.lr,
+
+        def after_step(done: int, loss: float, logs: dict[str, Any]) -> None:
+            nonlocal first_loss, last_loss
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
+            self._append_metrics({"step": done, "loss": loss, **logs, "lr": cfg.lr,
                                   "elapsed_s": round(time.perf_counter() - start, 2)})
-            if step % cfg.save_every == 0 or step == self.total_steps:
-                self._save_checkpoint(optimizer, step)
+            if done % cfg.save_every == 0 or done == self.total_steps:
+                self._save_checkpoint(optimizer, done)
+
+        step = run_steps(optimizer, start=step, stop=self.total_steps, step_fn=lambda s: self._step(s, encoded),
+                         after_step=after_step, bar=bar)
         bar.close()
         model.eval()
         for p in self.params.values():

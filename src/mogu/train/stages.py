@@ -38,6 +38,7 @@ from mogu.errors import ConfigError, MoGUError
 from mogu.verdicts import is_refusal
 from mogu.io import atomic_directory, atomic_write_text, run_record
 from mogu.chat import encode_pair, render_prompt
+from mogu.train.loop import run_steps
 from mogu.train.losses import collate, ratio_terms, router_terms, sequence_nll
 
 STAGES = ("glad", "unwill", "router")
@@ -822,46 +823,51 @@ class Trainer:
         # Selection needs scores only when there is a choice; the responders are always scored (their dev
         # refusal rate is the stage's health check), a router stage with one candidate is not.
         score_epochs = bool(dev) and (stage != "router" or n_epochs > 1 or bool(history))
+        acc_steps = scfg.accumulation
+        micro: list[list[int]] = []
+
+        def step_fn(_step: int) -> dict[str, Any]:
+            group = micro[position["batch"]:position["batch"] + acc_steps]
+            position["batch"] += len(group)
+            return self._step(stage, params, [examples[i] for idx in group for i in idx])
+
+        def after_step(steps_done: int, loss_value: float, logs: dict[str, Any]) -> bool:
+            nonlocal best
+            position["step"] = steps_done
+            self._append_metrics({"stage": stage, "step": position["step"], "epoch": position["epoch"],
+                                  "loss": loss_value, **logs, "lr": scfg.lr,
+                                  "elapsed_s": round(time.perf_counter() - start, 2)})
+            if position["batch"] >= len(micro) or position["step"] >= total_steps:  # the end of an epoch
+                if score_epochs:
+                    model.eval()
+                    # Every process scores (they hold the same weights); the main one's scores decide.
+                    scores = self._from_main(score_stage(stage, model, self.tokenizer, dev, self.cfg))
+                    self._train_mode(stage)
+                    model.set_routing(STAGE_MODES[stage])
+                    entry = {"epoch": position["epoch"], "step": position["step"], **scores}
+                    history.append(entry)
+                    self._append_metrics({"stage": stage, "step": position["step"], "dev": scores})
+                    self.log(f"[{stage}] epoch {position['epoch']} step {position['step']}: "
+                             + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+                    # Strictly better only: on a tie the earlier (less drifted) checkpoint stays.
+                    if best is None or scores["score"] > best["score"]:
+                        best = {**entry, "tensors": self._snapshot(stage)}
+                        self._save_best(stage, best["tensors"])
+                position["epoch"] += 1
+                position["batch"] = 0
+                self._save_checkpoint(stage, optimizer, {**position, "history": history})
+                return False
+            if position["step"] % self.cfg.save_every == 0:
+                self._save_checkpoint(stage, optimizer, {**position, "history": history})
+            return True
+
         while position["step"] < total_steps and position["epoch"] < n_epochs:
             order = self._epoch_order(len(examples), position["epoch"])
-            micro = [order[i:i + scfg.micro_batch_size] for i in range(0, len(order), scfg.micro_batch_size)]
-            acc_steps = scfg.accumulation
-            while position["batch"] < len(micro) and position["step"] < total_steps:
-                group = micro[position["batch"]:position["batch"] + acc_steps]
-                logs = self._step(stage, params, [examples[i] for idx in group for i in idx])
-                loss_value = logs.pop("loss")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                position["batch"] += len(group)
-                position["step"] += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-                self._append_metrics({"stage": stage, "step": position["step"], "epoch": position["epoch"],
-                                      "loss": loss_value, **logs, "lr": scfg.lr,
-                                      "elapsed_s": round(time.perf_counter() - start, 2)})
-                end_of_epoch = position["batch"] >= len(micro) or position["step"] >= total_steps
-                if end_of_epoch:
-                    if score_epochs:
-                        model.eval()
-                        # Every process scores (they hold the same weights); the main one's scores decide.
-                        scores = self._from_main(score_stage(stage, model, self.tokenizer, dev, self.cfg))
-                        self._train_mode(stage)
-                        model.set_routing(STAGE_MODES[stage])
-                        entry = {"epoch": position["epoch"], "step": position["step"], **scores}
-                        history.append(entry)
-                        self._append_metrics({"stage": stage, "step": position["step"], "dev": scores})
-                        self.log(f"[{stage}] epoch {position['epoch']} step {position['step']}: "
-                                 + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
-                        # Strictly better only: on a tie the earlier (less drifted) checkpoint stays.
-                        if best is None or scores["score"] > best["score"]:
-                            best = {**entry, "tensors": self._snapshot(stage)}
-                            self._save_best(stage, best["tensors"])
-                    position["epoch"] += 1
-                    position["batch"] = 0
-                    self._save_checkpoint(stage, optimizer, {**position, "history": history})
-                    break
-                if position["step"] % self.cfg.save_every == 0:
-                    self._save_checkpoint(stage, optimizer, {**position, "history": history})
+            micro[:] = [order[i:i + scfg.micro_batch_size] for i in range(0, len(order), scfg.micro_batch_size)]
+            if position["batch"] >= len(micro):
+                break  # this epoch was stepped through already: nothing would advance
+            run_steps(optimizer, start=position["step"], stop=total_steps, step_fn=step_fn, after_step=after_step,
+                      bar=bar)
         bar.close()
         model.eval()
         if best is not None:
