@@ -138,3 +138,34 @@ def test_hold_policy_on_a_thinking_template_keeps_trace_and_answer_with_the_unwi
             answer = [t for t in out[row, n:].tolist() if t != tok.pad_token_id]
             logits, was_held = answer_logits(model, prompt_ids, answer, handoff="hold")
             assert was_held and logits.argmax(-1).tolist() == answer
+
+
+def test_data_build_for_a_thinking_model_reads_the_answer_after_the_trace_and_keeps_the_trace(tmp_path):
+    import json
+
+    from mogu.train.data import PromptRecord, build_stage_datasets
+
+    harmful = [PromptRecord(f"harmful request {i}", True, "t") for i in range(3)]
+    benign = [PromptRecord(p, False, "t") for p in ("bake bread", "never stops thinking", "refuses at first")]
+    first = {"bake bread": "<think>I can't decide on a flour.</think>Mix flour, water and yeast, then bake.",
+             "never stops thinking": "<think>Let me think about this for a long",
+             "refuses at first": "<think>Fine.</think>I'm sorry, but I can't help with that."}
+    second = {"never stops thinking": "<think>Still going", "refuses at first": "<think>Ok.</think>Sure: do this."}
+    calls = []
+
+    def answer(prompts, sample=False):
+        calls.append((list(prompts), sample))
+        return [(second if sample else first).get(p, first[p]) for p in prompts]
+
+    build_stage_datasets(harmful, benign, tmp_path, answer_fn=answer, log=lambda m: None,
+                                 thinking=lambda: ("<think>", "</think>"))
+    # A refusal phrase inside the trace is not a refusal; an unfinished trace is no answer; the answer's refusal is.
+    assert calls[1] == (["never stops thinking", "refuses at first"], True)
+    rows = {json.loads(line)["prompt"]: json.loads(line) for line in (tmp_path / "unwill_pairs.jsonl").read_text().splitlines()}
+    assert rows["bake bread"]["comply"] == first["bake bread"]  # kept whole, trace included
+    assert rows["refuses at first"]["comply"] == second["refuses at first"]
+    assert "never stops thinking" not in rows
+    # Without markers the same texts are whole answers: the trace's "I can't" makes the first one a refusal.
+    calls.clear()
+    build_stage_datasets(harmful, benign, tmp_path / "plain", answer_fn=answer, log=lambda m: None)
+    assert "bake bread" in calls[1][0]

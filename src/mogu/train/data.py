@@ -243,6 +243,7 @@ def comply_opening(record: PromptRecord, rng: random.Random) -> str:
 def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord], out_dir: str | Path, *,
                          answer_fn: Callable[[list[str]], list[str]] | None, seed: int = 0,
                          max_benign_train: int | None = None, frame_fraction: float = 1.0,
+                         thinking: "tuple[str, str] | Callable[[], tuple[str, str] | None] | None" = None,
                          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the three stage files and dev.jsonl; return counts (also written to data_stats.json).
 
@@ -250,6 +251,11 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
     it is called only for benign prompts without a provided output. ``max_benign_train`` keeps a
     seeded sample of that many benign train prompts (the dev split is never sampled): self-distilling
     answers is the slow part of a CPU build, and it keeps the router set closer to class balance.
+
+    ``thinking``: a reasoning model's trace markers (or a function that gives them once ``answer_fn`` has
+    run, so the model loads only when needed). A distilled answer is kept whole, trace included, as the model
+    writes it; the refusal check reads the answer after the trace, and an answer whose trace never ended
+    counts as no answer (regenerated, then dropped).
     """
     if not 0.0 <= frame_fraction <= 1.0:
         raise DataError(f"frame_fraction must be in [0, 1], got {frame_fraction}")
@@ -279,13 +285,21 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
         if answer_fn is None:
             raise DataError("benign prompts have no outputs and no model was given to answer them")
         generated = answer_fn(todo)
-        retry = [p for p, a in zip(todo, generated) if not a.strip() or is_refusal(a)]
+        markers = thinking() if callable(thinking) else thinking
+
+        def unusable(text: str) -> bool:
+            from mogu.chat import split_thinking
+
+            _, answer = split_thinking(text, markers)
+            return not answer.strip() or is_refusal(answer)
+
+        retry = [p for p, a in zip(todo, generated) if unusable(a)]
         answers.update({p: a for p, a in zip(todo, generated) if p not in retry})
         if retry:
             regenerated = len(retry)
             second = answer_fn(retry, sample=True) if _accepts_sample(answer_fn) else answer_fn(retry)
             for p, a in zip(retry, second):
-                if a.strip() and not is_refusal(a):
+                if not unusable(a):
                     answers[p] = a
                 else:
                     dropped += 1

@@ -106,8 +106,13 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
         return distill_answers(base, holder["tokenizer"], prompts, sample=sample, seed=seed,
                                max_new_tokens=max_new_tokens, batch_size=batch_size)
 
+    def thinking():  # read once the model (and its tokenizer) is loaded: a reasoning model's trace markers
+        from mogu.chat import thinking_markers
+
+        return thinking_markers(holder["tokenizer"]) if holder["tokenizer"] is not None else None
+
     stats = build_stage_datasets(harm, ben, out, answer_fn=answer, seed=seed, max_benign_train=max_benign,
-                                 frame_fraction=frame_fraction, log=log)
+                                 frame_fraction=frame_fraction, thinking=thinking, log=log)
     atomic_write_text(out / "run.json", json.dumps(run_record(
         {"model": model_name, "harmful": harmful, "benign": benign, "field": field, "seed": seed,
          "max_new_tokens": max_new_tokens, "max_benign": max_benign, "frame_fraction": frame_fraction}), indent=2))
