@@ -263,6 +263,8 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
     """Batched chat-template generation; returns decoded responses in prompt order."""
     from tqdm.auto import tqdm
 
+    from mogu.tuner.inference import sampling_kwargs
+
     was_training = model.training
     model.eval()
     # Longest prompts first keeps padding low; results are put back in order.
@@ -272,9 +274,7 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         texts = [render_prompt(tokenizer, prompts[i]) for i in idx]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
-        gen_kwargs.update({"do_sample": True, "temperature": 0.7, "top_p": 0.9} if do_sample else
-                          {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        gen_kwargs = sampling_kwargs(tokenizer, max_new_tokens, *((0.7, 0.9) if do_sample else (0.0, 1.0)))
         with model.routing(mode):
             out = model.generate(**enc, route_tokens=route_tokens, **gen_kwargs)
         for row, i in enumerate(idx):

@@ -18,6 +18,7 @@ testing which kind of router a model has.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from mogu.errors import ConfigError, MoGUError
 
 
-class RoutingStrategy:
+class RoutingStrategy(ABC):
     """Who decides the expert weights of a MoGU model. Subclasses register in ``ROUTING_STRATEGIES``."""
 
     name: ClassVar[str]
@@ -61,23 +62,26 @@ class RoutingStrategy:
         """Raise if the strategy would route nonsensically (e.g. never fitted)."""
 
     # -- parameters -----------------------------------------------------------------------
+    @abstractmethod
     def parameters(self) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """The tensors the router stage trains or fits."""
 
+    @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """What ``router.safetensors`` holds, by key."""
 
+    @abstractmethod
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        """Copy ``sd`` (keys checked by the caller) into the strategy's tensors."""
 
     # -- the operating point --------------------------------------------------------------
+    @abstractmethod
     def operating_point(self) -> Any:
         """A snapshot of what ``shift_toward_glad`` moves, for ``set_operating_point``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_operating_point(self, snapshot: Any, delta: float = 0.0) -> None:
         """Restore ``snapshot``, moved ``delta`` logits toward glad (> 0 refuses less)."""
-        raise NotImplementedError
 
     def shift_toward_glad(self, delta: float) -> None:
         """Move the operating point ``delta`` logits toward glad from where it is now."""
@@ -272,16 +276,16 @@ def make_strategy(model) -> RoutingStrategy:
 
 
 # -- after the routed prefix ------------------------------------------------------------------
-class HandoffPolicy:
+class HandoffPolicy(ABC):
     """What follows the routed prefix. Subclasses register in ``HANDOFF_POLICIES``."""
 
     name: ClassVar[str]
     # Token routers sum each step's (u - g) while the prefix is generated (layer.PrefixScore).
     scores_prefix: ClassVar[bool]
 
+    @abstractmethod
     def held_rows(self, pinned: torch.Tensor | None, prefix_score, batch: int) -> torch.Tensor:
         """[batch] bool: the rows that stay with the unwilling expert instead of handing off."""
-        raise NotImplementedError
 
 
 class FixedHandoff(HandoffPolicy):
