@@ -149,6 +149,9 @@ def train(
                                                 "(less memory, about a third more step time)."),
     mixed_precision: Optional[str] = typer.Option(None, help="Autocast: no, fp16 or bf16 (default: the launcher's "
                                                   "mixed_precision, e.g. from configs/accelerate)."),
+    shard_backbone: str = typer.Option("auto", help="Under several processes: 'fsdp2' shards the frozen backbone "
+                                       "(FSDP2; the experts and routers stay whole), 'none' replicates it, 'auto' "
+                                       "shards when the launcher's config is FSDP (configs/accelerate/fsdp.yaml)."),
     overwrite: bool = _overwrite_option(),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -174,7 +177,8 @@ def train(
                  "responder_loss": responder_loss, "router_init": router_init,
                  "router_init_refits": router_init_refits, "router_init_glad_bias": router_init_glad_bias,
                  "stages": stages.split(",") if stages else None,
-                 "gradient_checkpointing": gradient_checkpointing or None, "mixed_precision": mixed_precision}
+                 "gradient_checkpointing": gradient_checkpointing or None, "mixed_precision": mixed_precision,
+                 "backbone_sharding": shard_backbone}
     train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume,
                 layer_selection=selection, overwrite=overwrite, dtype=_dtype(dtype))
 

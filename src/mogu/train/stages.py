@@ -39,6 +39,7 @@ from mogu.verdicts import is_refusal
 from mogu.io import atomic_directory, atomic_write_text, run_record
 from mogu.chat import encode_pair, render_prompt
 from mogu.train.loop import run_steps
+from mogu.train.sharding import BACKBONE_SHARDING, backbone_footprint, shard_frozen_backbone
 from mogu.train.losses import collate, ratio_terms, router_terms, sequence_nll
 
 STAGES = ("glad", "unwill", "router")
@@ -196,6 +197,9 @@ class TrainConfig:
     # The router weight loss's mean: over every token of the step (mogu), or per example, then over examples
     # (the authors'), which weighs a short prompt as much as a long one.
     router_weight_average: str = "token"
+    # The frozen backbone over several processes: "none" replicates it on each; "fsdp2" shards it
+    # (sharding.py; the experts and routers stay whole); "auto" shards when the launcher's config is FSDP.
+    backbone_sharding: str = "auto"
 
     def validate(self) -> None:
         for name, stage in self.stages.items():
@@ -232,6 +236,9 @@ class TrainConfig:
             raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if self.router_weight_average not in ("token", "example"):
             raise ConfigError(f"router_weight_average must be 'token' or 'example', got {self.router_weight_average!r}")
+        if self.backbone_sharding not in BACKBONE_SHARDING:
+            raise ConfigError(f"backbone_sharding must be one of {', '.join(BACKBONE_SHARDING)}, "
+                              f"got {self.backbone_sharding!r}")
         if not isinstance(self.append_eos, bool):
             raise ConfigError(f"append_eos must be true or false, got {self.append_eos!r}")
 
@@ -334,7 +341,6 @@ class Trainer:
     def __init__(self, model, tokenizer, cfg: TrainConfig, *, log: Callable[[str], None] = print,
                  progress: bool = True):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedType
 
         cfg.validate()
         if tokenizer is None:
@@ -346,10 +352,10 @@ class Trainer:
         self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=_cpu_only_launch())
         self.log = log if acc.is_main_process else (lambda msg: None)
         self.progress = progress and acc.is_main_process
-        self.model.to(acc.device)
-        self._check_precision(acc.mixed_precision)
-        if cfg.gradient_checkpointing:
+        if cfg.gradient_checkpointing:  # before sharding: FSDP2 hooks the checkpointed layers' forward
             enable_gradient_checkpointing(model)
+        self._place_model(cfg.backbone_sharding)
+        self._check_precision(acc.mixed_precision)
         self.metrics_path = self.out / "metrics.jsonl"
         strategy = model.routing_strategy
         if not strategy.trains_by_gradient and cfg.joint_experts:
@@ -358,15 +364,38 @@ class Trainer:
         # A gate's router stage takes no gradient steps, so it has nothing to train the experts with.
         self.joint = strategy.trains_by_gradient and (cfg.joint_experts if cfg.joint_experts is not None
                                              else model.config.version == "v2")
-        # DeepSpeed and FSDP shard a model handed to prepare(); the Trainer keeps its own data-parallel
-        # step for the (small) trainable part under every launcher, so there the backbone is replicated.
-        self._own_step = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         if acc.num_processes > 1:
             self.log(f"[train] {acc.num_processes} processes ({acc.distributed_type.value}): each step's global "
                      "batch is split across them and the trainable gradients are summed")
-        if self._own_step:
-            self.log(f"[train] {acc.distributed_type.value}: the frozen backbone is replicated on every process, "
-                     "not sharded; only the experts' and routers' gradients are exchanged")
+        if self.sharding == "fsdp2":
+            self.log(f"[train] fsdp2: the frozen backbone is sharded over {acc.num_processes} processes "
+                     f"({self.footprint['backbone_params_local']:,} of {self.footprint['backbone_params']:,} "
+                     "parameters on this one); the experts and routers are whole on each")
+        elif self._own_step:
+            self.log(f"[train] {acc.distributed_type.value}: the frozen backbone is replicated on every process "
+                     "(--shard-backbone fsdp2, or configs/accelerate/fsdp.yaml, shards it); only the experts' and "
+                     "routers' gradients are exchanged")
+
+    def _place_model(self, sharding: str) -> None:
+        """Shard the frozen backbone (``sharding``: fsdp2, or auto under an FSDP launcher) and move the model
+        to this process's device. The model is never handed to prepare(): the Trainer keeps its own
+        data-parallel step for the (small) trainable part under every launcher."""
+        from accelerate.utils import DistributedType
+
+        acc, model = self.accelerator, self.model
+        self._own_step = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if sharding == "auto":
+            sharding = "fsdp2" if acc.distributed_type == DistributedType.FSDP else "none"
+        self.sharding = sharding if acc.num_processes > 1 else "none"
+        if self.sharding == "fsdp2":
+            # Sharded where it lies (host memory), so a device never holds the whole backbone: fully_shard
+            # moves each shard to the mesh's device, and .to() then moves the whole experts and routers.
+            plugin = getattr(acc.state, "fsdp_plugin", None)
+            reshard = getattr(plugin, "reshard_after_forward", True)
+            shard_frozen_backbone(model, device=acc.device, reshard_after_forward=reshard if isinstance(reshard, bool)
+                                  else True)
+        model.to(acc.device)
+        self.footprint = backbone_footprint(model)
 
     def _check_precision(self, mixed: str) -> None:
         """One line where the launcher's autocast and the backbone's dtype disagree."""
@@ -438,6 +467,21 @@ class Trainer:
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
 
     # ---- processes
+    def _distribution(self) -> dict[str, Any]:
+        """run.json's record of how the run was spread: strategy, processes, backbone parameters per rank.
+        Every process calls it."""
+        acc = self.accelerator
+        local = self.footprint["backbone_params_local"]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            per_rank = gather_object([local])
+        else:
+            per_rank = [local]
+        return {"processes": acc.num_processes, "launcher": acc.distributed_type.value,
+                "backbone_sharding": self.sharding, "backbone_params": self.footprint["backbone_params"],
+                "backbone_params_per_rank": per_rank}
+
     def _from_main(self, obj: Any) -> Any:
         """The main process's ``obj`` on every process: decisions read from files, dev scores."""
         if self.accelerator.num_processes == 1:
@@ -711,6 +755,7 @@ class Trainer:
         record = run_record({"train_config": asdict(self.cfg), "mogu_config": self.model.config.to_dict()},
                             [self.data_dir / f for f in (*STAGE_FILES.values(), DEV_FILE, PROBE_FILE)
                              if f != PROBE_FILE or (self.data_dir / f).is_file()])
+        record["distribution"] = self._distribution()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             if not resume and self.metrics_path.exists():
