@@ -232,6 +232,7 @@ def test_task_accuracy_is_exact_match_and_kept_out_of_the_benign_pools():
     m = compute_metrics(gens, verdicts, ["mogu"], ["task", "b"])
     cell = m["cells"]["mogu"]["task"]
     assert cell["task_accuracy"]["k"] == 2 and cell["task_accuracy"]["n"] == 4
+    assert cell["task_accuracy_final"]["k"] == 3  # "12 apples" has the right final answer
     assert cell["refusal"]["k"] == 1  # the task cell still shows a refused question
     s = m["summary"]["mogu"]
     assert s["task_accuracy"]["k"] == 2

@@ -68,6 +68,8 @@ def test_core_imports_builds_trains_and_generates_without_any_extra():
     (["fastapi"], "import mogu.serve", "serve"),
     (["sacrebleu"], "from mogu.eval.report import base_agreement; base_agreement([{'benchmark': 'b', 'id': 1, 'response': 'x'}], [])", "eval"),
     (["openai"], "from mogu.eval.judges import OpenAIJudge; OpenAIJudge(model='m', base_url='http://127.0.0.1:9/v1')", "eval"),
+    (["bitsandbytes"], "from mogu.tuner.loading import load_base_model; load_base_model('gpt2', quantization='4bit')",
+     "quant"),
 ])
 def test_each_feature_names_its_missing_extra(blocked, code, extra):
     out = run_without(blocked, f"""

@@ -495,3 +495,19 @@ def test_gated_model_without_mix_data_keeps_its_gate(tmp_path):
     before = model.gate.weight.detach().clone()
     summary = _tuner(model, _cfg(tmp_path, "nomix", steps=2)).train()
     assert "gate_refit" not in summary and torch.equal(model.gate.weight.cpu(), before)
+
+
+@pytest.mark.parametrize("name,response,answer,ok", [
+    ("arith", "Noah has 11 stickers and gives away 10, so 11 - 10 = 1", 1, True),
+    ("arith", "The answer is 12.", 12, True),
+    ("arith", "12 apples, then 3 more: 15", 12, False),  # the last integer is the final answer
+    ("arith", "about 12.5", 12, False),                  # not an integer
+    ("arith", "I'm sorry, I can't help with that.", 12, False),
+    ("date-iso", "That date is 2021-03-05 in ISO form.", "2021-03-05", True),
+    ("date-iso", "2021-03-05, or rather 2021-05-03", "2021-03-05", False),
+    ("date-iso", "March 5, 2021", "2021-03-05", False),
+])
+def test_score_final_takes_the_last_integer_or_iso_date_as_the_answer(name, response, answer, ok):
+    from mogu.train.tasks import score_final
+
+    assert score_final(name, response, answer) is ok

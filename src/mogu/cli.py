@@ -95,6 +95,21 @@ def _dtype(value: str):
     return resolve_dtype(value)  # a one-line error for an unknown name, before any model loads
 
 
+def _load_in_4bit_option():
+    return typer.Option(False, "--load-in-4bit", help="Quantise the frozen backbone to 4-bit NF4 with bitsandbytes "
+                                                      "(`pip install 'mogu[quant]'`); experts and routers stay float32.")
+
+
+def _load_in_8bit_option():
+    return typer.Option(False, "--load-in-8bit", help="Quantise the frozen backbone to 8-bit (LLM.int8()).")
+
+
+def _quantization(load_in_4bit: bool, load_in_8bit: bool) -> str | None:
+    from mogu.tuner.loading import quantization_from_flags
+
+    return quantization_from_flags(load_in_4bit, load_in_8bit)
+
+
 def _overwrite_option():
     return typer.Option(False, "--overwrite", help=OVERWRITE_HELP)
 
@@ -145,6 +160,7 @@ def train(
     keep_checkpoints: Optional[int] = typer.Option(None, min=0, help="Newest step checkpoints kept per stage (2; 0 keeps all)."),
     seed: Optional[int] = typer.Option(None),
     dtype: str = _dtype_option(),
+    load_in_4bit: bool = _load_in_4bit_option(), load_in_8bit: bool = _load_in_8bit_option(),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute the backbone's activations in backward "
                                                 "(less memory, about a third more step time)."),
     mixed_precision: Optional[str] = typer.Option(None, help="Autocast: no, fp16 or bf16 (default: the launcher's "
@@ -180,7 +196,8 @@ def train(
                  "gradient_checkpointing": gradient_checkpointing or None, "mixed_precision": mixed_precision,
                  "backbone_sharding": shard_backbone}
     train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume,
-                layer_selection=selection, overwrite=overwrite, dtype=_dtype(dtype))
+                layer_selection=selection, overwrite=overwrite, dtype=_dtype(dtype),
+                quantization=_quantization(load_in_4bit, load_in_8bit))
 
 
 def _router_response_tokens(value: str | None):
@@ -222,6 +239,7 @@ def finetune(
     overwrite: bool = _overwrite_option(),
     seed: int = typer.Option(0),
     dtype: str = _dtype_option(),
+    load_in_4bit: bool = _load_in_4bit_option(), load_in_8bit: bool = _load_in_8bit_option(),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute the backbone's activations in backward."),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -237,7 +255,8 @@ def finetune(
                          target_modules=_csv(target_modules) if target_modules else None,
                          max_response_tokens=max_response_tokens, save_every=save_every,
                          keep_checkpoints=keep_checkpoints, seed=seed, refit_gate=refit_gate, overwrite=overwrite,
-                         dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+                         dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                         quantization=_quantization(load_in_4bit, load_in_8bit))
     _, _, summary = run_finetune(model, cfg, resume=resume, log=_echo)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -269,13 +288,15 @@ def generate(
     gate_benign: Optional[str] = _gate_benign_option(),
     trace: bool = typer.Option(False, help="Print mean router weights per layer."),
     dtype: str = _dtype_option(),
+    load_in_4bit: bool = _load_in_4bit_option(), load_in_8bit: bool = _load_in_8bit_option(),
     threads: Optional[int] = typer.Option(None),
 ):
     """Generate answers for one or more prompts (batched, left-padded)."""
     from mogu.tuner.inference import generate_answers, load_for_inference
 
     _setup_torch(threads)
-    m, tok, is_mogu = load_for_inference(model, handoff=handoff, gate_benign=gate_benign, dtype=_dtype(dtype))
+    m, tok, is_mogu = load_for_inference(model, handoff=handoff, gate_benign=gate_benign, dtype=_dtype(dtype),
+                                         quantization=_quantization(load_in_4bit, load_in_8bit))
     answers, weights = generate_answers(m, tok, prompt, is_mogu=is_mogu, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, route_tokens=route_tokens, mode=mode,
                                         trace=trace)
@@ -297,6 +318,7 @@ def chat(
     handoff: Optional[str] = _handoff_option(),
     gate_benign: Optional[str] = _gate_benign_option(),
     dtype: str = _dtype_option(),
+    load_in_4bit: bool = _load_in_4bit_option(), load_in_8bit: bool = _load_in_8bit_option(),
     threads: Optional[int] = typer.Option(None),
 ):
     """Interactive chat that streams tokens. Empty line or Ctrl-D quits; /reset clears history."""
@@ -313,7 +335,8 @@ def chat(
     from mogu.tuner.inference import ChatSession, load_for_inference
 
     _setup_torch(threads)
-    m, tok, _ = load_for_inference(model, handoff=handoff, gate_benign=gate_benign, dtype=_dtype(dtype))
+    m, tok, _ = load_for_inference(model, handoff=handoff, gate_benign=gate_benign, dtype=_dtype(dtype),
+                                   quantization=_quantization(load_in_4bit, load_in_8bit))
     session = ChatSession(m, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     typer.echo("mogu chat: empty line or Ctrl-D to quit, /reset to clear the history.")
@@ -362,8 +385,8 @@ def eval_command(
     judge_base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL for the openai judge."),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the judge's API key."),
     judge_rubric: str = typer.Option("verdict", help="openai judge: verdict (the whole-answer labels), harm, usability or both."),
-    thinking: str = typer.Option("auto", help="Reasoning models: the thinking trace's markers, so the whole_answer judge "
-                                 "reads trace and answer apart (a trace that carries the request out is unsafe): "
+    thinking: str = typer.Option("auto", help="Reasoning models: the thinking trace's markers, so the judge (whole_answer, "
+                                 "openai or hf-classifier) reads trace and answer apart (a trace that carries the request out is unsafe): "
                                  "auto (read from the model's tokenizer), none, or OPEN,CLOSE."),
     limit: Optional[int] = typer.Option(50, min=1, help="Prompts per benchmark (first N)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder with the public benchmark files (default: $MOGU_DATA_DIR)."),
@@ -380,6 +403,7 @@ def eval_command(
     handoff: Optional[str] = _handoff_option(),
     list_all: bool = typer.Option(False, "--list", help="List the benchmarks, defenses, judges and attacks, then exit."),
     dtype: str = _dtype_option(),
+    load_in_4bit: bool = _load_in_4bit_option(), load_in_8bit: bool = _load_in_8bit_option(),
     threads: Optional[int] = typer.Option(None),
 ):
     """Compare defenses on benchmarks: refusal / attack-success with 95% CIs, judge scores, Pareto plot.
@@ -426,6 +450,7 @@ def eval_command(
                      benchmark_options=bench_opts, data_dir=str(data_dir) if data_dir else None, limit=limit,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                      reference_tokens=reference_tokens, dtype=str(_dtype(dtype)).removeprefix("torch."),
+                     quantization=_quantization(load_in_4bit, load_in_8bit),
                      thinking=thinking)
     metrics = EvalRunner(cfg, log=_echo).run()
     if metrics is None:  # a non-main process under `accelerate launch`: the main one merges and reports
@@ -507,6 +532,7 @@ def calibrate(
     batch_size: int = typer.Option(32, min=1, max=1024),
     overwrite: bool = _overwrite_option(),
     dtype: str = _dtype_option(),
+    load_in_4bit: bool = _load_in_4bit_option(), load_in_8bit: bool = _load_in_8bit_option(),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Choose the router's operating point on dev prompts: the glad-bias shift with the fewest benign refusals
@@ -522,7 +548,8 @@ def calibrate(
     result = calibrate_checkpoint(model, out, harmful=harmful, benign=benign, field=field, grid=values,
                                   min_harmful=min_harmful, exhaustive=exhaustive, refine=refine,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size, overwrite=overwrite,
-                                  dtype=_dtype(dtype), log=_echo)
+                                  dtype=_dtype(dtype), quantization=_quantization(load_in_4bit, load_in_8bit),
+                                  log=_echo)
     typer.echo(result.to_markdown())
     typer.echo(f"\nchosen glad bias {result.chosen:+g}: {result.reason}\nwrote {out} ({CALIBRATION_FILE} inside)")
 
@@ -632,6 +659,7 @@ def serve_command(
     special_tokens: str = typer.Option("escape", help="Special-token text in message content: escape (kept as text), "
                                        "refuse (400) or allow (acts as control tokens)."),
     dtype: str = _dtype_option(),
+    load_in_4bit: bool = _load_in_4bit_option(), load_in_8bit: bool = _load_in_8bit_option(),
 ):
     """Serve a model behind an OpenAI-compatible API: /v1/chat/completions (SSE streaming), /v1/models, /health."""
     from mogu.serve import serve
@@ -644,7 +672,8 @@ def serve_command(
           max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit,
           max_body_bytes=max_body_bytes, log_level=log_level, echo=_echo, handoff=handoff,
           max_prompt_tokens=max_prompt_tokens, request_timeout_s=request_timeout or None, allowed_hosts=hosts,
-          special_tokens=special_tokens, gate_benign=gate_benign, dtype=_dtype(dtype))
+          special_tokens=special_tokens, gate_benign=gate_benign, dtype=_dtype(dtype),
+          quantization=_quantization(load_in_4bit, load_in_8bit))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "eval": ("sacrebleu", "openai"),
     "plots": ("matplotlib",),
     "gguf": ("gguf",),
+    "quant": ("bitsandbytes",),
 }
 
 # What each extra is for, in the error message.
@@ -25,6 +26,7 @@ PURPOSE: dict[str, str] = {
     "eval": "`mogu eval` (chrF agreement, the openai judge)",
     "plots": "the Pareto, routing and probe plots",
     "gguf": "loading GGUF models, the embedded SmolLM2 default among them",
+    "quant": "4-bit and 8-bit backbones (`--load-in-4bit`, `--load-in-8bit`)",
 }
 
 

@@ -1054,7 +1054,8 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, api_key:
           max_body_bytes: int = 1 << 20, max_tokens_limit: int = 4096, default_max_tokens: int = 256,
           log_level: str = "info", echo=print, handoff: str | None = None, max_prompt_tokens: int | None = 4096,
           request_timeout_s: float | None = 300.0, allowed_hosts: list[str] | None = None,
-          special_tokens: str = "escape", gate_benign: str | None = None, dtype=None) -> None:
+          special_tokens: str = "escape", gate_benign: str | None = None, dtype=None,
+          quantization: str | None = None) -> None:
     """Load ``model_dir`` (a MoGU checkpoint, or any base model mogu can load) and serve it until interrupted.
     ``handoff`` overrides the checkpoint's hand-off policy ("hold" keeps refusals, "fixed" is the paper's).
     ``allowed_hosts`` None: the loopback names for a loopback bind, any host otherwise."""
@@ -1068,7 +1069,8 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, api_key:
     if allowed_hosts is None:
         allowed_hosts = list(LOOPBACK_HOSTS) if is_loopback(host) else ["*"]
     sock = bind_socket(host, port)  # fail fast, before loading the model, when the port is taken
-    model, tokenizer, is_mogu = load_for_inference(model_dir, handoff=handoff, gate_benign=gate_benign, dtype=dtype)
+    model, tokenizer, is_mogu = load_for_inference(model_dir, handoff=handoff, gate_benign=gate_benign, dtype=dtype,
+                                                   quantization=quantization)
     name = model_name or model_dir
     app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_batch_size=max_batch_size,
                      max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_body_bytes=max_body_bytes,

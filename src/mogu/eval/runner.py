@@ -28,6 +28,8 @@ SHARD_GLOB = "generations.shard-*.jsonl"
 JUDGEMENTS_FILE = "judgements.jsonl"
 LIKELIHOOD_FILE = "likelihood.jsonl"
 METRICS_FILE = "metrics.json"
+# Judges that take a reasoning model's trace markers and judge the trace apart from the answer.
+TRACE_AWARE_JUDGES = ("whole_answer", "openai", "hf-classifier")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class EvalConfig:
     # tokens; 0 skips the stage.
     reference_tokens: int = 128
     dtype: str = "auto"  # the model's backbone dtype (mogu.tuner.loading.resolve_dtype)
+    quantization: str | None = None  # "4bit" / "8bit": a bitsandbytes-quantised backbone
     # A reasoning model's thinking-trace markers for the whole_answer judge: "auto" reads them from the
     # model's tokenizer (mogu.chat.thinking_markers), "none" judges every output as one answer, or "OPEN,CLOSE".
     thinking: str = "auto"
@@ -82,9 +85,10 @@ class EvalConfig:
             raise ConfigError("defenses and benchmarks must not repeat")
         if not self.attacks or len(set(self.attacks)) != len(self.attacks):
             raise ConfigError("--attacks must name at least one attack, without repeats")
-        from mogu.tuner.loading import resolve_dtype
+        from mogu.tuner.loading import check_quantization, resolve_dtype
 
         resolve_dtype(self.dtype)
+        check_quantization(self.quantization)
         if not 0 <= self.reference_tokens <= 4096:
             raise ConfigError(f"--reference-tokens must be in [0, 4096], got {self.reference_tokens}")
 
@@ -237,7 +241,8 @@ class EvalRunner:
         if self._model is None:
             # Several processes: each its own device (one GPU per rank); one process keeps the default.
             device = str(self.state.device) if self.state.num_processes > 1 else None
-            self._model, self._tokenizer, _ = load_for_inference(self.cfg.model, device=device, dtype=self.cfg.dtype)
+            self._model, self._tokenizer, _ = load_for_inference(self.cfg.model, device=device, dtype=self.cfg.dtype,
+                                                                        quantization=self.cfg.quantization)
         if isinstance(self._model, MoGUModel):
             self.mogu = self._model
             self._tokenizer = self._tokenizer or self._model.tokenizer
@@ -419,7 +424,7 @@ class EvalRunner:
         from mogu.eval.judges import get_judge
 
         options = dict(self.cfg.judge_options)
-        if self.cfg.judge == "whole_answer" and "thinking" not in options:
+        if self.cfg.judge in TRACE_AWARE_JUDGES and "thinking" not in options:
             markers = self.thinking_markers()
             if markers is not None:  # the trace and the answer are judged apart
                 self.log(f"[eval] thinking trace between {markers[0]!r} and {markers[1]!r}: judged apart from the answer")

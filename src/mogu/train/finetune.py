@@ -96,13 +96,15 @@ class FinetuneConfig:
     refit_gate: bool = True
     dtype: str = "auto"  # the backbone's (mogu.tuner.loading.resolve_dtype); the task LoRA and MoGU's parts stay float32
     gradient_checkpointing: bool = False  # recompute the backbone's activations in backward
+    quantization: str | None = None  # "4bit" / "8bit": a bitsandbytes-quantised backbone (mogu.tuner.loading)
     overwrite: bool = False  # replace output_dir/model even if mogu did not write it (mogu.io.check_replaceable)
 
     def validate(self) -> None:
         """Ranges and input files, checked before any model is loaded."""
-        from mogu.tuner.loading import resolve_dtype
+        from mogu.tuner.loading import check_quantization, resolve_dtype
 
         resolve_dtype(self.dtype)
+        check_quantization(self.quantization)
         if not 0.0 <= self.mix_ratio < 1.0:
             raise ConfigError(f"mix ratio must be in [0, 1), got {self.mix_ratio}")
         if self.mix_ratio > 0 and not self.mix_data:
@@ -476,7 +478,7 @@ def run_finetune(model_name: str, cfg: FinetuneConfig, *, resume: bool = False, 
     from mogu.io import check_replaceable
     from mogu.tuner.checkpoint import CHECKPOINT_KIND
 
-    model, tokenizer, is_mogu = load_for_inference(model_name, dtype=cfg.dtype)
+    model, tokenizer, is_mogu = load_for_inference(model_name, dtype=cfg.dtype, quantization=cfg.quantization)
     check_replaceable(Path(cfg.output_dir) / "model", kind=CHECKPOINT_KIND if is_mogu else TASK_ADAPTER_KIND,
                       overwrite=cfg.overwrite, protected=_inputs(cfg, model_name))
     tuner = FineTuner(model, tokenizer, cfg, model_name=model_name, log=log, progress=progress)

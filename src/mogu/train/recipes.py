@@ -180,7 +180,7 @@ def train_config(preset_name: str, version: str, data: Path, out: Path, train_ov
 def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_overrides: dict,
                 preset_name: str = "paper", resume: bool = False, model=None, tokenizer=None,
                 progress: bool = True, layer_selection: dict | None = None, overwrite: bool = False, dtype=None,
-                log: Log = log_to_stderr):
+                quantization: str | None = None, log: Log = log_to_stderr):
     """``mogu train``: glad -> unwill -> router into ``out``; ``layer_selection`` (select_layers
     overrides) first picks the routed layers by probe. ``out/model`` must be replaceable (checked
     before training; ``overwrite`` allows a foreign folder)."""
@@ -210,7 +210,7 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     if model is None and (Path(model_name) / CONFIG_NAME).is_file():
         # A MoGU checkpoint (e.g. from `mogu convert peft`): keep its experts and routers and train
         # the stages asked for (--stages router trains only the routers); its own config applies.
-        model = MoGUModel.from_pretrained(model_name, dtype=dtype)
+        model = MoGUModel.from_pretrained(model_name, dtype=dtype, quantization=quantization)
         layer_selection = None
         log(f"continuing from the MoGU checkpoint {model_name} ({model.config.version}, "
             f"{len(model.routed_modules)} routed layers); its config overrides --version/--r/--routed-layers")
@@ -218,13 +218,13 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
         if model is None:
             from mogu.tuner.loading import load_base_model
 
-            model, tokenizer = load_base_model(model_name, dtype=dtype)
+            model, tokenizer = load_base_model(model_name, dtype=dtype, quantization=quantization)
             mogu_config.base_model_name_or_path = model_name
         mogu_config.routed_layers = probe_selected_layers(model, tokenizer, data, out, cfg, layer_selection,
                                                           mogu_config.target_modules, resume=resume, log=log)
         mogu_config.validate()
     if model is None:
-        model = MoGUModel.from_base(model_name, mogu_config, dtype=dtype)
+        model = MoGUModel.from_base(model_name, mogu_config, dtype=dtype, quantization=quantization)
     elif not isinstance(model, MoGUModel):
         model = MoGUModel.from_base(model, mogu_config, tokenizer=tokenizer)
     from mogu.train.stages import Trainer
@@ -354,7 +354,8 @@ def calibrate_checkpoint(model: str, out: Path, *, harmful: str = BUILTIN, benig
                          field: Optional[str] = None, grid: Sequence[float] = DEFAULT_GRID,
                          min_harmful: float = DEFAULT_MIN_HARMFUL, exhaustive: bool = False,
                          refine: int = DEFAULT_REFINE, max_new_tokens: int | None = None, batch_size: int = 32,
-                         overwrite: bool = False, dtype=None, log: Log = log_to_stderr):
+                         overwrite: bool = False, dtype=None, quantization: str | None = None,
+                         log: Log = log_to_stderr):
     """``mogu calibrate``: load the checkpoint ``model``, choose its operating point on dev prompts and
     write the calibrated copy to ``out`` (checked replaceable before any work)."""
     from mogu.io import check_replaceable
@@ -370,7 +371,7 @@ def calibrate_checkpoint(model: str, out: Path, *, harmful: str = BUILTIN, benig
     protected = (model, *(p.strip() for spec in (harmful, benign) if spec != BUILTIN for p in spec.split(",")))
     check_replaceable(out, kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected)  # before any work
     harm, ben = dev_prompts(harmful, harmful=True, field=field), dev_prompts(benign, harmful=False, field=field)
-    m, tok, is_mogu = load_for_inference(model, dtype=dtype)
+    m, tok, is_mogu = load_for_inference(model, dtype=dtype, quantization=quantization)
     if not is_mogu:
         raise MoGUError(f"{model} is not a MoGU checkpoint (no mogu_config.json): calibrate a trained model")
     return calibrate_and_save(m, tok, harm, ben, out, source=model, grid=values, min_harmful=min_harmful,

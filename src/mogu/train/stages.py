@@ -387,6 +387,12 @@ class Trainer:
         if sharding == "auto":
             sharding = "fsdp2" if acc.distributed_type == DistributedType.FSDP else "none"
         self.sharding = sharding if acc.num_processes > 1 else "none"
+        from mogu.tuner.loading import backbone_quantization
+
+        self.quantization = backbone_quantization(model.base_model)
+        if self.sharding == "fsdp2" and self.quantization:
+            raise ConfigError(f"a {self.quantization} backbone cannot be sharded with FSDP2 here: drop "
+                              "--load-in-4bit/--load-in-8bit, or --shard-backbone fsdp2 (use ddp.yaml)")
         if self.sharding == "fsdp2":
             # Sharded where it lies (host memory), so a device never holds the whole backbone: fully_shard
             # moves each shard to the mesh's device, and .to() then moves the whole experts and routers.
@@ -479,7 +485,8 @@ class Trainer:
         else:
             per_rank = [local]
         return {"processes": acc.num_processes, "launcher": acc.distributed_type.value,
-                "backbone_sharding": self.sharding, "backbone_params": self.footprint["backbone_params"],
+                "backbone_sharding": self.sharding, "backbone_quantization": self.quantization,
+                "backbone_params": self.footprint["backbone_params"],
                 "backbone_params_per_rank": per_rank}
 
     def _from_main(self, obj: Any) -> Any:

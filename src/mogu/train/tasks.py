@@ -18,6 +18,10 @@ Scoring (``score_exact``): surrounding whitespace and one trailing period are st
 sign, digits only) whose value equals the answer: "12", " 12.\\n" and "012" pass; "12 apples",
 "The answer is 12" and "12.0" fail. The rule is strict on purpose: following the output format is
 part of the task.
+
+``score_final`` is the lenient reading beside it, for a chat model that answers in a sentence: the last
+integer (``arith``) or ISO date (``date-iso``) in the answer is taken as its final answer and scored by the
+same rule ("Noah has 11 stickers... so 11 - 10 = 1" gives 1).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Task:
     description: str
     sample: Callable[[random.Random], tuple[str, str, Any]]  # rng -> (key, prompt, answer)
     score: Callable[[str, Any], bool]  # (cleaned response, answer) -> correct
+    final: "re.Pattern[str]"  # a final-answer candidate in free text; the last match is scored (score_final)
 
 
 TASKS: dict[str, Task] = {}
@@ -119,7 +124,7 @@ def _sample_date(rng: random.Random) -> tuple[str, str, str]:
 
 
 register_task(Task("date-iso", "convert a human-written date to YYYY-MM-DD", _sample_date,
-                   lambda response, answer: response == str(answer)))
+                   lambda response, answer: response == str(answer), re.compile(r"(?<!\d)\d{4}-\d{2}-\d{2}(?!\d)")))
 
 
 # -- arith --------------------------------------------------------------------------------------
@@ -184,7 +189,8 @@ def _sample_arith(rng: random.Random) -> tuple[str, str, int]:
 
 _INTEGER = re.compile(r"-?\d+")
 register_task(Task("arith", "one- or two-step small-number word problems; the answer is an integer", _sample_arith,
-                   lambda response, answer: bool(_INTEGER.fullmatch(response)) and int(response) == int(answer)))
+                   lambda response, answer: bool(_INTEGER.fullmatch(response)) and int(response) == int(answer),
+                   re.compile(r"(?<![\d.])-?\d+(?![\d.]*\d)")))
 
 
 # -- generation, splits and scoring ---------------------------------------------------------------
@@ -228,6 +234,18 @@ def clean_response(response: str) -> str:
 def score_exact(name: str, response: str, answer: Any) -> bool:
     """Exact match under the task's rule (module docstring)."""
     return get_task(name).score(clean_response(response), answer)
+
+
+def final_answer(name: str, response: str) -> str | None:
+    """The last final-answer candidate in ``response`` under the task's pattern, or None."""
+    found = get_task(name).final.findall(response)
+    return found[-1] if found else None
+
+
+def score_final(name: str, response: str, answer: Any) -> bool:
+    """Lenient match: the response's last integer or ISO date, scored by the task's exact rule."""
+    found = final_answer(name, response)
+    return found is not None and get_task(name).score(found, answer)
 
 
 def write_task_data(name: str, out: str | Path, *, n_train: int, n_test: int, seed: int = 0) -> dict[str, Any]:

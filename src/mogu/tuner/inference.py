@@ -11,7 +11,7 @@ from mogu.tuner.model import MoGUModel
 
 
 def load_for_inference(name_or_path: str, *, dtype=None, device: str | None = None, handoff: str | None = None,
-                       gate_benign: str | None = None):
+                       gate_benign: str | None = None, quantization: str | None = None):
     """(model, tokenizer, is_mogu). A folder with mogu_config.json loads as MoGU; anything else as a base.
 
     ``handoff`` ("hold" or "fixed") and ``gate_benign`` ("glad" or "base") override the checkpoint's policies
@@ -21,13 +21,13 @@ def load_for_inference(name_or_path: str, *, dtype=None, device: str | None = No
     if gate_benign is not None and gate_benign not in GATE_BENIGN:
         raise ConfigError(f"--gate-benign must be one of {', '.join(GATE_BENIGN)}, got {gate_benign!r}")
     if (Path(name_or_path) / CONFIG_NAME).is_file():
-        model = MoGUModel.from_pretrained(name_or_path, dtype=dtype, device=device)
+        model = MoGUModel.from_pretrained(name_or_path, dtype=dtype, device=device, quantization=quantization)
         if handoff is not None:
             model.config.handoff = handoff
         if gate_benign is not None:
             model.config.gate_benign = gate_benign
         return model, model.tokenizer, True
-    model, tokenizer = load_base_model(name_or_path, dtype=dtype, device=device)
+    model, tokenizer = load_base_model(name_or_path, dtype=dtype, device=device, quantization=quantization)
     return model, tokenizer, False
 
 

@@ -59,14 +59,16 @@ class MoGUModel(nn.Module):
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def from_base(cls, base: nn.Module | str, config: MoGUConfig | None = None, *, tokenizer=None,
-                  revision: str | None = None, dtype=None, device: str | None = None) -> "MoGUModel":
+                  revision: str | None = None, dtype=None, device: str | None = None,
+                  quantization: str | None = None) -> "MoGUModel":
         """Attach fresh experts and routers to ``base`` (a model, a folder, a Hub id or the default alias)."""
         from mogu.tuner.loading import load_base_model, prepare_tokenizer
 
         config = MoGUConfig.from_dict(config.to_dict()) if config is not None else MoGUConfig()
         if isinstance(base, (str, Path)):
             name = str(base)
-            base, loaded_tokenizer = load_base_model(name, revision=revision, dtype=dtype, device=device)
+            base, loaded_tokenizer = load_base_model(name, revision=revision, dtype=dtype, device=device,
+                                                     quantization=quantization)
             tokenizer = tokenizer or loaded_tokenizer
             config.base_model_name_or_path = config.base_model_name_or_path or name
             config.base_model_revision = config.base_model_revision or revision
@@ -376,7 +378,10 @@ class MoGUModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base_model: nn.Module | str | None = None, *,
-                        tokenizer=None, dtype=None, device: str | None = None) -> "MoGUModel":
+                        tokenizer=None, dtype=None, device: str | None = None,
+                        quantization: str | None = None) -> "MoGUModel":
+        """Load a saved checkpoint onto ``base_model`` (default: the base it names, loaded with ``dtype`` and
+        ``quantization``: '4bit' / '8bit' puts the experts and routers over a bitsandbytes-quantised base)."""
         directory = Path(directory)
         config = read_config(directory)
         for part in (ROUTER_FILE, f"glad/{ADAPTER_FILE}", f"unwill/{ADAPTER_FILE}"):
@@ -390,7 +395,7 @@ class MoGUModel(nn.Module):
             from mogu.tuner.loading import load_base_model
 
             base_model, loaded_tok = load_base_model(str(base_model), revision=config.base_model_revision,
-                                                     dtype=dtype, device=device)
+                                                     dtype=dtype, device=device, quantization=quantization)
             tokenizer = tokenizer or loaded_tok
         check_compatible(config, base_model, directory)
         if tokenizer is not None:
