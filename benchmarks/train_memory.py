@@ -19,6 +19,17 @@ assumption behind the README's VRAM table, which this checks. Reproduce on one G
     python benchmarks/train_memory.py --shape llama-3-8b --device cuda --json runs/train_memory.json
 
 ``--tiny`` is a seconds-long CPU smoke test (tiny random Llama; memory columns are then blank).
+
+``--gradient-checkpointing`` recomputes the backbone's activations in backward (``mogu train
+--gradient-checkpointing``). ``--load-in-4bit`` quantises every decoder-layer projection of the random backbone
+to NF4 with double quantisation and ``--dtype`` compute, in place and layer by layer (what ``mogu train
+--load-in-4bit`` gets from transformers' bitsandbytes integration for a checkpoint on disk; a random model has
+none). Issue 21's three rows on one GPU:
+
+    python benchmarks/train_memory.py --shape llama-3-8b --device cuda --json runs/mem-bf16.json
+    python benchmarks/train_memory.py --shape llama-3-8b --device cuda --gradient-checkpointing --json runs/mem-bf16-gc.json
+    python benchmarks/train_memory.py --shape llama-3-8b --device cuda --load-in-4bit --gradient-checkpointing \
+        --json runs/mem-4bit-gc.json
 """
 
 from __future__ import annotations
@@ -61,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per stage (the first is warm-up)")
     p.add_argument("--versions", default="v1,v2", help="comma-separated: v1, v2")
     p.add_argument("--v2-layers", type=int, default=4, help="v2: routed layers (the deepest ones are taken)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the backbone's activations")
+    p.add_argument("--load-in-4bit", action="store_true", help="NF4 backbone projections (bitsandbytes)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.tiny:
@@ -76,6 +89,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.versions or set(args.versions) - {"v1", "v2"}:
         p.error("--versions takes v1 and/or v2")
     return args
+
+
+def quantize_4bit_in_place(model, compute_dtype: torch.dtype, device: str) -> int:
+    """Replace every nn.Linear inside the decoder layers by a bitsandbytes NF4 Linear4bit (double quantisation),
+    one at a time so the full-precision weight is freed as it goes; returns how many were replaced."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    from mogu.tuner.families import layer_index
+    from mogu.tuner.loading import keep_4bit_layers_differentiable
+
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and layer_index(n) is not None]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        quantised = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                                      device="meta")
+        quantised.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+        if linear.bias is not None:
+            quantised.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        setattr(model.get_submodule(parent_name), child, quantised.to(device))  # .to() quantises
+        del linear
+    keep_4bit_layers_differentiable(model)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return len(targets)
 
 
 def random_batch(n: int, seq_len: int, response_tokens: int, vocab: int, device, seed: int) -> dict:
@@ -152,9 +192,10 @@ def main(argv=None) -> int:
     else:
         pristine, name = speed.shape_base(args.shape, dtype, args.device), f"{args.shape} shapes, random weights"
     pristine.to(device=args.device, dtype=dtype)
+    backbone_params = sum(p.numel() for p in pristine.parameters())
+    quantised = quantize_4bit_in_place(pristine, dtype, args.device) if args.load_in_4bit else 0
     n_layers = pristine.config.num_hidden_layers
     vocab = pristine.config.vocab_size
-    backbone_params = sum(p.numel() for p in pristine.parameters())
     results = []
     for version in args.versions:
         if version == "v1":
@@ -164,6 +205,10 @@ def main(argv=None) -> int:
             cfg = MoGUConfig(version="v2", r=8, lora_alpha=16, lora_dropout=0.0, routed_layers=layers)
         model = MoGUModel.from_base(speed.shared_weights_copy(pristine), cfg)
         model.to(device=args.device)
+        if args.gradient_checkpointing:
+            from mogu.train.stages import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         added = sum(p.numel() for p in model.router_parameters()) + sum(
             p.numel() for e in ("glad", "unwill") for p in model.expert_parameters(e))
         for stage in ("glad", "router"):
@@ -187,7 +232,9 @@ def main(argv=None) -> int:
         if on_cuda:
             torch.cuda.empty_cache()
 
-    print(f"\nmodel: {name}, {args.dtype} backbone ({backbone_params / 1e9:.2f} B params); "
+    setting = ", ".join(x for x in (f"NF4 projections ({quantised} layers)" if quantised else "",
+                                   "gradient checkpointing" if args.gradient_checkpointing else "") if x)
+    print(f"\nmodel: {name}, {args.dtype} backbone ({backbone_params / 1e9:.2f} B params){'; ' + setting if setting else ''}; "
           f"{args.seq_len} tokens/sequence, {args.response_tokens} response tokens; "
           f"glad {2 * args.pairs} sequences, router {args.rows} sequences per step; AdamW")
     print("\n| version | stage | added params | trained params | resident GiB | peak GiB | s/step |")
@@ -205,6 +252,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({
             "command": "python benchmarks/train_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "model": name, "dtype": args.dtype, "device": args.device, "gpu": gpu, "seq_len": args.seq_len,
+            "load_in_4bit": args.load_in_4bit, "gradient_checkpointing": args.gradient_checkpointing,
             "response_tokens": args.response_tokens, "backbone_params": backbone_params,
             "torch": torch.__version__, "results": results}, indent=2))
         print(f"wrote {args.json}")

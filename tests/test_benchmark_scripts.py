@@ -83,6 +83,22 @@ def test_train_memory_tiny_rows_and_trained_parameters(tmp_path):
     assert all(r["step_s"] > 0 and r["peak_gib"] is None for r in rows.values())  # no CUDA: no memory columns
 
 
+def test_train_memory_4bit_checkpointed_smoke_quantises_every_decoder_projection(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    train_memory = _load("train_memory")
+    speed = _load("speed")
+    model = speed.tiny_base()
+    n = train_memory.quantize_4bit_in_place(model, torch.float32, "cpu")
+    assert n == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == n
+    out = tmp_path / "mem4.json"
+    assert train_memory.main(["--tiny", "--steps", "2", "--pairs", "2", "--rows", "4", "--v2-layers", "1",
+                              "--load-in-4bit", "--gradient-checkpointing", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["load_in_4bit"] and record["gradient_checkpointing"] and len(record["results"]) == 4
+    assert all("error" not in r and r["step_s"] > 0 for r in record["results"])
+
+
 def test_refusal_length_reports_held_rows_their_length_and_eos():
     import importlib.util
 
