@@ -139,6 +139,8 @@ def train(
     router_hidden: Optional[int] = typer.Option(None, help="Router width (default 512 for v1, 16 for v2)."),
     route_tokens: int = typer.Option(5, help="0 routes every token."),
     router_type: str = typer.Option("token", help=ROUTER_TYPE_HELP),
+    router_backbone: str = typer.Option("experts", help="Token routers: backbone modules the router stage trains "
+                                        "too: experts (none), lora (the routed layers' other projections) or o_proj."),
     glad_epochs: Optional[float] = typer.Option(None), unwill_epochs: Optional[float] = typer.Option(None),
     router_epochs: Optional[float] = typer.Option(None),
     glad_lr: Optional[float] = typer.Option(None), unwill_lr: Optional[float] = typer.Option(None),
@@ -176,7 +178,7 @@ def train(
 
     _setup_torch(threads)
     cfg = make_mogu_config(target_modules, routed_layers, r, lora_alpha, lora_dropout, router_hidden, route_tokens,
-                       version=version, router_type=router_type)
+                       version=version, router_type=router_type, router_backbone=router_backbone)
     selection = None
     if routed_layers == "probe" or (routed_layers is None and version == "v2"):
         pooling = select_pooling or selection_pooling(router_type)

@@ -122,7 +122,8 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
 # -- training ---------------------------------------------------------------------------------
 def make_mogu_config(target_modules: Optional[str] = None, routed_layers: Optional[str] = None, r: int = 8,
                      lora_alpha: float = 16.0, lora_dropout: float = 0.05, router_hidden: Optional[int] = None,
-                     route_tokens: Optional[int] = 5, version: str = "v1", router_type: str = "token"):
+                     route_tokens: Optional[int] = 5, version: str = "v1", router_type: str = "token",
+                     router_backbone: str = "experts"):
     """A MoGUConfig from command-line style values: comma-separated module suffixes and layer indices
     (``all`` or ``probe`` leave the layers to the version's default / the probe), 0 tokens routes all."""
     from mogu.tuner.config import MoGUConfig
@@ -135,7 +136,8 @@ def make_mogu_config(target_modules: Optional[str] = None, routed_layers: Option
             raise ConfigError(f"--routed-layers takes comma-separated integers, 'all' or 'probe', got {routed_layers!r}") from None
     return MoGUConfig(version=version, target_modules=target_modules.split(",") if target_modules else None,
                       routed_layers=layers, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                      router_hidden=router_hidden, route_tokens=route_tokens or None, router_type=router_type)
+                      router_hidden=router_hidden, route_tokens=route_tokens or None, router_type=router_type,
+                      router_backbone=router_backbone)
 
 
 def selection_pooling(router_type: str) -> str:

@@ -424,14 +424,17 @@ class Trainer:
             params = model.router_parameters()
             if self.joint:
                 params = params + model.expert_parameters("glad") + model.expert_parameters("unwill")
+            if model.routing_strategy.trains_by_gradient:  # config.router_backbone's modules, if any
+                params = params + model.backbone_parameters()
         else:
             params = model.expert_parameters(stage)
         names = {id(p): n for n, p in model.named_parameters()}
         return {names[id(p)]: p for p in params}
 
     def _param_groups(self, stage: str, params: dict[str, torch.nn.Parameter], lr: float) -> list[dict]:
-        """One AdamW group per learning rate: in the joint stage the experts get ``joint_expert_lr``."""
-        if stage != "router" or not self.joint:
+        """One AdamW group per learning rate: in the joint stage the experts (and any backbone modules) get
+        ``joint_expert_lr``."""
+        if stage != "router" or not (self.joint or self.model.backbone_parameters()):
             return [{"params": list(params.values()), "lr": lr}]
         router_ids = {id(p) for p in self.model.router_parameters()}
         return [{"params": [p for p in params.values() if id(p) in router_ids], "lr": lr},

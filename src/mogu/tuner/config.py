@@ -19,6 +19,8 @@ DEFAULT_ROUTER_HIDDEN = {"v1": 512, "v2": 16}
 # layers' probes (gate.py): every layer's for v1, the routed (probe-selected) layers' for v2; the
 # experts and the layer formula stay v1's.
 ROUTER_TYPES = ("token", "prompt")
+# What v2's router stage trains beside the routers (mogu.tuner.backbone).
+ROUTER_BACKBONES = ("experts", "lora", "o_proj")
 # After the routed prefix: "hold" keeps a prompt that routing judged harmful with the unwilling expert to
 # the end of the answer; "fixed" hands every answer to the base model (the paper's). mogu.tuner.generation.
 HANDOFFS = ("hold", "fixed")
@@ -63,6 +65,10 @@ class MoGUConfig:
     router_hidden: int | None = None  # None: DEFAULT_ROUTER_HIDDEN[version]
     route_tokens: int | None = 5
     router_type: str = "token"
+    # v2's router stage: which backbone modules it trains beside the routers (tuner/backbone.py): "experts"
+    # (none beyond the joint stage's experts), "lora" (a fresh LoRA on the routed layers' other projections)
+    # or "o_proj" (the routed layers' output projections unfrozen).
+    router_backbone: str = "experts"
     handoff: str = "hold"
     gate_benign: str = "base"
     # Sampling settings apply to the routed prefix too (True), or the prefix is always greedy (False: the
@@ -87,6 +93,12 @@ class MoGUConfig:
             raise ConfigError(f"version must be one of {VERSIONS}, got {self.version!r}")
         if self.router_type not in ROUTER_TYPES:
             raise ConfigError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.router_backbone not in ROUTER_BACKBONES:
+            raise ConfigError(f"router_backbone must be one of {', '.join(ROUTER_BACKBONES)}, "
+                              f"got {self.router_backbone!r}")
+        if self.router_backbone != "experts" and self.router_type != "token":
+            raise ConfigError(f"router_backbone={self.router_backbone!r} trains backbone modules with the token "
+                              "routers' gradient; a prompt gate is fitted, not trained (docs/RESULTS.md)")
         if self.handoff not in HANDOFFS:
             raise ConfigError(f"handoff must be one of {HANDOFFS}, got {self.handoff!r}")
         if self.gate_benign not in GATE_BENIGN:

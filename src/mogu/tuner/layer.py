@@ -90,7 +90,17 @@ class RoutedLinear(nn.Module):
         self.router = Router(self.in_features, router_hidden, **kw) if router_hidden is not None else None
         self._state = state
         self._fused: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # router_backbone="o_proj" (backbone.py): a trained update D of W inside the routed formula.
+        self.backbone_delta: nn.Parameter | None = None
         self.reset_lora_parameters()
+
+    def enable_backbone_delta(self) -> nn.Parameter:
+        """Add the zero-initialised full-rank update ``D`` ([out, in], the experts' dtype) and return it."""
+        if self.backbone_delta is None:
+            weight = self.lora_A["glad"].weight
+            self.backbone_delta = nn.Parameter(torch.zeros(self.out_features, self.in_features, dtype=weight.dtype,
+                                                           device=weight.device))
+        return self.backbone_delta
 
     def reset_lora_parameters(self) -> None:
         # PEFT's default LoRA init: A kaiming-uniform, B zero, so a fresh expert is the base layer.
@@ -165,6 +175,8 @@ class RoutedLinear(nn.Module):
         mixed = torch.cat([u * down[..., :r], g * down[..., r:]], dim=-1)
         # b: a pinned share of the base layer alone; (0, 0, 1) is 1.0 * W x + 0, the base output bit for bit.
         out = ((u + g) if b is None else (u + g + b)) * result + F.linear(mixed, up) * self.scaling
+        if self.backbone_delta is not None:  # (u + g)(W + D) x: the unfrozen W, under the experts' weights
+            out = out + (u + g) * F.linear(x, self.backbone_delta)
         if state.collect:
             state.collected.append((u, g))
         if state.prefix_score is not None and self.router is not None:

@@ -17,6 +17,7 @@ from mogu.tuner.families import candidate_targets, is_projection, layer_index, m
 from mogu.io import atomic_directory
 from mogu.tuner.checkpoint import (ADAPTER_FILE, CHECKPOINT_KIND, FORMAT_VERSION, ROUTER_FILE,
                                      check_keys, load_safetensors, read_config)
+from mogu.tuner.backbone import BACKBONE_FILE
 from mogu.tuner.layer import EXPERTS, MODES, PrefixScore, RoutedLinear, RoutingState
 from mogu.tuner.routing import strategy_class
 
@@ -55,6 +56,10 @@ class MoGUModel(nn.Module):
         self._strategy = make_strategy(self)
         # Registered as a submodule, so .to() and .parameters() see it; None with token routers.
         self.gate = self._strategy.module
+        from mogu.tuner.backbone import attach_backbone_modules
+
+        # Last, so the experts' and routers' random initialisation does not depend on it.
+        self._backbone = attach_backbone_modules(self)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -248,8 +253,13 @@ class MoGUModel(nn.Module):
     def router_parameters(self) -> list[nn.Parameter]:
         return self._strategy.parameters()
 
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The backbone modules v2's router stage trains (``config.router_backbone``; none by default)."""
+        return list(self._backbone.values())
+
     def added_parameters(self) -> list[nn.Parameter]:
-        return self.expert_parameters("glad") + self.expert_parameters("unwill") + self.router_parameters()
+        return (self.expert_parameters("glad") + self.expert_parameters("unwill") + self.router_parameters()
+                + self.backbone_parameters())
 
     def num_added_parameters(self) -> int:
         return sum(p.numel() for p in self.added_parameters())
@@ -299,6 +309,15 @@ class MoGUModel(nn.Module):
 
     def router_state_dict(self) -> dict[str, torch.Tensor]:
         return self._strategy.state_dict()
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in self._backbone.items()}
+
+    def load_backbone_state_dict(self, sd: dict[str, torch.Tensor], source: str = BACKBONE_FILE) -> None:
+        check_keys(self.backbone_state_dict(), sd, source)
+        with torch.no_grad():
+            for n, p in self._backbone.items():
+                p.copy_(sd[n])
 
     def load_expert_state_dict(self, expert: str, sd: dict[str, torch.Tensor], source: str = "adapter") -> None:
         expected = self.expert_state_dict(expert)
@@ -359,12 +378,14 @@ class MoGUModel(nn.Module):
             for expert in EXPERTS:
                 self._write_adapter(expert, tmp / expert)
             save_file(self.router_state_dict(), str(tmp / ROUTER_FILE), metadata={"format": "pt"})
+            if self._backbone:
+                save_file(self.backbone_state_dict(), str(tmp / BACKBONE_FILE), metadata={"format": "pt"})
             from mogu.tuner.task_adapter import TASK_ADAPTER_DIR, has_task_adapter, write_task_adapter
 
             if has_task_adapter(self):  # fine-tuned by `mogu finetune`: its task LoRA as a PEFT folder
                 write_task_adapter(self, tmp / TASK_ADAPTER_DIR)
             for name, text in (extra_files or {}).items():
-                if Path(name).name != name or name in {CONFIG_NAME, ROUTER_FILE, "README.md"}:
+                if Path(name).name != name or name in {CONFIG_NAME, ROUTER_FILE, BACKBONE_FILE, "README.md"}:
                     raise ValueError(f"extra file name {name!r} must be a plain file name that is not part of the checkpoint")
                 (tmp / name).write_text(text)
             (tmp / "README.md").write_text(model_card(self, extra=extra_card, directory=directory))
@@ -407,6 +428,12 @@ class MoGUModel(nn.Module):
             path = directory / expert / ADAPTER_FILE
             model.load_expert_state_dict(expert, load_safetensors(path), source=str(path))
         model.load_router_state_dict(load_safetensors(directory / ROUTER_FILE), source=str(directory / ROUTER_FILE))
+        if model._backbone:
+            if not (directory / BACKBONE_FILE).is_file():
+                raise CheckpointMismatchError(f"{directory}: incomplete checkpoint, {BACKBONE_FILE} is missing "
+                                              f"(router_backbone={config.router_backbone!r})")
+            model.load_backbone_state_dict(load_safetensors(directory / BACKBONE_FILE),
+                                           source=str(directory / BACKBONE_FILE))
         from mogu.tuner.task_adapter import TASK_ADAPTER_DIR, load_task_adapter
 
         if (directory / TASK_ADAPTER_DIR).is_dir():  # a `mogu finetune` checkpoint: apply its task LoRA
