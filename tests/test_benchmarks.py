@@ -255,6 +255,16 @@ def test_limit_after_filter():
         load("advbench", limit=0)
 
 
+def test_offset_skips_the_first_prompts_then_limit_keeps_the_next_ones():
+    every = [p.id for p in load("advbench")]
+    assert [p.id for p in load("advbench", offset=1, limit=2)] == every[1:3]
+    assert [p.id for p in load("advbench", offset=3)] == every[3:]
+    with pytest.raises(DataError, match="after skipping 4 of 4"):
+        load("advbench", offset=4)
+    with pytest.raises(ConfigError, match="offset"):
+        load("advbench", offset=-1)
+
+
 def test_name_lookup_is_lenient():
     assert load("MT-Bench") == load("mt_bench")
     assert load("malicious-instruct") == load("malicious_instruct")

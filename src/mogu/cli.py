@@ -390,7 +390,8 @@ def eval_command(
     thinking: str = typer.Option("auto", help="Reasoning models: the thinking trace's markers, so the judge (whole_answer, "
                                  "openai or hf-classifier) reads trace and answer apart (a trace that carries the request out is unsafe): "
                                  "auto (read from the model's tokenizer), none, or OPEN,CLOSE."),
-    limit: Optional[int] = typer.Option(50, min=1, help="Prompts per benchmark (first N)."),
+    limit: Optional[int] = typer.Option(50, min=1, help="Prompts per benchmark (first N after --offset)."),
+    offset: int = typer.Option(0, min=0, help="Skip the first N prompts of each benchmark (100 with --limit 100: 101-200)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder with the public benchmark files (default: $MOGU_DATA_DIR)."),
     prompt_field: Optional[str] = typer.Option(None, help="Prompt field for benchmark files given by path."),
     harmful_files: bool = typer.Option(True, help="Label for benchmark files given by path: harmful (default) or --no-harmful-files."),
@@ -449,7 +450,7 @@ def eval_command(
                      attack_benign=attack_benign,
                      defense_options=_with_handoff(parse_options(defense_option, set(defense_names), "defense option"),
                                                    handoff, defense_names),
-                     benchmark_options=bench_opts, data_dir=str(data_dir) if data_dir else None, limit=limit,
+                     benchmark_options=bench_opts, data_dir=str(data_dir) if data_dir else None, limit=limit, offset=offset,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                      reference_tokens=reference_tokens, dtype=str(_dtype(dtype)).removeprefix("torch."),
                      quantization=_quantization(load_in_4bit, load_in_8bit),

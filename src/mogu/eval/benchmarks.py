@@ -684,19 +684,22 @@ def _load_hub(name: str, *, split: str, config: str | None, harmful: bool,
 
 
 def load_benchmark(name_or_path: str | Path, *, data_dir: str | Path | None = None, limit: int | None = None,
-                   prompt_field: str | None = None, harmful: bool | None = None, seed: int = 0,
+                   prompt_field: str | None = None, harmful: bool | None = None, seed: int = 0, offset: int = 0,
                    **options: Any) -> list[EvalPrompt]:
     """Prompts of a registered benchmark, a local .jsonl/.json/.csv/.txt file, or a Hub dataset id.
 
     For registered names ``harmful`` filters by label and ``options`` are the benchmark's own (see the
     module table); for files and Hub ids ``harmful`` is the label of every prompt (required),
     ``prompt_field`` picks the text field, and Hub ids take ``split`` (default "train") and ``config``.
-    ``limit`` keeps the first N prompts after filtering. An option given as None means its default
+    ``offset`` skips the first N prompts after filtering and ``limit`` keeps the next N (``offset=100,
+    limit=100``: prompts 101-200, a range held out from tuning on 1-100). An option given as None means its default
     (so a CLI can pass every flag it has).
     """
     options = {k: v for k, v in options.items() if v is not None}
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive integer, got {limit}")
+    if offset < 0:
+        raise ConfigError(f"offset must be >= 0, got {offset}")
     text = str(name_or_path)
     cls = get_benchmark(text) if isinstance(name_or_path, str) else None
     if cls is not None:
@@ -734,8 +737,10 @@ def load_benchmark(name_or_path: str | Path, *, data_dir: str | Path | None = No
         if p.id in seen:
             raise DataError(f"{where}: duplicate prompt id {p.id!r} ({p.source})")
         seen.add(p.id)
+    total = len(prompts)
+    prompts = prompts[offset:]
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts:
-        raise DataError(f"{where}: no prompts")
+        raise DataError(f"{where}: no prompts" + (f" after skipping {offset} of {total}" if offset else ""))
     return prompts

@@ -50,6 +50,7 @@ class EvalConfig:
     benchmark_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_dir: str | None = None
     limit: int | None = 50
+    offset: int = 0  # skip the first N prompts of each benchmark (offset 100, limit 100: prompts 101-200)
     max_new_tokens: int = 64
     batch_size: int = 8
     chunk_size: int = 32  # prompts per appended chunk: the resume granularity
@@ -77,6 +78,8 @@ class EvalConfig:
             raise ConfigError("no benchmarks given")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        if self.offset < 0:
+            raise ConfigError(f"--offset must be >= 0, got {self.offset}")
         if not 1 <= self.max_new_tokens <= 4096:
             raise ConfigError(f"--max-new-tokens must be in [1, 4096], got {self.max_new_tokens}")
         if self.batch_size < 1 or self.chunk_size < 1:
@@ -206,7 +209,7 @@ class EvalRunner:
         for name in self.cfg.benchmarks:
             opts = dict(self.cfg.benchmark_options.get(name, {}))
             sets[name] = load_benchmark(name, data_dir=self.cfg.data_dir, limit=self.cfg.limit,
-                                        seed=self.cfg.seed, **opts)
+                                        offset=self.cfg.offset, seed=self.cfg.seed, **opts)
             harmful = sum(p.harmful for p in sets[name])
             self.log(f"benchmark {name}: {len(sets[name])} prompts ({harmful} harmful)")
         return sets
