@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from mogu.tuner.config import GATE_BENIGN, HANDOFFS
+from mogu.tuner.config import GATE_BENIGN, HANDOFFS, TOKEN_BENIGN
 from mogu.errors import ConfigError
 from mogu.eval.attacks import Conversation
 
@@ -1027,7 +1027,7 @@ class MoGUDefense(Defense):
     """The routed MoGU model (routing ``auto``; ``route_tokens``, ``handoff`` and ``gate_benign`` default to the
     model's config)."""
 
-    PARAMS = {"route_tokens": "config", "handoff": "config", "gate_benign": "config"}
+    PARAMS = {"route_tokens": "config", "handoff": "config", "gate_benign": "config", "token_benign": "config"}
 
     def validate(self) -> None:
         if self.mogu_model is None:
@@ -1058,6 +1058,12 @@ class MoGUDefense(Defense):
         _require(benign in GATE_BENIGN, f"mogu: gate_benign must be one of {', '.join(GATE_BENIGN)} or 'config', "
                                         f"got {benign!r}")
         self._params["gate_benign"] = benign
+        token = self._params["token_benign"]
+        if token == "config":
+            token = self.mogu_model.config.token_benign
+        _require(token in TOKEN_BENIGN, f"mogu: token_benign must be one of {', '.join(TOKEN_BENIGN)} or 'config', "
+                                        f"got {token!r}")
+        self._params["token_benign"] = token
 
     def params(self) -> dict[str, Any]:
         out = super().params()
@@ -1080,12 +1086,12 @@ class MoGUDefense(Defense):
     @contextlib.contextmanager
     def _benign_policy(self) -> Iterator[None]:
         mogu = self.mogu_model
-        configured = mogu.config.gate_benign
-        mogu.config.gate_benign = self._params["gate_benign"]
+        configured = mogu.config.gate_benign, mogu.config.token_benign
+        mogu.config.gate_benign, mogu.config.token_benign = self._params["gate_benign"], self._params["token_benign"]
         try:
             yield
         finally:
-            mogu.config.gate_benign = configured
+            mogu.config.gate_benign, mogu.config.token_benign = configured
 
     @contextlib.contextmanager
     def _likelihood(self):

@@ -29,6 +29,11 @@ HANDOFFS = ("hold", "fixed")
 # design), which on SmolLM2 turned 20 % of benign answers into counting loops against the base model's 2 %
 # (docs/RESULTS.md, "Benign answers"). Token routers ignore it.
 GATE_BENIGN = ("glad", "base")
+# Token routers' counterpart, with the hold hand-off: "routed" (the paper's: every prompt gets the routed
+# prefix) or "base": the routers first score the prompt (their mean u - g over the routed layers at its last
+# token, the position that picks the first answer token); a prompt they lean benign on is answered by the base
+# model alone, and the others get the routed prefix and the hold rule. mogu.tuner.generation.
+TOKEN_BENIGN = ("routed", "base")
 
 
 @dataclass
@@ -71,6 +76,7 @@ class MoGUConfig:
     router_backbone: str = "experts"
     handoff: str = "hold"
     gate_benign: str = "base"
+    token_benign: str = "routed"  # token routers only: TOKEN_BENIGN
     # Sampling settings apply to the routed prefix too (True), or the prefix is always greedy (False: the
     # authors' code decodes the routed tokens greedily whatever the sampling; the `faithful` preset).
     routed_sampling: bool = True
@@ -103,6 +109,8 @@ class MoGUConfig:
             raise ConfigError(f"handoff must be one of {HANDOFFS}, got {self.handoff!r}")
         if self.gate_benign not in GATE_BENIGN:
             raise ConfigError(f"gate_benign must be one of {GATE_BENIGN}, got {self.gate_benign!r}")
+        if self.token_benign not in TOKEN_BENIGN:
+            raise ConfigError(f"token_benign must be one of {TOKEN_BENIGN}, got {self.token_benign!r}")
         if not isinstance(self.routed_sampling, bool):
             raise ConfigError(f"routed_sampling must be true or false, got {self.routed_sampling!r}")
         if self.router_hidden is None:

@@ -57,7 +57,7 @@ def _eos_ids(generation_config) -> set[int]:
 
 def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: int | None,
                     handoff: str = "hold", generation_config=None, streamer=None, stopping_criteria=None,
-                    logits_processor=None, **kwargs: Any):
+                    logits_processor=None, _prompt_checked: bool = False, **kwargs: Any):
     base = model.base_model
     input_ids = kwargs.pop("input_ids", inputs)
     if input_ids is None:
@@ -65,6 +65,11 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     attention_mask = kwargs.pop("attention_mask", None)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if not _prompt_checked and _checks_prompt(model, route_tokens, handoff, generation_config, kwargs):
+        return _prompt_checked_generate(model, input_ids, attention_mask, route_tokens=route_tokens,
+                                        generation_config=generation_config, streamer=streamer,
+                                        stopping_criteria=stopping_criteria, logits_processor=logits_processor,
+                                        **kwargs)
     start = time.perf_counter()
     weights = model.routing_decision(input_ids, attention_mask)
     if weights is not None:
@@ -196,6 +201,63 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     for idx, piece in pieces:
         out[idx, : piece.shape[1]] = piece
     return out
+
+
+def _checks_prompt(model, route_tokens, handoff, generation_config, kwargs) -> bool:
+    """``token_benign="base"`` applies: token routers, routing on, the hold hand-off, one answer per prompt."""
+    n_return = kwargs.get("num_return_sequences") or getattr(generation_config, "num_return_sequences", None) or 1
+    return (model.config.token_benign == "base" and model.routing_strategy.per_layer_routers
+            and model.routing_mode == "auto" and model.pinned_routing is None and handoff == "hold"
+            and route_tokens is not None and n_return == 1)
+
+
+@torch.no_grad()
+def prompt_margins(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] the token routers' mean u - g over the routed layers at each prompt's last position (left padding:
+    the last column), from one forward pass with routing on; > 0 leans to the unwilling expert."""
+    with model.routing("auto"), model.scoring_routed_prefix(True) as score:
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return score.margin()
+
+
+def _prompt_checked_generate(model, input_ids, attention_mask, *, route_tokens, generation_config, streamer,
+                             stopping_criteria, logits_processor, **kwargs):
+    """token_benign="base": the rows the routers lean benign on are the base model's answers, the others the
+    routed prefix and the hold rule (routed_generate), each group in one call."""
+    start = time.perf_counter()
+    flagged = prompt_margins(model, input_ids, attention_mask) > 0
+    check_s = time.perf_counter() - start
+    base_rows, flagged_rows = (~flagged).nonzero(as_tuple=True)[0], flagged.nonzero(as_tuple=True)[0]
+    common = dict(generation_config=generation_config, streamer=streamer, stopping_criteria=stopping_criteria,
+                  logits_processor=logits_processor, **kwargs)
+    pieces, timing = [], {}
+    if len(flagged_rows):
+        out = routed_generate(model, input_ids=input_ids[flagged_rows], attention_mask=attention_mask[flagged_rows],
+                              route_tokens=route_tokens, handoff="hold", _prompt_checked=True, **common)
+        timing = dict(model.last_generate_timing)
+        pieces.append((flagged_rows, out))
+    held = [False] * input_ids.shape[0]
+    for row, h in zip(flagged_rows.tolist(), timing.get("held", [False] * len(flagged_rows))):
+        held[row] = h
+    if len(base_rows):
+        start = time.perf_counter()
+        with model.routing("off"):
+            out = model.base_model.generate(input_ids=input_ids[base_rows], attention_mask=attention_mask[base_rows],
+                                            **common)
+        timing["base_s"] = timing.get("base_s", 0.0) + time.perf_counter() - start
+        pieces.append((base_rows, out))
+    gen_config = generation_config if generation_config is not None else model.base_model.generation_config
+    pad_id = kwargs.get("pad_token_id", gen_config.pad_token_id)
+    if pad_id is None:
+        pad_id = next(iter(_eos_ids(gen_config)), 0)
+    width = max(piece.shape[1] for _, piece in pieces)
+    merged = input_ids.new_full((input_ids.shape[0], width), pad_id)
+    for rows, piece in pieces:
+        merged[rows, : piece.shape[1]] = piece
+    timing.update(check_s=check_s, prompt_flagged=flagged.tolist(), held=held, held_rows=sum(held))
+    timing["total_s"] = check_s + timing.get("routed_s", 0.0) + timing.get("held_s", 0.0) + timing.get("base_s", 0.0)
+    model.last_generate_timing = timing
+    return merged
 
 
 def _single_pass(model, weights: torch.Tensor, gate_s: float, *, generation_config=None, **kwargs):
