@@ -133,3 +133,12 @@ def test_bad_arguments_get_clear_errors():
         answer_logits(model, prompt(), prompt(1), handoff="sometimes")
     with pytest.raises(MoGUError, match="non-empty"):
         answer_logits(model, [], prompt(1))
+
+
+@pytest.mark.parametrize("lean", ["unwill", "glad"])
+def test_token_benign_base_logits_argmax_is_generates_greedy_answer(lean):
+    """token_benign="base": a prompt the routers lean benign on is scored as the base model's answer."""
+    model = token_model("llama", lean)
+    model.config.token_benign = "base"
+    held = assert_argmax_is_greedy(model, prompt(1), route_tokens=3, handoff="hold")
+    assert held == (lean == "unwill")

@@ -80,6 +80,13 @@ def answer_logits(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], *
     if model.routing_mode != "auto" or m is None:
         with model.gated(full[:, :n_prompt]):  # a no-op without a gate or when routing is not auto
             return forward_all(), False
+    if model.config.token_benign == "base" and policy == "hold" and model.routing_strategy.per_layer_routers:
+        from mogu.tuner.generation import prompt_margins
+
+        prompt = full[:, :n_prompt]
+        if not bool(prompt_margins(model, prompt, torch.ones_like(prompt))[0] > 0):  # the base model's answer
+            with model.routing("off"):
+                return forward_all(), False
     pinned = model.routing_decision(full[:, :n_prompt])
     if pinned is not None:
         if pinned.shape[1] == 3 and policy == "hold":
