@@ -27,6 +27,15 @@ def test_train_config_applies_stage_and_top_level_overrides_and_zero_means_every
     assert untouched.stages["unwill"].max_examples == 128 and set(untouched.stages) == {"glad", "unwill", "router"}
 
 
+def test_train_config_takes_the_faithful_switches_on_any_preset(tmp_path):
+    cfg = train_config("cpu-fast", "v2", tmp_path, tmp_path, {"append_eos": False, "router_weight_average": "example",
+                                                              "backbone_sharding": "fsdp2"})
+    assert (cfg.append_eos, cfg.router_weight_average, cfg.backbone_sharding) == (False, "example", "fsdp2")
+    assert cfg.responder_loss == "sft"  # still cpu-fast
+    with pytest.raises(ConfigError, match="router_weight_average"):
+        train_config("cpu-fast", "v2", tmp_path, tmp_path, {"router_weight_average": "batch"})
+
+
 def test_train_config_rejects_an_unknown_stage_and_preset(tmp_path):
     with pytest.raises(ConfigError, match="unknown stage.*'judge'"):
         train_config("paper", "v1", tmp_path, tmp_path, {"stages": ["glad", "judge"]})

@@ -96,8 +96,8 @@ def _dtype(value: str):
 
 
 def _load_in_4bit_option():
-    return typer.Option(False, "--load-in-4bit", help="Quantise the frozen backbone to 4-bit NF4 with bitsandbytes "
-                                                      "(`pip install 'mogu[quant]'`); experts and routers stay float32.")
+    return typer.Option(False, "--load-in-4bit", help="Quantise the frozen backbone to 4-bit NF4 (bitsandbytes, "
+                        "`pip install 'mogu[quant]'`); experts and routers stay float32.")
 
 
 def _load_in_8bit_option():
@@ -106,7 +106,6 @@ def _load_in_8bit_option():
 
 def _quantization(load_in_4bit: bool, load_in_8bit: bool) -> str | None:
     from mogu.tuner.loading import quantization_from_flags
-
     return quantization_from_flags(load_in_4bit, load_in_8bit)
 
 
@@ -139,8 +138,7 @@ def train(
     router_hidden: Optional[int] = typer.Option(None, help="Router width (default 512 for v1, 16 for v2)."),
     route_tokens: int = typer.Option(5, help="0 routes every token."),
     router_type: str = typer.Option("token", help=ROUTER_TYPE_HELP),
-    router_backbone: str = typer.Option("experts", help="Token routers: backbone modules the router stage trains "
-                                        "too: experts (none), lora (the routed layers' other projections) or o_proj."),
+    router_backbone: str = typer.Option("experts", help="Token routers' router stage also trains: experts, lora or o_proj."),
     glad_epochs: Optional[float] = typer.Option(None), unwill_epochs: Optional[float] = typer.Option(None),
     router_epochs: Optional[float] = typer.Option(None),
     glad_lr: Optional[float] = typer.Option(None), unwill_lr: Optional[float] = typer.Option(None),
@@ -158,6 +156,8 @@ def train(
     router_response_tokens: Optional[str] = typer.Option(
         None, help="Router stage: response tokens trained on: a number, 'route' (the model's --route-tokens, "
                    "the tokens generate() routes) or 'all' (--max-response-tokens, the reference)."),
+    append_eos: Optional[bool] = typer.Option(None, help="End every target with EOS (mogu's default; the authors: no)."),
+    router_weight_average: Optional[str] = typer.Option(None, help="Router weight loss mean: token (mogu) or example (the authors)."),
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints (50)."),
     keep_checkpoints: Optional[int] = typer.Option(None, min=0, help="Newest step checkpoints kept per stage (2; 0 keeps all)."),
     seed: Optional[int] = typer.Option(None),
@@ -167,9 +167,8 @@ def train(
                                                 "(less memory, about a third more step time)."),
     mixed_precision: Optional[str] = typer.Option(None, help="Autocast: no, fp16 or bf16 (default: the launcher's "
                                                   "mixed_precision, e.g. from configs/accelerate)."),
-    shard_backbone: str = typer.Option("auto", help="Under several processes: 'fsdp2' shards the frozen backbone "
-                                       "(FSDP2; the experts and routers stay whole), 'none' replicates it, 'auto' "
-                                       "shards when the launcher's config is FSDP (configs/accelerate/fsdp.yaml)."),
+    shard_backbone: str = typer.Option("auto", help="Several processes: fsdp2 shards the frozen backbone, none "
+                                       "replicates it, auto shards under an FSDP launcher config (fsdp.yaml)."),
     overwrite: bool = _overwrite_option(),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -196,7 +195,8 @@ def train(
                  "router_init_refits": router_init_refits, "router_init_glad_bias": router_init_glad_bias,
                  "stages": stages.split(",") if stages else None,
                  "gradient_checkpointing": gradient_checkpointing or None, "mixed_precision": mixed_precision,
-                 "backbone_sharding": shard_backbone}
+                 "backbone_sharding": shard_backbone, "append_eos": append_eos,
+                 "router_weight_average": router_weight_average}
     train_model(model, data, out, mogu_config=cfg, train_overrides=overrides, preset_name=preset, resume=resume,
                 layer_selection=selection, overwrite=overwrite, dtype=_dtype(dtype),
                 quantization=_quantization(load_in_4bit, load_in_8bit))
