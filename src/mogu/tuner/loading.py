@@ -131,6 +131,11 @@ def quantization_config(quantization: str, dtype: torch.dtype):
     from mogu.extras import require_extra
 
     require_extra("quant")
+    import logging
+
+    # Its CPU backend warns at import when it cannot fetch a packed-kernel build from the Hub; mogu keeps
+    # 4-bit layers off that kernel (keep_4bit_layers_differentiable), so the warning is noise here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes
     from transformers import BitsAndBytesConfig
 
