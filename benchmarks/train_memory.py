@@ -92,17 +92,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def quantize_4bit_in_place(model, compute_dtype: torch.dtype, device: str) -> int:
-    """Replace every nn.Linear inside the decoder layers by a bitsandbytes NF4 Linear4bit (double quantisation),
-    one at a time so the full-precision weight is freed as it goes; returns how many were replaced."""
+    """Replace every nn.Linear inside the decoder layers by a bitsandbytes NF4 Linear4bit (double quantisation)
+    on ``device``, one at a time, then move the rest of ``model`` there; returns how many were replaced. Built
+    on the CPU, a model whose full-precision weights would not fit the device is quantised as it moves."""
     import bitsandbytes as bnb
     from torch import nn
 
     from mogu.tuner.families import layer_index
     from mogu.tuner.loading import keep_4bit_layers_differentiable
 
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and layer_index(n) is not None]
-    for name, linear in targets:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and layer_index(n) is not None]
+    for name in names:  # names only: a held reference would keep each full-precision weight alive
         parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
         quantised = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                       compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
                                       device="meta")
@@ -110,12 +113,11 @@ def quantize_4bit_in_place(model, compute_dtype: torch.dtype, device: str) -> in
                                              compress_statistics=True)
         if linear.bias is not None:
             quantised.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        setattr(model.get_submodule(parent_name), child, quantised.to(device))  # .to() quantises
         del linear
+        setattr(parent, child, quantised.to(device))  # .to() quantises
+    model.to(device)  # embeddings, norms and head, left in full precision as transformers leaves them
     keep_4bit_layers_differentiable(model)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return len(targets)
+    return len(names)
 
 
 def random_batch(n: int, seq_len: int, response_tokens: int, vocab: int, device, seed: int) -> dict:
@@ -190,10 +192,18 @@ def main(argv=None) -> int:
     if args.tiny:
         pristine, name = speed.tiny_base(), "tiny random llama (hidden 32, 2 layers)"
     else:
-        pristine, name = speed.shape_base(args.shape, dtype, args.device), f"{args.shape} shapes, random weights"
-    pristine.to(device=args.device, dtype=dtype)
+        # 4-bit: built on the CPU and quantised layer by layer on its way to the device.
+        build_on = "cpu" if args.load_in_4bit else args.device
+        pristine, name = speed.shape_base(args.shape, dtype, build_on), f"{args.shape} shapes, random weights"
     backbone_params = sum(p.numel() for p in pristine.parameters())
-    quantised = quantize_4bit_in_place(pristine, dtype, args.device) if args.load_in_4bit else 0
+    if args.load_in_4bit:
+        pristine.to(dtype=dtype)
+        quantised = quantize_4bit_in_place(pristine, dtype, args.device)
+        if on_cuda:
+            torch.cuda.empty_cache()
+    else:
+        pristine.to(device=args.device, dtype=dtype)
+        quantised = 0
     n_layers = pristine.config.num_hidden_layers
     vocab = pristine.config.vocab_size
     results = []

@@ -152,3 +152,11 @@ def test_train_with_router_backbone_lora_saves_trained_backbone_modules(tmp_path
     tensors = load_file(str(out / "model" / BACKBONE_FILE))
     lora_b = [t for n, t in tensors.items() if n.endswith("lora_B.weight")]
     assert len(lora_b) == 6 and all(t.abs().sum() > 0 for t in lora_b)  # B left zero: they trained
+
+
+def test_a_task_lora_on_a_lora_backbone_model_targets_the_projections_not_their_backbone_factors():
+    from mogu.tuner.task_adapter import default_task_targets
+
+    targets = default_task_targets(_model("llama", "lora"))
+    assert not any(t.endswith(("lora_A", "lora_B")) for t in targets), targets
+    assert {"q_proj", "down_proj"} <= {t.split(".")[0] if "." in t else t for t in targets}, targets

@@ -76,3 +76,21 @@ def test_token_benign_applies_only_with_the_hold_handoff():
 def test_unknown_token_benign_is_a_config_error():
     with pytest.raises(ConfigError, match="token_benign"):
         MoGUConfig(token_benign="glad").validate()
+
+
+def test_prompt_margins_of_a_padded_row_equal_its_margin_alone_with_absolute_positions():
+    model = _split_model("gpt2")
+    ids, mask = left_pad(ROWS)
+    batched = prompt_margins(model, ids, mask)
+    for i, row in enumerate(ROWS):
+        alone = prompt_margins(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
+        assert torch.allclose(batched[i], alone[0], atol=1e-5), (i, batched[i], alone[0])
+
+
+def test_prompt_margins_leave_the_routing_trace_alone():
+    model = _split_model()
+    ids, mask = left_pad(ROWS)
+    model.enable_routing_trace(True)
+    model.clear_routing_trace()
+    prompt_margins(model, ids, mask)
+    assert model.routing_trace() == {} and model.routing_trace_enabled

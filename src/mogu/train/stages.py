@@ -386,6 +386,8 @@ class Trainer:
         self._own_step = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         if sharding == "auto":
             sharding = "fsdp2" if acc.distributed_type == DistributedType.FSDP else "none"
+        if sharding == "fsdp2" and acc.num_processes == 1:
+            self.log("[train] --shard-backbone fsdp2 with one process: nothing to shard, the backbone stays whole")
         self.sharding = sharding if acc.num_processes > 1 else "none"
         from mogu.tuner.loading import backbone_quantization
 

@@ -190,7 +190,8 @@ def _sample_arith(rng: random.Random) -> tuple[str, str, int]:
 _INTEGER = re.compile(r"-?\d+")
 register_task(Task("arith", "one- or two-step small-number word problems; the answer is an integer", _sample_arith,
                    lambda response, answer: bool(_INTEGER.fullmatch(response)) and int(response) == int(answer),
-                   re.compile(r"(?<![\d.])-?\d+(?![\d.]*\d)")))
+                   # a decimal or a thousands-separated number is one candidate, which the exact rule rejects
+                   re.compile(r"(?<![\d.,])-?\d+(?:[.,]\d+)*")))
 
 
 # -- generation, splits and scoring ---------------------------------------------------------------

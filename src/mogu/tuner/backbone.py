@@ -6,8 +6,9 @@ picks one of three, for the ablation in docs/RESULTS.md:
 * ``experts``: none; the router stage trains the routers, and the experts in v2's joint stage (the default);
 * ``lora``: a fresh LoRA (the experts' rank and scaling) on every other projection of each routed layer, the
   attention's and the MLP's (``BackboneLoRA``);
-* ``o_proj``: the routed layers' output projections unfrozen, as a full-rank update ``D`` to ``W`` inside the
-  routed formula, ``(u + g)(W + D) x + s (u B_u A_u x + g B_g A_g x)`` (``RoutedLinear.backbone_delta``).
+* ``o_proj``: the routed projections unfrozen (the attention output projections by default; whatever
+  ``target_modules`` names otherwise, at out x in float32 each), as a full-rank update ``D`` to ``W`` inside
+  the routed formula, ``(u + g)(W + D) x + s (u B_u A_u x + g B_g A_g x)`` (``RoutedLinear.backbone_delta``).
 
 Both start at zero, so a fresh model computes exactly what the experts-only model does, and both act only in
 the routed ("auto") mode: routing off is still the base model, and the hand-off still continues on it.

@@ -205,18 +205,31 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
 
 def _checks_prompt(model, route_tokens, handoff, generation_config, kwargs) -> bool:
     """``token_benign="base"`` applies: token routers, routing on, the hold hand-off, one answer per prompt."""
-    n_return = kwargs.get("num_return_sequences") or getattr(generation_config, "num_return_sequences", None) or 1
+    def option(name):
+        return kwargs.get(name) or getattr(generation_config, name, None)
+
+    # Beams and dict outputs go down the routed path, whose one-line errors then apply to every batch alike.
     return (model.config.token_benign == "base" and model.routing_strategy.per_layer_routers
             and model.routing_mode == "auto" and model.pinned_routing is None and handoff == "hold"
-            and route_tokens is not None and n_return == 1)
+            and route_tokens is not None and (option("num_return_sequences") or 1) == 1
+            and (option("num_beams") or 1) == 1 and not option("return_dict_in_generate"))
 
 
 @torch.no_grad()
 def prompt_margins(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] the token routers' mean u - g over the routed layers at each prompt's last position (left padding:
-    the last column), from one forward pass with routing on; > 0 leans to the unwilling expert."""
-    with model.routing("auto"), model.scoring_routed_prefix(True) as score:
-        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    the last column), from one forward pass with routing on; > 0 leans to the unwilling expert. Positions
+    follow the mask, as in generate, so a row scores the same alone or padded in a batch."""
+    from mogu.tuner.features import position_kwargs
+
+    tracing = model.routing_trace_enabled
+    model.enable_routing_trace(False)  # a scoring pass, not part of the answer's routing trace
+    try:
+        with model.routing("auto"), model.scoring_routed_prefix(True) as score:
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             **position_kwargs(model, attention_mask))
+    finally:
+        model.enable_routing_trace(tracing)
     return score.margin()
 
 

@@ -80,7 +80,8 @@ def answer_logits(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], *
     if model.routing_mode != "auto" or m is None:
         with model.gated(full[:, :n_prompt]):  # a no-op without a gate or when routing is not auto
             return forward_all(), False
-    if model.config.token_benign == "base" and policy == "hold" and model.routing_strategy.per_layer_routers:
+    if (model.config.token_benign == "base" and policy == "hold" and model.routing_strategy.per_layer_routers
+            and model.pinned_routing is None):  # generation's rule (generation._checks_prompt)
         from mogu.tuner.generation import prompt_margins
 
         prompt = full[:, :n_prompt]

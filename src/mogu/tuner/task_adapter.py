@@ -50,7 +50,12 @@ def _reserved(model: nn.Module) -> list[str]:
     else:
         family = family_for(getattr(getattr(backbone, "config", None), "model_type", None))
         targets = list(family.target_modules) if family else []
-    return [n for n, _ in backbone.named_modules() if n and matches_target(n, targets)]
+    from mogu.tuner.backbone import BackboneLoRA
+
+    # A router_backbone="lora" model's own LoRA factors (the projection under them, base_layer, stays a target).
+    own = [f"{n}.{part}" for n, m in backbone.named_modules() if isinstance(m, BackboneLoRA)
+           for part in ("lora_A", "lora_B")]
+    return [n for n, _ in backbone.named_modules() if n and matches_target(n, targets)] + own
 
 
 def _inside(name: str, roots: list[str]) -> bool:
