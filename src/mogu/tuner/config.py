@@ -32,7 +32,9 @@ GATE_BENIGN = ("glad", "base")
 # Token routers' counterpart, with the hold hand-off: "routed" (the paper's: every prompt gets the routed
 # prefix) or "base": the routers first score the prompt (their mean u - g over the routed layers at its last
 # token, the position that picks the first answer token); a prompt they lean benign on is answered by the base
-# model alone, and the others get the routed prefix and the hold rule. mogu.tuner.generation.
+# model alone, and the others get the routed prefix and the hold rule. mogu.tuner.generation. On SmolLM2 it
+# raised held-out over-refusal (22 % -> 31 % of Just-Eval 101-200 at 95 % harmful dev; docs/RESULTS.md, "v2's
+# router stage with backbone modules"), so the default is the paper's.
 TOKEN_BENIGN = ("routed", "base")
 
 
