@@ -1047,23 +1047,13 @@ class MoGUDefense(Defense):
         _require(rt is None or (isinstance(rt, int) and not isinstance(rt, bool) and rt >= 1),
                  f"mogu: route_tokens must be an integer >= 1 or None, got {rt!r}")
         self._params["route_tokens"] = rt
-        handoff = self._params["handoff"]
-        if handoff == "config":
-            handoff = self.mogu_model.config.handoff
-        _require(handoff in HANDOFFS, f"mogu: handoff must be one of {', '.join(HANDOFFS)} or 'config', got {handoff!r}")
-        self._params["handoff"] = handoff
-        benign = self._params["gate_benign"]
-        if benign == "config":
-            benign = self.mogu_model.config.gate_benign
-        _require(benign in GATE_BENIGN, f"mogu: gate_benign must be one of {', '.join(GATE_BENIGN)} or 'config', "
-                                        f"got {benign!r}")
-        self._params["gate_benign"] = benign
-        token = self._params["token_benign"]
-        if token == "config":
-            token = self.mogu_model.config.token_benign
-        _require(token in TOKEN_BENIGN, f"mogu: token_benign must be one of {', '.join(TOKEN_BENIGN)} or 'config', "
-                                        f"got {token!r}")
-        self._params["token_benign"] = token
+        # Policies that default to the checkpoint's config ("config"), each checked against its choices.
+        for name, choices in (("handoff", HANDOFFS), ("gate_benign", GATE_BENIGN), ("token_benign", TOKEN_BENIGN)):
+            value = self._params[name]
+            if value == "config":
+                value = getattr(self.mogu_model.config, name)
+            _require(value in choices, f"mogu: {name} must be one of {', '.join(choices)} or 'config', got {value!r}")
+            self._params[name] = value
 
     def params(self) -> dict[str, Any]:
         out = super().params()
