@@ -159,3 +159,22 @@ def test_gate_cv_holds_each_look_alike_out_once_and_runs_end_to_end(tmp_path):
                          "--variants", "router,probe", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())["result"]
     assert set(payload) == {"router", "probe"} and all("benign_dev" in r for r in payload.values())
+
+
+def test_gate_transfer_puts_the_threshold_at_the_harmful_share_and_flags_only_harmful_like_sets():
+    gate_transfer = _load("gate_transfer")
+    g = torch.Generator().manual_seed(0)
+    stored = {}
+    for name, shift in (("h", 2.0), ("b", -2.0)):
+        for i in range(40):
+            x = torch.randn(2, 6, generator=g) * 0.3
+            x[:, 0] += shift
+            stored[f"{name}{i}"] = {"last": x, "mean": x.flip(1)}
+    train = [(f"h{i}", 1) for i in range(20)] + [(f"b{i}", 0) for i in range(20)]
+    sets = {"harmful_dev": [f"h{i}" for i in range(20, 40)], "benign_dev": [f"b{i}" for i in range(20, 40)]}
+    for pooling in ("last", "mean", "both"):
+        rates = gate_transfer.fit_and_score(stored, train, sets, sets["harmful_dev"], layers=[0, 1], l2=1e-3,
+                                            pooling=pooling, min_harmful=0.95)
+        assert rates["harmful_dev"] >= 0.95 and rates["benign_dev"] == 0.0
+    with pytest.raises(SystemExit):
+        gate_transfer.main(["--model", "m", "--data", "d", "--data-dir", "x", "--variants", "nope"])

@@ -22,7 +22,10 @@ def test_builtin_sets_meet_the_spec():
         assert splits == {"train", "dev"}
         assert len({r.prompt for r in recs}) == len(recs)
     assert all(r.harmful for r in harmful) and not any(r.harmful for r in benign + borderline)
-    assert all(r.target and r.target.startswith("Sure") for r in harmful)
+    # AdvBench-style affirmative targets; the non-English prompts open in their own language.
+    openers = ("Sure", "Claro", "Bien sûr", "Sicher", "Certo")
+    assert all(r.target and r.target.startswith(openers) for r in harmful)
+    assert sum(r.target.startswith("Sure") for r in harmful) >= 0.9 * len(harmful)
     assert len(builtin_prompts("harmful", split="dev")) >= 40
 
 

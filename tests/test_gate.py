@@ -192,12 +192,12 @@ def test_fit_gate_writes_each_layers_probe_and_separates_the_training_prompts():
     benign = [f"Give me a recipe for soup number {i}." for i in range(12)]
     prompts, labels = harmful + benign, [1] * 12 + [0] * 12
     before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("gate.")}
-    stats = fit_gate(model, prompts, labels, batch_size=5)
+    stats = fit_gate(model, prompts, labels, batch_size=5, l2=2e-3)
     assert stats["examples"] == 24 and stats["accuracy"] == 1.0
     feats = collect_layer_features(model, tok, prompts, batch_size=7)
     y = torch.tensor(labels, dtype=torch.float32)
     for k, layer in enumerate(model.gate.layers):
-        w, c = fit_probe(feats[layer]["last"], y)
+        w, c = fit_probe(feats[layer]["last"], y, l2=2e-3)
         torch.testing.assert_close(model.gate.weight[k], w.float(), rtol=1e-4, atol=1e-5)
         assert abs(float(model.gate.bias[k].detach()) - c) < 1e-4
     assert float(model.gate.threshold) == 0.0
@@ -262,6 +262,31 @@ def test_router_stage_fits_the_gate_without_steps_and_resumes(tmp_path):
     assert fits and all(f["examples"] == n_probe for f in fits)  # every labelled train prompt, not the router set
     # 24 plain train prompts, the 2 added here, and a framed copy of each of the 12 harmful and 12 benign
     assert n_probe == 24 + 2 + 24
+
+
+def test_router_stage_fits_the_gate_with_the_configs_l2_and_a_bad_l2_is_rejected(tmp_path, monkeypatch):
+    from test_training import _tiny_run
+    import mogu.train.probe as probe_module
+
+    from mogu.train.stages import TrainConfig
+
+    _tiny_run(tmp_path, "setup")
+    seen = []
+    real_fit_gate = probe_module.fit_gate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["l2"])
+        return real_fit_gate(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "fit_gate", spy)
+    model, trainer = _tiny_run(tmp_path, "l2", stage_names=("router",), train_kw={"gate_l2": 0.05})
+    gated = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_type="prompt"), tokenizer=tiny_tokenizer())
+    trainer.model = gated.to(trainer.accelerator.device)
+    trainer.train()
+    assert seen == [0.05]
+    for bad in (0.0, -1e-3, 1e3):
+        with pytest.raises(ConfigError, match="gate_l2"):
+            TrainConfig(data_dir="d", output_dir="o", gate_l2=bad).validate()
 
 
 def test_bad_router_type_is_rejected():

@@ -490,7 +490,7 @@ def run_probe(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *
 
 
 @torch.no_grad()
-def fit_gate(model, prompts: Sequence[str], labels: Sequence[int], *, batch_size: int = 16, l2: float = 1e-2,
+def fit_gate(model, prompts: Sequence[str], labels: Sequence[int], *, batch_size: int = 16, l2: float = 1e-3,
              progress: bool = False) -> dict[str, float]:
     """Fit every layer's probe on the prompts (label 1 harmful, 0 benign); returns training accuracies.
 

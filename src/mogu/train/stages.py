@@ -166,6 +166,9 @@ class TrainConfig:
     router_init_examples: int = 512  # router-set rows whose prompt tokens feed the probes
     router_init_refits: int = 1  # probe rounds under routing (router_init.py: one removes the feature shift)
     router_init_glad_bias: float = 0.0  # logit shift toward glad: trades missed harmful for over-refusal
+    # The prompt gate's probe L2 (standardised features). 1e-3 halved AlpacaEval's flagged share against
+    # 1e-2 on the tuning sets (benchmarks/gate_transfer.py; docs/RESULTS.md, "The gate on unseen styles").
+    gate_l2: float = 1e-3
     # Score the probe-initialised routers on the dev split so they compete in checkpoint selection. Off
     # in cpu-fast: the trained routers have won every run measured, and a router stage with a single
     # candidate left is kept without a dev pass (the caller's own evaluation scores it; ~80 s each on CPU).
@@ -224,6 +227,8 @@ class TrainConfig:
             raise ConfigError(f"router_init_refits must be in [0, 10], got {self.router_init_refits}")
         if not -20 <= self.router_init_glad_bias <= 20:
             raise ConfigError(f"router_init_glad_bias must be in [-20, 20], got {self.router_init_glad_bias}")
+        if not 0 < self.gate_l2 <= 100:
+            raise ConfigError(f"gate_l2 must be in (0, 100], got {self.gate_l2}")
         if self.router_init_examples < 2:
             raise ConfigError("router_init_examples must be >= 2")
         if self.responder_loss not in ("ratio", "sft"):
@@ -696,7 +701,8 @@ class Trainer:
         start = time.perf_counter()
         model.eval()
         stats = fit_gate(model, [probe_input(r) for r in rows], [int(r["label"]) for r in rows],
-                         batch_size=self.cfg.stages[stage].micro_batch_size, progress=self.progress)
+                         batch_size=self.cfg.stages[stage].micro_batch_size, l2=self.cfg.gate_l2,
+                         progress=self.progress)
         model.routing_strategy.set_operating_point(0.0, self.cfg.router_init_glad_bias)
         elapsed = round(time.perf_counter() - start, 1)
         self._append_metrics({"stage": stage, "step": 0, "gate_fit": stats})

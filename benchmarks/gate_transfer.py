@@ -1,0 +1,184 @@
+"""Does the prompt gate pass benign prompts from sources it never saw? Flagged rates, tuning and blind sets apart.
+
+The gate (``mogu.tuner.gate``) reads the base model's features with routing off, so its flagged share of a
+set is a property of the probes' training prompts and of the fitting choices, not of the experts. A flagged
+prompt is answered by the unwilling expert (a refusal), a passed one by the base model, so the flagged share
+of a benign set is the gate's over-refusal and that of a harmful set its refusal, without generating.
+
+For each variant the per-layer probes are fitted on a training set, the threshold is put where
+``--min-harmful`` of the shipped harmful dev prompts are flagged (what ``mogu calibrate`` targets), and the
+flagged share of every named set is reported. Sets come in two groups:
+
+- **tuning**: what choices may be made on (the shipped dev splits, Just-Eval regular 201-400, Alpaca);
+- **blind**: never used to choose anything (Just-Eval regular 101-200 and 401-800, MT-Bench, TDC 2023,
+  MaliciousInstruct, the blind look-alikes); read only once a choice is made.
+
+Variants (``--variants``): ``probe`` (the data folder's ``probe.jsonl``, what ``mogu train`` fits on),
+``probe+new`` (the same plus every shipped train prompt the folder does not have yet: a folder built before
+prompts were added), each with ``--l2`` values and ``--pooling last|mean|both`` (both: the mean of the two
+probes' logits).
+
+    . .venv/bin/activate
+    python benchmarks/gate_transfer.py --model runs/demo7/calibrated --data runs/demo7/data \
+      --data-dir ../shared/data --cache runs/gate-features.pt
+
+Features are cached by prompt (``--cache``), so variants and new prompts cost only the new passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+TUNING = {
+    "benign_dev": ("builtin:benign:dev", False),
+    "borderline_dev": ("builtin:borderline:dev", False),
+    "just_eval_201_400": ("just_eval:200:200", False),
+    "alpaca_500": ("alpaca:0:500", False),
+    "harmful_dev": ("builtin:harmful:dev", True),
+    "advbench_1_100": ("advbench:0:100", True),
+}
+BLIND = {
+    "just_eval_101_200": ("just_eval:100:100", False),
+    "just_eval_401_800": ("just_eval:400:400", False),
+    "mt_bench": ("mt_bench:0:80", False),
+    "lookalikes_blind": ("lookalikes:0:1000", False),
+    "advbench_101_520": ("advbench:100:420", True),
+    "tdc2023": ("tdc2023:0:100", True),
+    "malicious_instruct": ("malicious_instruct:0:100", True),
+}
+VARIANTS = ("probe", "probe+new")
+HERE = Path(__file__).resolve().parent
+
+
+def load_set(spec: str, data_dir: Path) -> list[str]:
+    """Prompts of one spec: ``builtin:NAME:SPLIT`` or ``BENCHMARK:OFFSET:LIMIT``."""
+    from mogu.eval.benchmarks import load_benchmark
+    from mogu.train.data import builtin_prompts, read_prompts
+
+    kind, a, b = spec.split(":")
+    if kind == "builtin":
+        return [r.prompt for r in builtin_prompts(a, b)]
+    if kind == "alpaca":
+        rows = json.loads((data_dir / "alpaca" / "alpaca_subset2000_seed0.json").read_text())
+        # Instructions without an input field: the rest need their input to make sense.
+        return [r["instruction"] for r in rows if not r.get("input")][int(a):int(a) + int(b)]
+    if kind == "lookalikes":
+        return [r.prompt for r in read_prompts(HERE / "data" / "lookalikes_blind.jsonl", harmful=False)]
+    options = {"category": "regular"} if kind == "just_eval" else {}
+    return [p.prompt for p in load_benchmark(kind, data_dir=data_dir, offset=int(a), limit=int(b), **options)]
+
+
+def key(prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def features_for(model, tokenizer, prompts: list, cache: Path | None, batch_size: int) -> dict[str, dict]:
+    """{key: {pooling: [L, d]}} for every prompt, from the cache where it has them."""
+    from mogu.train.probe import collect_layer_features
+
+    stored = torch.load(cache, weights_only=True) if cache and cache.is_file() else {}
+    todo = list({key(p): p for p in prompts if key(p) not in stored}.values())
+    if todo:
+        print(f"features of {len(todo)} new prompts ({len(stored)} cached) ...", file=sys.stderr)
+        feats = collect_layer_features(model, tokenizer, todo, batch_size=batch_size, progress=True)
+        layers = sorted(feats)
+        for n, p in enumerate(todo):
+            stored[key(p)] = {pool: torch.stack([feats[i][pool][n] for i in layers]) for pool in ("last", "mean")}
+        if cache:
+            tmp = cache.with_suffix(".tmp")
+            torch.save(stored, tmp)
+            tmp.replace(cache)
+    return stored
+
+
+def fit_and_score(stored, train: list[tuple[object, int]], sets: dict[str, list[str]], threshold_set: list[str],
+                  *, layers: list[int], l2: float, pooling: str, min_harmful: float) -> dict[str, float]:
+    from mogu.train.router_init import fit_probe
+
+    y = torch.tensor([float(label) for _, label in train])
+    pools = ("last", "mean") if pooling == "both" else (pooling,)
+    probes = {}
+    for pool in pools:
+        x = torch.stack([stored[key(p)][pool] for p, _ in train])  # [N, L, d]
+        probes[pool] = {i: fit_probe(x[:, i], y, l2=l2) for i in layers}
+
+    def score(prompts) -> torch.Tensor:
+        out = []
+        for pool in pools:
+            x = torch.stack([stored[key(p)][pool] for p in prompts]).double()
+            out += [x[:, i] @ w + c for i, (w, c) in probes[pool].items()]
+        return torch.stack(out).mean(0)
+
+    threshold = torch.quantile(score(threshold_set), 1.0 - min_harmful).item() - 1e-9
+    return {name: float((score(ps) > threshold).double().mean()) for name, ps in sets.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a MoGU checkpoint or base model (its base is probed)")
+    parser.add_argument("--data", type=Path, required=True, help="a `mogu data build` folder (probe.jsonl)")
+    parser.add_argument("--data-dir", type=Path, required=True, help="the public prompt sets (../shared/data)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--l2", default="0.01", help="comma-separated L2 strengths")
+    parser.add_argument("--pooling", default="last", help="comma-separated: last, mean, both")
+    parser.add_argument("--layers", default="all", help="'all' or comma-separated decoder layer indices")
+    parser.add_argument("--min-harmful", type=float, default=0.95)
+    parser.add_argument("--blind", action="store_true", help="also report the blind sets")
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from mogu.train.data import builtin_prompts, probe_input
+    from mogu.tuner.inference import load_for_inference
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    probe_rows = [json.loads(line) for line in (args.data / "probe.jsonl").read_text().splitlines() if line]
+    probe = [(probe_input(r), int(r["label"])) for r in probe_rows]
+    have = {r["prompt"] for r in probe_rows if "messages" not in r}
+    new = [(r.prompt, int(r.harmful)) for name in ("harmful", "benign", "borderline")
+           for r in builtin_prompts(name) if r.split != "dev" and r.prompt not in have]
+    groups = dict(TUNING, **(BLIND if args.blind else {}))
+    # The blind sets' features are collected (and cached) either way; they are scored only with --blind.
+    every_set = {name: load_set(spec, args.data_dir) for name, (spec, _) in {**TUNING, **BLIND}.items()}
+    sets = {name: every_set[name] for name in groups}
+    model, tokenizer, _ = load_for_inference(args.model)
+    every = [p for p, _ in probe + new] + [p for ps in every_set.values() for p in ps]
+    stored = features_for(model, tokenizer, every, args.cache, args.batch_size)
+    n_layers = next(iter(stored.values()))["last"].shape[0]
+    layers = list(range(n_layers)) if args.layers == "all" else [int(v) for v in args.layers.split(",")]
+    rows = []
+    for variant in variants:
+        train = probe + (new if variant == "probe+new" else [])
+        for l2 in [float(v) for v in args.l2.split(",")]:
+            for pooling in args.pooling.split(","):
+                rates = fit_and_score(stored, train, sets, sets["harmful_dev"], layers=layers, l2=l2,
+                                      pooling=pooling, min_harmful=args.min_harmful)
+                rows.append({"variant": variant, "l2": l2, "pooling": pooling, "train": len(train), **rates})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    names = list(sets)
+    print(f"flagged share at the threshold that flags {args.min_harmful:.0%} of the harmful dev prompts; "
+          f"{len(new)} shipped train prompts not in {args.data / 'probe.jsonl'}")
+    print("| variant | l2 | pooling | train | " + " | ".join(
+        f"{n}{' (blind)' if n in BLIND else ''}{' (harmful)' if groups[n][1] else ''}" for n in names) + " |")
+    print("|---" * (len(names) + 4) + "|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['l2']:g} | {r['pooling']} | {r['train']} | "
+              + " | ".join(f"{r[n]:.1%}" for n in names) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "sizes": {n: len(ps) for n, ps in sets.items()}, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
