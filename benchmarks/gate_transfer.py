@@ -15,8 +15,9 @@ flagged share of every named set is reported. Sets come in two groups:
 
 Variants (``--variants``): ``probe`` (the data folder's ``probe.jsonl``, what ``mogu train`` fits on),
 ``probe+new`` (the same plus every shipped train prompt the folder does not have yet: a folder built before
-prompts were added), each with ``--l2`` values and ``--pooling last|mean|both`` (both: the mean of the two
-probes' logits).
+prompts were added), ``probe+new+extra`` (plus ``--extra-benign``, public benign prompts a user can add to
+the gate's probe set without distilling answers for them), each with ``--l2`` values and
+``--pooling last|mean|both`` (both: the mean of the two probes' logits).
 
     . .venv/bin/activate
     python benchmarks/gate_transfer.py --model runs/demo7/calibrated --data runs/demo7/data \
@@ -51,7 +52,7 @@ BLIND = {
     "tdc2023": ("tdc2023:0:100", True),
     "malicious_instruct": ("malicious_instruct:0:100", True),
 }
-VARIANTS = ("probe", "probe+new")
+VARIANTS = ("probe", "probe+new", "probe+new+extra")
 HERE = Path(__file__).resolve().parent
 
 
@@ -127,6 +128,8 @@ def main(argv=None) -> int:
     parser.add_argument("--l2", default="0.01", help="comma-separated L2 strengths")
     parser.add_argument("--pooling", default="last", help="comma-separated: last, mean, both")
     parser.add_argument("--layers", default="all", help="'all' or comma-separated decoder layer indices")
+    parser.add_argument("--extra-benign", default="alpaca:500:1000",
+                        help="probe+new+extra's benign prompts, a set spec (disjoint from every scored set)")
     parser.add_argument("--min-harmful", type=float, default=0.95)
     parser.add_argument("--blind", action="store_true", help="also report the blind sets")
     parser.add_argument("--cache", type=Path, default=None)
@@ -147,18 +150,19 @@ def main(argv=None) -> int:
     have = {r["prompt"] for r in probe_rows if "messages" not in r}
     new = [(r.prompt, int(r.harmful)) for name in ("harmful", "benign", "borderline")
            for r in builtin_prompts(name) if r.split != "dev" and r.prompt not in have]
+    extra = [(p, 0) for p in load_set(args.extra_benign, args.data_dir)] if "probe+new+extra" in variants else []
     groups = dict(TUNING, **(BLIND if args.blind else {}))
     # The blind sets' features are collected (and cached) either way; they are scored only with --blind.
     every_set = {name: load_set(spec, args.data_dir) for name, (spec, _) in {**TUNING, **BLIND}.items()}
     sets = {name: every_set[name] for name in groups}
     model, tokenizer, _ = load_for_inference(args.model)
-    every = [p for p, _ in probe + new] + [p for ps in every_set.values() for p in ps]
+    every = [p for p, _ in probe + new + extra] + [p for ps in every_set.values() for p in ps]
     stored = features_for(model, tokenizer, every, args.cache, args.batch_size)
     n_layers = next(iter(stored.values()))["last"].shape[0]
     layers = list(range(n_layers)) if args.layers == "all" else [int(v) for v in args.layers.split(",")]
     rows = []
     for variant in variants:
-        train = probe + (new if variant == "probe+new" else [])
+        train = probe + (new if variant != "probe" else []) + (extra if variant == "probe+new+extra" else [])
         for l2 in [float(v) for v in args.l2.split(",")]:
             for pooling in args.pooling.split(","):
                 rates = fit_and_score(stored, train, sets, sets["harmful_dev"], layers=layers, l2=l2,

@@ -62,7 +62,7 @@ FIXTURE_CASES = [
     ("alpaca_eval", {}, 3, {False}),
     ("mt_bench", {}, 3, {False}),
     ("task", {"test": 5}, 5, {False}),
-    ("builtin", {"set": "harmful", "split": "dev"}, 85, {True}),
+    ("builtin", {"set": "harmful", "split": "dev"}, 98, {True}),
 ]
 
 

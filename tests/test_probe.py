@@ -223,17 +223,30 @@ def test_collect_features_target_override_and_unknown_family():
 
 
 def test_run_probe_end_to_end_on_a_tiny_model():
+    from mogu.chat import render_prompt
     from mogu.train.data import builtin_prompts
 
-    harmful = [r.prompt for r in builtin_prompts("harmful", "train")]
-    benign = [r.prompt for r in builtin_prompts("benign", "train")]
-    report = run_probe(tiny_model("gpt2"), tiny_tokenizer(), harmful, benign, folds=3, limit=12, seed=0,
+    # The tiny GPT-2 has 128 positions; its word-level tokenizer makes a few shipped prompts longer.
+    tok = tiny_tokenizer()
+
+    def fits(prompt: str) -> bool:
+        return len(tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]) <= 128
+
+    harmful = [r.prompt for r in builtin_prompts("harmful", "train") if fits(r.prompt)]
+    benign = [r.prompt for r in builtin_prompts("benign", "train") if fits(r.prompt)]
+    report = run_probe(tiny_model("gpt2"), tok, harmful, benign, folds=3, limit=12, seed=0,
                        model_id="tiny-gpt2", selection={"top_k": 1})
     assert report.n_harmful == 12 and report.n_benign == 12 and report.folds == 3
     assert report.target_modules == ["attn.c_proj"] and report.model == "tiny-gpt2"
     assert len(report.selection["layers"]) == 1 and report.selection["pooling"] == DEFAULT_SELECTION["pooling"]
     with pytest.raises(DataError, match="at least 5 prompts per class"):
         run_probe(tiny_model("gpt2"), tiny_tokenizer(), harmful[:3], benign, folds=5)
+
+
+def test_a_prompt_past_the_models_context_is_a_data_error_naming_it():
+    prompts = ["Hi there", " ".join(["word"] * 200), "Hello"]
+    with pytest.raises(DataError, match=r"prompt 1 is \d+ tokens .* context of 128"):
+        collect_layer_features(tiny_model("gpt2"), tiny_tokenizer(), prompts, batch_size=2)
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ def _checkpoint(root):
     from mogu import MoGUConfig, MoGUModel
 
     base_dir = root / "base"
-    tiny_model("llama").save_pretrained(base_dir)
+    base = tiny_model("llama")
+    base.config.max_position_embeddings = 128  # a small context, so the context-limit paths are reachable
+    base.save_pretrained(base_dir)
     tiny_tokenizer().save_pretrained(base_dir)
     model = MoGUModel.from_base(str(base_dir), MoGUConfig())
     randomize_added(model)  # non-zero experts, so the routed prefix differs from the base model

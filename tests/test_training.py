@@ -350,3 +350,21 @@ def test_greedy_routed_prefix_when_routed_sampling_is_off():
             sampled.add(tuple(model.generate(input_ids=x, max_new_tokens=3, do_sample=True, top_k=50, temperature=1.5,
                                              route_tokens=3, pad_token_id=0)[0].tolist()))
     assert len(sampled) > 1  # by default the prefix samples as asked
+
+
+def test_a_row_past_the_models_context_is_a_data_error_naming_its_file_and_row(tmp_path):
+    from mogu.errors import DataError
+
+    model, trainer = _tiny_run(tmp_path, "run")
+    glad = tmp_path / "data" / "glad_pairs.jsonl"
+    rows = [json.loads(line) for line in glad.read_text().splitlines()]
+    rows[2]["prompt"] = "word " * 400
+    glad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model.base_model.config.max_position_embeddings = 256
+    with pytest.raises(DataError, match=r"glad_pairs\.jsonl row 3 is \d+ tokens .* context of 256"):
+        trainer.train()
+    assert not (tmp_path / "run" / "stages" / "glad" / "done.json").exists()
+    # Rows that fit train as before.
+    rows[2]["prompt"] = "a short prompt"
+    glad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert trainer._encode("glad", trainer._rows("glad"))

@@ -8,8 +8,10 @@ import torch
 import transformers as tf
 
 VOCAB = 128
+# The rotary families get 512 positions (no extra weights): the word-level tiny tokenizer makes some shipped
+# prompts 300 tokens long, and mogu refuses a row past a model's context.
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 FAMILY_CONFIGS = {

@@ -8,6 +8,18 @@ from __future__ import annotations
 from typing import Sequence
 
 
+def context_length(model) -> int | None:
+    """The longest sequence a plain Hugging Face model's position embeddings allow, read from its config
+    (or its ``text_config``), or None when the config does not say."""
+    config = model.config
+    for c in (config, getattr(config, "text_config", None)):
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(c, attr, None) if c is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
 def render_prompt(tokenizer, prompt: "str | Sequence[dict]", system: str | None = None) -> str:
     """The chat-template rendering of one user turn (or of a conversation ending in one), ready for the
     assistant's answer."""

@@ -61,6 +61,7 @@ require_extra("serve")  # before pydantic: the request schema below is built at 
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
+from mogu.chat import context_length
 from mogu.errors import MoGUError
 
 log = logging.getLogger("mogu.serve")
@@ -694,16 +695,6 @@ class AllowedHostsMiddleware:
         await self.app(scope, receive, send)
 
 
-def _context_length(model, is_mogu: bool) -> int | None:
-    config = (model.base_model if is_mogu else model).config
-    for c in (config, getattr(config, "text_config", None)):
-        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(c, attr, None) if c is not None else None
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
 def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None, max_batch_size: int = 8,
                max_queue: int = 64, batch_wait_ms: float = 10.0, max_body_bytes: int = 1 << 20,
                max_tokens_limit: int = 4096, default_max_tokens: int = 256, is_mogu: bool | None = None,
@@ -741,7 +732,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
     model.eval()
     engine = BatchEngine(model, tokenizer, is_mogu=is_mogu, max_batch_size=max_batch_size, max_queue=max_queue,
                          batch_wait_ms=batch_wait_ms)
-    context = _context_length(model, is_mogu)
+    context = context_length(model.base_model if is_mogu else model)
     created = int(time.time())
     drain_cap = max(4 * max_body_bytes, 4 << 20)
 

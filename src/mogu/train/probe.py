@@ -57,7 +57,7 @@ def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_m
     features do not depend on the batch it is in. The hooks are removed afterwards.
     """
     from mogu.tuner.model import MoGUModel
-    from mogu.chat import render_prompt
+    from mogu.chat import context_length, render_prompt
 
     prompts = list(prompts)
     if not prompts:
@@ -86,6 +86,7 @@ def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_m
         return pre_hook
 
     device = next(base.parameters()).device
+    limit = context_length(base)
     old_side = tokenizer.padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -106,6 +107,12 @@ def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_m
                 texts = [render_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
                 attention_mask = enc["attention_mask"].to(device)
+                if limit is not None and attention_mask.shape[1] > limit:
+                    # Past the position table a model fails with an opaque index error, or reads garbage.
+                    lengths = attention_mask.sum(1).tolist()
+                    worst = max(range(len(lengths)), key=lengths.__getitem__)
+                    raise DataError(f"prompt {start + worst} is {int(lengths[worst])} tokens with its chat "
+                                    f"template, past the model's context of {limit}; shorten or drop it")
                 if not bool(attention_mask[:, -1].all()):
                     raise MoGUError("the tokenizer did not left-pad the batch")
                 mask_holder["mask"] = attention_mask

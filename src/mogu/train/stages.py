@@ -34,10 +34,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mogu.train.data import DEV_FILE, PROBE_FILE, STAGE_FILES, load_stage_file
-from mogu.errors import ConfigError, MoGUError
+from mogu.errors import ConfigError, DataError, MoGUError
 from mogu.verdicts import is_refusal
 from mogu.io import atomic_directory, atomic_write_text, run_record
-from mogu.chat import encode_pair, render_prompt
+from mogu.chat import context_length, encode_pair, render_prompt
 from mogu.train.loop import run_steps
 from mogu.train.sharding import BACKBONE_SHARDING, backbone_footprint, shard_frozen_backbone
 from mogu.train.losses import collate, ratio_terms, router_terms, sequence_nll
@@ -610,10 +610,27 @@ class Trainer:
         tok, eos = self.tokenizer, self.cfg.append_eos
         if stage == "router":
             m = self.router_response_tokens()
-            return [(encode_pair(tok, r["prompt"], r["response"], m, eos), int(r["label"])) for r in rows]
+            examples = [(encode_pair(tok, r["prompt"], r["response"], m, eos), int(r["label"])) for r in rows]
+            self._check_context(stage, [[ex[0]] for ex in examples])
+            return examples
         num, den = ("comply", "refuse") if stage == "glad" else ("refuse", "comply")
-        return [(encode_pair(tok, r["prompt"], r[num], m, eos), encode_pair(tok, r["prompt"], r[den], m, eos))
-                for r in rows]
+        examples = [(encode_pair(tok, r["prompt"], r[num], m, eos), encode_pair(tok, r["prompt"], r[den], m, eos))
+                    for r in rows]
+        self._check_context(stage, [list(ex) for ex in examples])
+        return examples
+
+    def _check_context(self, stage: str, encoded_rows: list[list[tuple[list[int], int]]]) -> None:
+        """Past its position table a model fails with an opaque index error (or reads garbage), so a row
+        too long for it is named, by file and row, before any step runs."""
+        limit = context_length(getattr(self.model, "base_model", self.model))
+        if limit is None:
+            return
+        for i, pairs in enumerate(encoded_rows):
+            longest = max(len(ids) for ids, _ in pairs)
+            if longest > limit:
+                raise DataError(f"{STAGE_FILES[stage]} row {i + 1} is {longest} tokens with its chat template "
+                                f"and response, past the model's context of {limit}; shorten its prompt, "
+                                f"lower max_response_tokens, or drop the row")
 
     def _epoch_order(self, n: int, epoch: int) -> list[int]:
         """The global example order of an epoch (a function of seed and epoch only, never of the process)."""
