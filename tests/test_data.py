@@ -215,3 +215,47 @@ def test_shipped_frames_are_not_the_frames_the_eval_attacks_with():
         text = " ".join(f.get(k, "") for k in ("opener", "reply", "wrap")).lower()
         assert not any(h.lower()[:40] in text for h in held_out)
         assert "thriller" not in text and "apprentice" not in text
+
+
+def test_probe_benign_prompts_join_the_probe_set_alone_skipping_duplicates_and_dev_prompts(tmp_path):
+    from mogu.train.data import PromptRecord
+
+    harmful = builtin_prompts("harmful")[:10]
+    benign = builtin_prompts("benign")[:30]
+    for i, r in enumerate(harmful + benign):
+        r.split = "dev" if i % 5 == 0 else "train"
+    answer = lambda prompts, sample=False: ["Here you go." for _ in prompts]  # noqa: E731
+    build_stage_datasets(harmful, benign, tmp_path / "plain", answer_fn=answer, log=lambda m: None)
+    dev_prompt = next(r.prompt for r in benign if r.split == "dev")
+    train_prompt = next(r.prompt for r in benign if r.split == "train")
+    extra = [PromptRecord(prompt=p, harmful=False, source="mine")
+             for p in ("Summarise this quarter's sales call.", "Draft a polite reminder email.",
+                       "Draft a polite reminder email.", dev_prompt, train_prompt)]
+    stats = build_stage_datasets(harmful, benign, tmp_path / "extra", answer_fn=answer, probe_benign=extra,
+                                 log=lambda m: None)
+    assert stats["probe_extra_benign"] == 2  # one duplicate, one dev prompt, one already a probe row skipped
+    probe = [json.loads(line) for line in (tmp_path / "extra" / "probe.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "probe.jsonl").read_text().splitlines()]
+    assert len(probe) == len(plain) + 2 and stats["probe"] == len(probe)
+    added = [r for r in probe if r["prompt"] in {"Summarise this quarter's sales call.", "Draft a polite reminder email."}]
+    assert [r["label"] for r in added] == [0, 0] and all(r["prompt"] != dev_prompt for r in probe)
+    # Only the probe set changes: every stage file and the dev split are byte for byte the same.
+    for name in ("glad_pairs.jsonl", "unwill_pairs.jsonl", "router.jsonl", "dev.jsonl"):
+        assert (tmp_path / "extra" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+
+
+def test_data_build_reads_probe_benign_files_and_records_them(tmp_path):
+    from mogu.train.recipes import build_data
+
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text("".join(json.dumps({"prompt": f"How do I bake loaf {i}?", "output": "Like this."}) + "\n"
+                              for i in range(20)))
+    traffic = tmp_path / "traffic.txt"
+    traffic.write_text("Summarise my meeting notes\nTranslate this memo to French\n")
+    stats = build_data("no-model-needed", tmp_path / "out", benign=str(benign), output_field="output",
+                       probe_benign=str(traffic), log=lambda m: None)
+    assert stats["probe_extra_benign"] == 2
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["args"]["probe_benign"] == str(traffic)
+    probe = [json.loads(line) for line in (tmp_path / "out" / "probe.jsonl").read_text().splitlines()]
+    assert {"prompt": "Translate this memo to French", "label": 0} in probe

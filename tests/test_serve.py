@@ -461,11 +461,17 @@ def _held_prompts(server):
 
     engine = server.engine
     held = {}
-    for prompt in PROMPTS:
-        text = render_messages(engine.tokenizer, [{"role": "user", "content": prompt}])
-        ids = engine.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        engine.model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=engine.gen_pad_id)
-        held[prompt] = bool(engine.model.last_generate_timing["held"][0])
+    # The worker shares the model (and its last_generate_timing): keep it idle while the test calls it.
+    engine.pause()
+    try:
+        _wait_for(lambda: not engine.busy)
+        for prompt in PROMPTS:
+            text = render_messages(engine.tokenizer, [{"role": "user", "content": prompt}])
+            ids = engine.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            engine.model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=engine.gen_pad_id)
+            held[prompt] = bool(engine.model.last_generate_timing["held"][0])
+    finally:
+        engine.resume()
     return held
 
 

@@ -43,20 +43,20 @@ def data_build(
     model: str = typer.Option("smollm2-135m-instruct", help="Base model for self-distilled benign answers."),
     seed: int = typer.Option(0),
     max_new_tokens: int = typer.Option(48, min=1, max=4096, help="Length of self-distilled answers."),
-    max_benign: Optional[int] = typer.Option(None, min=1, help="Keep a seeded sample of N benign train prompts "
-                                             "(fewer answers to distil; the dev split is kept whole)."),
+    max_benign: Optional[int] = typer.Option(None, min=1, help="Keep a seeded sample of N benign train prompts (fewer answers to distil; the dev split is kept whole)."),
     frame_fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of harmful train prompts (and as many "
-                                         "benign ones) that probe.jsonl also wraps in a jailbreak-style frame "
-                                         "(role-play, fiction, a framing turn first), so the gate reads the request, "
-                                         "not the frame."),
+                                         "benign ones) that probe.jsonl also wraps in a jailbreak-style frame, so "
+                                         "the gate reads the request, not the frame."),
+    probe_benign: Optional[str] = typer.Option(None, help="More benign prompts (files or Hub ids) for the gate's "
+                                               "probe set only, no answers distilled: e.g. your own traffic."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Build the three stage datasets (glad pairs, unwill pairs, router set) plus a dev split."""
     from mogu.train.recipes import build_data
 
     _setup_torch(threads)
-    stats = build_data(model, out, harmful=harmful, benign=benign, field=field, output_field=output_field,
-                       seed=seed, max_new_tokens=max_new_tokens, max_benign=max_benign, frame_fraction=frame_fraction)
+    stats = build_data(model, out, harmful=harmful, benign=benign, field=field, output_field=output_field, seed=seed,
+                       max_new_tokens=max_new_tokens, max_benign=max_benign, frame_fraction=frame_fraction, probe_benign=probe_benign)
     typer.echo(json.dumps({k: v for k, v in stats.items() if k != "sha256"}, indent=2))
 
 

@@ -243,6 +243,7 @@ def comply_opening(record: PromptRecord, rng: random.Random) -> str:
 def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord], out_dir: str | Path, *,
                          answer_fn: Callable[[list[str]], list[str]] | None, seed: int = 0,
                          max_benign_train: int | None = None, frame_fraction: float = 1.0,
+                         probe_benign: list[PromptRecord] | None = None,
                          thinking: "tuple[str, str] | Callable[[], tuple[str, str] | None] | None" = None,
                          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the three stage files and dev.jsonl; return counts (also written to data_stats.json).
@@ -251,6 +252,10 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
     it is called only for benign prompts without a provided output. ``max_benign_train`` keeps a
     seeded sample of that many benign train prompts (the dev split is never sampled): self-distilling
     answers is the slow part of a CPU build, and it keeps the router set closer to class balance.
+
+    ``probe_benign``: more benign prompts for probe.jsonl alone (the prompt gate's fit), with no answer to
+    distil: a deployer's own traffic, or a public instruction set. Prompts already in the probe set or in a
+    dev split are skipped, so dev scores stay held out.
 
     ``thinking``: a reasoning model's trace markers (or a function that gives them once ``answer_fn`` has
     run, so the model loads only when needed). A distilled answer is kept whole, trace included, as the model
@@ -322,10 +327,21 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
     probe = [{"prompt": r.prompt, "label": 1} for r in harm_train]
     probe += [{"prompt": r.prompt, "label": 0} for r in benign if r.split != "dev"]
     probe += _framed_rows(harm_train, [r for r in benign if r.split != "dev"], frame_fraction, seed)
+    extra_benign = 0
+    if probe_benign:
+        seen = {r["prompt"] for r in probe if "prompt" in r} | {r.prompt for r in (*harmful, *benign) if r.split == "dev"}
+        for r in probe_benign:
+            if r.prompt not in seen:
+                seen.add(r.prompt)
+                probe.append({"prompt": r.prompt, "label": 0})
+                extra_benign += 1
+        log(f"probe set: {extra_benign} extra benign prompts ({len(probe_benign) - extra_benign} skipped: "
+            f"duplicates or dev prompts)")
     rng.shuffle(probe)
     write_jsonl(out_dir / PROBE_FILE, probe)
     stats = {"glad_pairs": len(glad), "unwill_pairs": len(unwill), "router": len(router), "dev": len(dev),
-             "probe": len(probe), "probe_framed": sum("messages" in r for r in probe), "benign_answers_regenerated": regenerated, "benign_answers_dropped": dropped, "seed": seed,
+             "probe": len(probe), "probe_framed": sum("messages" in r for r in probe), "probe_extra_benign": extra_benign,
+             "benign_answers_regenerated": regenerated, "benign_answers_dropped": dropped, "seed": seed,
              "benign_train_available": benign_available, "benign_train_used": len(ben_train),
              "sha256": {f: sha256_file(out_dir / f) for f in (*STAGE_FILES.values(), DEV_FILE, PROBE_FILE)}}
     (out_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))

@@ -84,15 +84,19 @@ def distill_answers(base, tokenizer, prompts: list[str], *, sample: bool, seed: 
 def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: str = BUILTIN,
                field: Optional[str] = None, output_field: Optional[str] = None, seed: int = 0,
                max_new_tokens: int = 48, batch_size: int = 16, model=None, tokenizer=None,
-               max_benign: Optional[int] = None, frame_fraction: float = 1.0, log: Log = log_to_stderr) -> dict:
+               max_benign: Optional[int] = None, frame_fraction: float = 1.0, probe_benign: Optional[str] = None,
+               log: Log = log_to_stderr) -> dict:
     """``mogu data build``: the glad/unwill pairs, the router and probe sets and the dev split in ``out``.
-    The base model (loaded only if some benign prompt needs a distilled answer) writes the benign answers."""
+    The base model (loaded only if some benign prompt needs a distilled answer) writes the benign answers.
+    ``probe_benign`` (files or Hub ids, comma-separated): benign prompts for the gate's probe set only."""
     from mogu.io import atomic_write_text, run_record
-    from mogu.train.data import build_stage_datasets
+    from mogu.train.data import build_stage_datasets, read_prompts
     from mogu.tuner.loading import load_base_model
 
     harm = prompt_records(harmful, harmful=True, field=field, seed=seed)
     ben = prompt_records(benign, harmful=False, field=field, output_field=output_field, seed=seed)
+    extra = [r for part in probe_benign.split(",") for r in read_prompts(part.strip(), harmful=False, field=field)
+             ] if probe_benign else None
     holder: dict = {"model": model, "tokenizer": tokenizer}
 
     def answer(prompts: list[str], sample: bool = False) -> list[str]:
@@ -112,10 +116,11 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
         return thinking_markers(holder["tokenizer"]) if holder["tokenizer"] is not None else None
 
     stats = build_stage_datasets(harm, ben, out, answer_fn=answer, seed=seed, max_benign_train=max_benign,
-                                 frame_fraction=frame_fraction, thinking=thinking, log=log)
+                                 frame_fraction=frame_fraction, probe_benign=extra, thinking=thinking, log=log)
     atomic_write_text(out / "run.json", json.dumps(run_record(
         {"model": model_name, "harmful": harmful, "benign": benign, "field": field, "seed": seed,
-         "max_new_tokens": max_new_tokens, "max_benign": max_benign, "frame_fraction": frame_fraction}), indent=2))
+         "max_new_tokens": max_new_tokens, "max_benign": max_benign, "frame_fraction": frame_fraction,
+         "probe_benign": probe_benign}), indent=2))
     return stats
 
 
