@@ -97,8 +97,24 @@ def features_for(model, tokenizer, prompts: list, cache: Path | None, batch_size
     return stored
 
 
+def fit_mean_difference(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The class-mean difference as the direction (no covariance, no standardisation: the low-variance
+    features that a fitted probe leans on get no extra weight), centred between the class means and scaled
+    to unit spread of the projections, so that layers average on one scale."""
+    x, y = x.double(), y.double()
+    w = x[y > 0.5].mean(0) - x[y <= 0.5].mean(0)
+    proj = x @ w
+    mid = 0.5 * (proj[y > 0.5].mean() + proj[y <= 0.5].mean())
+    scale = proj.std().clamp(min=1e-12)
+    return w / scale, float(-mid / scale)
+
+
+FITS = ("logistic", "mean_diff")
+
+
 def fit_and_score(stored, train: list[tuple[object, int]], sets: dict[str, list[str]], threshold_set: list[str],
-                  *, layers: list[int], l2: float, pooling: str, min_harmful: float) -> dict[str, float]:
+                  *, layers: list[int], l2: float, pooling: str, min_harmful: float, fit: str = "logistic"
+                  ) -> dict[str, float]:
     from mogu.train.router_init import fit_probe
 
     y = torch.tensor([float(label) for _, label in train])
@@ -106,7 +122,8 @@ def fit_and_score(stored, train: list[tuple[object, int]], sets: dict[str, list[
     probes = {}
     for pool in pools:
         x = torch.stack([stored[key(p)][pool] for p, _ in train])  # [N, L, d]
-        probes[pool] = {i: fit_probe(x[:, i], y, l2=l2) for i in layers}
+        probes[pool] = {i: (fit_probe(x[:, i], y, l2=l2) if fit == "logistic" else fit_mean_difference(x[:, i], y))
+                        for i in layers}
 
     def score(prompts) -> torch.Tensor:
         out = []
@@ -128,6 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--l2", default="0.01", help="comma-separated L2 strengths")
     parser.add_argument("--pooling", default="last", help="comma-separated: last, mean, both")
     parser.add_argument("--layers", default="all", help="'all' or comma-separated decoder layer indices")
+    parser.add_argument("--fit", default="logistic", help=f"comma-separated: {', '.join(FITS)}")
     parser.add_argument("--extra-benign", default="alpaca:500:1000",
                         help="probe+new+extra's benign prompts, a set spec (disjoint from every scored set)")
     parser.add_argument("--min-harmful", type=float, default=0.95)
@@ -142,6 +160,9 @@ def main(argv=None) -> int:
     from mogu.tuner.inference import load_for_inference
 
     variants = [v for v in args.variants.split(",") if v]
+    bad_fits = sorted(set(args.fit.split(",")) - set(FITS))
+    if bad_fits:
+        parser.error(f"unknown fit(s) {', '.join(bad_fits)}; known: {', '.join(FITS)}")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
@@ -163,20 +184,22 @@ def main(argv=None) -> int:
     rows = []
     for variant in variants:
         train = probe + (new if variant != "probe" else []) + (extra if variant == "probe+new+extra" else [])
-        for l2 in [float(v) for v in args.l2.split(",")]:
-            for pooling in args.pooling.split(","):
-                rates = fit_and_score(stored, train, sets, sets["harmful_dev"], layers=layers, l2=l2,
-                                      pooling=pooling, min_harmful=args.min_harmful)
-                rows.append({"variant": variant, "l2": l2, "pooling": pooling, "train": len(train), **rates})
-                print(json.dumps(rows[-1]), file=sys.stderr)
+        for fit in args.fit.split(","):
+            for l2 in [float(v) for v in args.l2.split(",")] if fit == "logistic" else [0.0]:
+                for pooling in args.pooling.split(","):
+                    rates = fit_and_score(stored, train, sets, sets["harmful_dev"], layers=layers, l2=l2,
+                                          pooling=pooling, min_harmful=args.min_harmful, fit=fit)
+                    rows.append({"variant": variant, "fit": fit, "l2": l2, "pooling": pooling, "train": len(train),
+                                 **rates})
+                    print(json.dumps(rows[-1]), file=sys.stderr)
     names = list(sets)
     print(f"flagged share at the threshold that flags {args.min_harmful:.0%} of the harmful dev prompts; "
           f"{len(new)} shipped train prompts not in {args.data / 'probe.jsonl'}")
-    print("| variant | l2 | pooling | train | " + " | ".join(
+    print("| variant | fit | l2 | pooling | train | " + " | ".join(
         f"{n}{' (blind)' if n in BLIND else ''}{' (harmful)' if groups[n][1] else ''}" for n in names) + " |")
-    print("|---" * (len(names) + 4) + "|")
+    print("|---" * (len(names) + 5) + "|")
     for r in rows:
-        print(f"| {r['variant']} | {r['l2']:g} | {r['pooling']} | {r['train']} | "
+        print(f"| {r['variant']} | {r['fit']} | {r['l2']:g} | {r['pooling']} | {r['train']} | "
               + " | ".join(f"{r[n]:.1%}" for n in names) + " |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -172,9 +172,22 @@ def test_gate_transfer_puts_the_threshold_at_the_harmful_share_and_flags_only_ha
             stored[f"{name}{i}"] = {"last": x, "mean": x.flip(1)}
     train = [(f"h{i}", 1) for i in range(20)] + [(f"b{i}", 0) for i in range(20)]
     sets = {"harmful_dev": [f"h{i}" for i in range(20, 40)], "benign_dev": [f"b{i}" for i in range(20, 40)]}
-    for pooling in ("last", "mean", "both"):
-        rates = gate_transfer.fit_and_score(stored, train, sets, sets["harmful_dev"], layers=[0, 1], l2=1e-3,
-                                            pooling=pooling, min_harmful=0.95)
-        assert rates["harmful_dev"] >= 0.95 and rates["benign_dev"] == 0.0
+    for fit in gate_transfer.FITS:
+        for pooling in ("last", "mean", "both"):
+            rates = gate_transfer.fit_and_score(stored, train, sets, sets["harmful_dev"], layers=[0, 1], l2=1e-3,
+                                                pooling=pooling, min_harmful=0.95, fit=fit)
+            assert rates["harmful_dev"] >= 0.95 and rates["benign_dev"] == 0.0, (fit, pooling)
     with pytest.raises(SystemExit):
         gate_transfer.main(["--model", "m", "--data", "d", "--data-dir", "x", "--variants", "nope"])
+    with pytest.raises(SystemExit):
+        gate_transfer.main(["--model", "m", "--data", "d", "--data-dir", "x", "--fit", "nope"])
+
+
+def test_gate_transfer_mean_difference_probe_is_centred_between_the_classes_at_unit_spread():
+    gate_transfer = _load("gate_transfer")
+    x = torch.tensor([[3.0, 0.0], [5.0, 0.0], [-1.0, 0.0], [1.0, 0.0]])
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    w, c = gate_transfer.fit_mean_difference(x, y)
+    logits = x.double() @ w + c
+    assert abs(float(logits[:2].mean() + logits[2:].mean())) < 1e-9  # the midpoint scores 0
+    assert abs(float(logits.std()) - 1.0) < 1e-9 and float(w[1]) == 0.0

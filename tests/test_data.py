@@ -259,3 +259,24 @@ def test_data_build_reads_probe_benign_files_and_records_them(tmp_path):
     assert run["args"]["probe_benign"] == str(traffic)
     probe = [json.loads(line) for line in (tmp_path / "out" / "probe.jsonl").read_text().splitlines()]
     assert {"prompt": "Translate this memo to French", "label": 0} in probe
+
+
+def test_data_build_cli_passes_the_distillation_batch_size(tmp_path, monkeypatch):
+    """The demo distils at batch 32; a CLI rebuild of its data needs the same batch to match it."""
+    from typer.testing import CliRunner
+
+    from mogu import cli
+    from mogu.train import recipes
+
+    seen = {}
+
+    def fake_build_data(model, out, **kw):
+        seen.update(kw)
+        return {"glad_pairs": 0}
+
+    monkeypatch.setattr(recipes, "build_data", fake_build_data)
+    result = CliRunner().invoke(cli.app, ["data", "build", "--out", str(tmp_path / "d"), "--batch-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert seen["batch_size"] == 32
+    result = CliRunner().invoke(cli.app, ["data", "build", "--out", str(tmp_path / "d"), "--batch-size", "0"])
+    assert result.exit_code == 2

@@ -256,3 +256,41 @@ def test_eval_runs_the_task_benchmark_with_each_defense(tmp_path, tiny_mogu):
     gens = [json.loads(line) for line in (cfg.out / "generations.jsonl").read_text().splitlines()]
     assert all(g["task"] == "arith" and isinstance(g["answer"], int) for g in gens)
     assert "## Task accuracy" in (cfg.out / "report.md").read_text()
+
+
+def test_defense_counters_survive_a_cached_rerun_and_add_up_over_runs(tmp_path, tiny_mogu):
+    """A rerun whose rows are all cached builds no defense; its metrics and run.json still carry the counters
+    of the run that generated them, and a run that extends the folder adds its own to them."""
+    model, tok = tiny_mogu
+    cfg = _cfg(tmp_path, defenses=["none", "retokenization"], limit=2)
+    first = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    stats = first["defense_params"]["retokenization"]["stats"]
+    assert stats["prompts"] == 4 and first["defense_params"]["retokenization"]["stats_generations"] == 4
+
+    again = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    assert again["defense_params"] == first["defense_params"]
+    run = json.loads((cfg.out / "run.json").read_text())
+    assert run["defense_params"]["retokenization"]["stats"] == stats
+
+    more = EvalRunner(_cfg(tmp_path, defenses=["none", "retokenization"], limit=3), model=model, tokenizer=tok,
+                      log=lambda m: None).run()
+    record = more["defense_params"]["retokenization"]
+    assert record["stats_generations"] == 6 and record["stats"]["prompts"] == 6
+
+
+def test_rerun_with_other_defense_options_over_cached_answers_is_a_config_error(tmp_path, tiny_mogu):
+    model, tok = tiny_mogu
+    cfg = _cfg(tmp_path, defenses=["retokenization"], limit=2)
+    EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    before = (cfg.out / "generations.jsonl").read_text()
+    changed = _cfg(tmp_path, defenses=["retokenization"], limit=3,
+                   defense_options={"retokenization": {"dropout": 0.5}})
+    with pytest.raises(ConfigError, match=r"retokenization answers generated with --defense-option \{\}.*dropout"):
+        EvalRunner(changed, model=model, tokenizer=tok, log=lambda m: None).run()
+    assert (cfg.out / "generations.jsonl").read_text() == before  # nothing written or replaced
+    # Another folder takes the new options, and records them.
+    other = _cfg(tmp_path / "b", defenses=["retokenization"], limit=2,
+                 defense_options={"retokenization": {"dropout": 0.5}})
+    record = EvalRunner(other, model=model, tokenizer=tok, log=lambda m: None).run()["defense_params"]
+    assert record["retokenization"]["dropout"] == 0.5
+    assert record["retokenization"]["options"] == {"dropout": 0.5}

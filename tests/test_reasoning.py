@@ -169,3 +169,34 @@ def test_data_build_for_a_thinking_model_reads_the_answer_after_the_trace_and_ke
     calls.clear()
     build_stage_datasets(harmful, benign, tmp_path / "plain", answer_fn=answer, log=lambda m: None)
     assert "bake bread" in calls[1][0]
+
+
+def test_thinking_auto_on_a_judge_only_rerun_reads_the_tokenizer_and_loads_no_weights(tmp_path, monkeypatch):
+    """Markers for a reasoning checkpoint come from its tokenizer alone: a rerun that only re-judges cached
+    answers (here judgements.jsonl removed) must not load the model to find them."""
+    from pathlib import Path
+
+    from mogu.eval import runner as runner_mod
+    from mogu.eval.runner import EvalRunner
+    from mogu.tuner import inference
+
+    tok = thinking_tokenizer()
+    config = tf.Qwen3Config(**{**_COMMON, "vocab_size": len(tok)}, head_dim=8)
+    base_dir, ckpt = tmp_path / "base", tmp_path / "ckpt"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    MoGUModel.from_base(str(base_dir), MoGUConfig(router_type="token")).save_pretrained(ckpt)
+    fixtures = Path(__file__).parent / "fixtures" / "benchmarks"
+    cfg = EvalConfig(model=str(ckpt), out=tmp_path / "eval", defenses=["none"], benchmarks=["advbench"],
+                     data_dir=str(fixtures), limit=2, max_new_tokens=3, batch_size=2)
+    EvalRunner(cfg, log=lambda m: None).run()
+    (cfg.out / "judgements.jsonl").unlink()
+
+    def no_weights(*a, **kw):
+        raise AssertionError("a judge-only rerun loaded the model")
+
+    monkeypatch.setattr(inference, "load_for_inference", no_weights)
+    monkeypatch.setattr(runner_mod, "load_for_inference", no_weights, raising=False)
+    metrics = EvalRunner(cfg, log=lambda m: None).run()
+    assert metrics["judge"]["params"]["thinking"] == ["<think>", "</think>"]
+    assert (cfg.out / "judgements.jsonl").is_file()

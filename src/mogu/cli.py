@@ -44,9 +44,9 @@ def data_build(
     seed: int = typer.Option(0),
     max_new_tokens: int = typer.Option(48, min=1, max=4096, help="Length of self-distilled answers."),
     max_benign: Optional[int] = typer.Option(None, min=1, help="Keep a seeded sample of N benign train prompts (fewer answers to distil; the dev split is kept whole)."),
-    frame_fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of harmful train prompts (and as many "
-                                         "benign ones) that probe.jsonl also wraps in a jailbreak-style frame, so "
-                                         "the gate reads the request, not the frame."),
+    frame_fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of harmful train prompts (and as many benign "
+                                         "ones) that probe.jsonl also wraps in a jailbreak frame: the gate reads the request."),
+    batch_size: int = typer.Option(16, min=1, help="Distillation batch (the demo's is 32: padding moves greedy answers a little)."),
     probe_benign: Optional[str] = typer.Option(None, help="More benign prompts (files or Hub ids) for the gate's "
                                                "probe set only, no answers distilled: e.g. your own traffic."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
@@ -56,7 +56,8 @@ def data_build(
 
     _setup_torch(threads)
     stats = build_data(model, out, harmful=harmful, benign=benign, field=field, output_field=output_field, seed=seed,
-                       max_new_tokens=max_new_tokens, max_benign=max_benign, frame_fraction=frame_fraction, probe_benign=probe_benign)
+                       max_new_tokens=max_new_tokens, max_benign=max_benign, frame_fraction=frame_fraction, probe_benign=probe_benign,
+                       batch_size=batch_size)
     typer.echo(json.dumps({k: v for k, v in stats.items() if k != "sha256"}, indent=2))
 
 
@@ -75,9 +76,8 @@ def data_task(
     typer.echo(json.dumps({k: v for k, v in stats.items() if k != "sha256"}, indent=2))
 
 
-ROUTER_TYPE_HELP = ("'token' (the paper's per-layer, per-token routers, trained) or 'prompt' (one decision per "
-                    "prompt from layer probes, fitted in seconds: every layer's for v1, the probe-selected layers' for v2; "
-                    "mogu.tuner.gate, docs/RESULTS.md \"Prompt gate\").")
+ROUTER_TYPE_HELP = ("'token' (the paper's per-layer, per-token routers, trained) or 'prompt' (one decision per prompt "
+                    "from layer probes: every layer's for v1, v2's probe-selected ones; docs/RESULTS.md \"Prompt gate\").")
 
 
 OVERWRITE_HELP = ("Replace --out even if mogu did not write it (never /, home, the current folder, or a "

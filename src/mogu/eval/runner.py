@@ -28,6 +28,9 @@ SHARD_GLOB = "generations.shard-*.jsonl"
 JUDGEMENTS_FILE = "judgements.jsonl"
 LIKELIHOOD_FILE = "likelihood.jsonl"
 METRICS_FILE = "metrics.json"
+# Each defense's parameters and its counters summed over every run that generated into this folder, so a
+# rerun that finds its rows cached still reports them (a kill mid-run loses only that run's counters).
+DEFENSE_RECORD_FILE = "defense_params.json"
 # Judges that take a reasoning model's trace markers and judge the trace apart from the answer.
 TRACE_AWARE_JUDGES = ("whole_answer", "openai", "hf-classifier")
 
@@ -163,6 +166,49 @@ def _key(row: dict) -> tuple[str, str, str]:
     return (row["defense"], row["benchmark"], row["id"])
 
 
+def _add_counters(into: dict, other: dict) -> dict:
+    """``into``'s counters plus ``other``'s (numbers summed; anything else kept from ``into``, else taken)."""
+    out = dict(into)
+    for k, v in (other or {}).items():
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if numeric and isinstance(out.get(k), (int, float)) and not isinstance(out.get(k), bool):
+            out[k] += v
+        else:
+            out.setdefault(k, v)
+    return out
+
+
+def _jsonable_options(options: dict) -> dict:
+    """``--defense-option`` values as they read back from JSON (tuples as lists, keys sorted)."""
+    return json.loads(json.dumps(options, sort_keys=True, default=str))
+
+
+def _settings(record: dict) -> str:
+    """A defense record's parameters without its counters, canonical (a record read back from JSON has
+    lists where a fresh one has tuples)."""
+    return json.dumps({k: v for k, v in record.items() if k not in ("stats", "stats_generations")},
+                      sort_keys=True, default=str)
+
+
+def _fold_defense_record(previous: dict[str, dict], this_run: dict[str, dict], generated: dict[str, int]
+                         ) -> dict[str, dict]:
+    """The folder's defense record after this run: a defense built now takes this run's parameters and
+    adds its counters to those recorded before (when the parameters are the same ones); a defense with
+    every row cached keeps its earlier record. ``stats_generations`` counts the answers the counters cover."""
+    out = {d: dict(r) for d, r in previous.items()}
+    for d, now in this_run.items():
+        before = previous.get(d, {})
+        same = _settings(before) == _settings(now)
+        row = dict(now)
+        if same:
+            row["stats"] = _add_counters(before.get("stats") or {}, now.get("stats") or {})
+            row["stats_generations"] = int(before.get("stats_generations", 0)) + generated.get(d, 0)
+        else:
+            row["stats_generations"] = generated.get(d, 0)
+        out[d] = row
+    return out
+
+
 def _merge_params(per_rank: list[dict[str, dict]], defenses: list[str]) -> dict[str, dict]:
     """Defense parameters from the processes that built each defense: the lowest rank's values,
     with the numeric ``stats`` counters summed over processes."""
@@ -175,12 +221,7 @@ def _merge_params(per_rank: list[dict[str, dict]], defenses: list[str]) -> dict[
         if isinstance(out.get("stats"), dict):
             stats = dict(out["stats"])
             for other in found[1:]:
-                for k, v in (other.get("stats") or {}).items():
-                    numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
-                    if numeric and isinstance(stats.get(k), (int, float)):
-                        stats[k] += v
-                    else:
-                        stats.setdefault(k, v)
+                stats = _add_counters(stats, other.get("stats") or {})
             out["stats"] = stats
         merged[d] = out
     return merged
@@ -302,6 +343,8 @@ class EvalRunner:
         if bad and main:
             self.log(f"{GENERATIONS_FILE}: {bad} unreadable line(s) skipped; those prompts are regenerated")
         done = {_key(r): r for r in done_rows}
+        record_path = self.out / DEFENSE_RECORD_FILE
+        previous = self._defense_record(record_path, done)  # every process: each raises alike
         # The chunks one process would generate, in canonical order; process r of N takes every N-th one.
         chunks = []
         for dname in self.cfg.defenses:
@@ -316,8 +359,10 @@ class EvalRunner:
                     chunks.append((dname, bname, chunk, f"{i + len(chunk)}/{len(todo)}"))
         out_path = path if world == 1 else self.out / f"generations.shard-{rank:05d}.jsonl"
         params: dict[str, dict] = {}
+        generated: dict[str, int] = {}
         defense, current = None, None
         for dname, bname, chunk, progress in chunks[rank::world]:
+            generated[dname] = generated.get(dname, 0) + len(chunk)
             if dname != current:
                 if defense is not None and hasattr(defense, "stats"):
                     params.setdefault(current, {})["stats"] = getattr(defense, "stats")
@@ -332,18 +377,44 @@ class EvalRunner:
             self.log(f"  {dname} x {bname}: {progress}")
         if defense is not None and hasattr(defense, "stats"):
             params.setdefault(current, {})["stats"] = getattr(defense, "stats")
-        self.defense_params = params
         if world > 1:
             from accelerate.utils import gather_object
 
-            per_rank = gather_object([params])  # returns once every process has finished its shard
+            per_rank = gather_object([(params, generated)])  # returns once every process has finished its shard
             if not main:
                 return None
-            self.defense_params = _merge_params(per_rank, self.cfg.defenses)
+            params = _merge_params([p for p, _ in per_rank], self.cfg.defenses)
+            generated = {d: sum(g.get(d, 0) for _, g in per_rank) for d in self.cfg.defenses}
+        for d in params:
+            params[d]["options"] = _jsonable_options(self.cfg.defense_options.get(d, {}))
+        record = _fold_defense_record(previous, params, generated)
+        atomic_write_text(record_path, json.dumps(record, indent=2, default=str))
+        self.defense_params = {d: record[d] for d in self.cfg.defenses if d in record}
         rows_by_key = self._merge_generations(sets)
         wanted = {(d, b, p.key) for d in self.cfg.defenses for b, ps in sets.items() for p in ps}
         return [rows_by_key[k] for k in sorted(wanted, key=lambda k: (self.cfg.defenses.index(k[0]),
                                                                       self.cfg.benchmarks.index(k[1]), k[2]))]
+
+    def _defense_record(self, path: Path, done: dict[tuple, dict]) -> dict[str, dict]:
+        """The folder's defense record; a ConfigError when a defense with cached answers here was run with
+        other ``--defense-option`` values than this run's (the cached answers would be reported as this
+        run's)."""
+        try:
+            record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except ValueError:
+            record = {}  # a hand-damaged record: start the counters again rather than fail the run
+        if not isinstance(record, dict):
+            record = {}
+        cached = {k[0] for k in done}
+        for d in self.cfg.defenses:
+            then = record.get(d, {}).get("options") if isinstance(record.get(d), dict) else None
+            now = _jsonable_options(self.cfg.defense_options.get(d, {}))
+            if d in cached and then is not None and then != now:
+                raise ConfigError(
+                    f"{self.out} holds {d} answers generated with --defense-option {json.dumps(then, sort_keys=True)}, "
+                    f"and this run asks for {json.dumps(now, sort_keys=True)}: those answers would be reported as "
+                    f"this run's. Pass a new --out (or the same options)")
+        return record
 
     def _merge_generations(self, sets: dict[str, list]) -> dict[tuple, dict]:
         """Fold the per-process shards into ``generations.jsonl`` and write it in canonical order
@@ -416,11 +487,16 @@ class EvalRunner:
 
     def thinking_markers(self) -> tuple[str, str] | None:
         from mogu.chat import parse_thinking_markers, thinking_markers
+        from mogu.tuner.loading import prepare_tokenizer
 
         if self.cfg.thinking == "none":
             return None
-        if self.cfg.thinking == "auto":
-            return thinking_markers(self.load_model()[1])
+        if self.cfg.thinking == "auto":  # a judge-only rerun reads the tokenizer, not the weights
+            if self._tokenizer is None:
+                from mogu.tuner.inference import load_tokenizer_for
+
+                self._tokenizer = prepare_tokenizer(load_tokenizer_for(self.cfg.model))
+            return thinking_markers(self._tokenizer)
         return parse_thinking_markers(self.cfg.thinking)
 
     def judge(self, generations: list[dict]):

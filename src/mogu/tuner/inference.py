@@ -31,6 +31,20 @@ def load_for_inference(name_or_path: str, *, dtype=None, device: str | None = No
     return model, tokenizer, False
 
 
+def load_tokenizer_for(name_or_path: str):
+    """The tokenizer :func:`load_for_inference` would return, without loading any weights: a MoGU
+    checkpoint's is its base model's (at the recorded revision)."""
+    from mogu.tuner.checkpoint import read_config
+    from mogu.tuner.loading import load_tokenizer
+
+    if (Path(name_or_path) / CONFIG_NAME).is_file():
+        config = read_config(Path(name_or_path))
+        if not config.base_model_name_or_path:
+            raise ConfigError(f"{name_or_path}: the config names no base model, so it has no tokenizer to read")
+        return load_tokenizer(config.base_model_name_or_path, revision=config.base_model_revision)
+    return load_tokenizer(name_or_path)
+
+
 class PlainGenerator:
     """Gives a plain HF model the small interface generate_responses uses."""
 
