@@ -16,8 +16,10 @@ flagged share of every named set is reported. Sets come in two groups:
 Variants (``--variants``): ``probe`` (the data folder's ``probe.jsonl``, what ``mogu train`` fits on),
 ``probe+new`` (the same plus every shipped train prompt the folder does not have yet: a folder built before
 prompts were added), ``probe+new+extra`` (plus ``--extra-benign``, public benign prompts a user can add to
-the gate's probe set without distilling answers for them), each with ``--l2`` values and
-``--pooling last|mean|both`` (both: the mean of the two probes' logits).
+the gate's probe set without distilling answers for them), ``probe+styled`` (the probe set plus a restyled
+copy of every plain prompt, both labels), each with ``--l2`` values, ``--pooling last|mean|both`` (both: the
+mean of the two probes' logits) and ``--fit logistic|mean_diff`` (the gate's probes, or the class-mean
+difference).
 
     . .venv/bin/activate
     python benchmarks/gate_transfer.py --model runs/demo7/calibrated --data runs/demo7/data \
@@ -52,15 +54,38 @@ BLIND = {
     "tdc2023": ("tdc2023:0:100", True),
     "malicious_instruct": ("malicious_instruct:0:100", True),
 }
-VARIANTS = ("probe", "probe+new", "probe+new+extra")
+VARIANTS = ("probe", "probe+new", "probe+new+extra", "probe+styled")
+
+
+def restyle(prompt: str, rng) -> str:
+    """A surface rewrite that keeps the request: lowercase without end punctuation, a casual wrapper, or the
+    first sentence alone in lowercase (probe+styled adds one to every plain train prompt of both labels, so a
+    style tells the probes nothing about the label)."""
+    import re
+
+    text = prompt.strip()
+    style = rng.randrange(3)
+    if style == 0:
+        return text.lower().rstrip(" ?.!")
+    if style == 1:
+        return f"hey, {text[:1].lower()}{text[1:]} thanks"
+    first = re.split(r"(?<=[.?!])\s+", text, maxsplit=1)[0]
+    return first.lower().rstrip(" ?.!")
 HERE = Path(__file__).resolve().parent
 
 
 def load_set(spec: str, data_dir: Path) -> list[str]:
-    """Prompts of one spec: ``builtin:NAME:SPLIT`` or ``BENCHMARK:OFFSET:LIMIT``."""
+    """Prompts of one spec: ``builtin:NAME:SPLIT``, ``BENCHMARK:OFFSET:LIMIT``, ``probe_only:benign|harmful``
+    (mogu's shipped probe-only prompts) or ``file:PATH`` (one per line)."""
     from mogu.eval.benchmarks import load_benchmark
     from mogu.train.data import builtin_prompts, read_prompts
 
+    if spec.startswith("probe_only:"):  # mogu's shipped probe-only prompts of one label
+        from mogu.train.data import builtin_probe_only
+
+        return [r.prompt for r in builtin_probe_only() if r.harmful == (spec.split(":")[1] == "harmful")]
+    if spec.startswith("file:"):  # one prompt per line
+        return [line.strip() for line in Path(spec[5:]).read_text(encoding="utf-8").splitlines() if line.strip()]
     kind, a, b = spec.split(":")
     if kind == "builtin":
         return [r.prompt for r in builtin_prompts(a, b)]
@@ -148,6 +173,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fit", default="logistic", help=f"comma-separated: {', '.join(FITS)}")
     parser.add_argument("--extra-benign", default="alpaca:500:1000",
                         help="probe+new+extra's benign prompts, a set spec (disjoint from every scored set)")
+    parser.add_argument("--extra-harmful", default=None,
+                        help="probe+new+extra's harmful prompts too, a set spec (file:PATH, one per line)")
     parser.add_argument("--min-harmful", type=float, default=0.95)
     parser.add_argument("--blind", action="store_true", help="also report the blind sets")
     parser.add_argument("--cache", type=Path, default=None)
@@ -172,18 +199,29 @@ def main(argv=None) -> int:
     new = [(r.prompt, int(r.harmful)) for name in ("harmful", "benign", "borderline")
            for r in builtin_prompts(name) if r.split != "dev" and r.prompt not in have]
     extra = [(p, 0) for p in load_set(args.extra_benign, args.data_dir)] if "probe+new+extra" in variants else []
+    if args.extra_harmful and "probe+new+extra" in variants:
+        extra += [(p, 1) for p in load_set(args.extra_harmful, args.data_dir)]
+    import random
+
+    rng = random.Random(0)
+    styled = [(restyle(r["prompt"], rng), int(r["label"])) for r in probe_rows if "messages" not in r] \
+        if "probe+styled" in variants else []
+    styled = [(p, y) for p, y in styled if p and p not in have]
     groups = dict(TUNING, **(BLIND if args.blind else {}))
     # The blind sets' features are collected (and cached) either way; they are scored only with --blind.
     every_set = {name: load_set(spec, args.data_dir) for name, (spec, _) in {**TUNING, **BLIND}.items()}
     sets = {name: every_set[name] for name in groups}
     model, tokenizer, _ = load_for_inference(args.model)
-    every = [p for p, _ in probe + new + extra] + [p for ps in every_set.values() for p in ps]
+    every = [p for p, _ in probe + new + extra + styled] + [p for ps in every_set.values() for p in ps]
     stored = features_for(model, tokenizer, every, args.cache, args.batch_size)
     n_layers = next(iter(stored.values()))["last"].shape[0]
     layers = list(range(n_layers)) if args.layers == "all" else [int(v) for v in args.layers.split(",")]
     rows = []
     for variant in variants:
-        train = probe + (new if variant != "probe" else []) + (extra if variant == "probe+new+extra" else [])
+        if variant == "probe+styled":
+            train = probe + styled
+        else:
+            train = probe + (new if variant != "probe" else []) + (extra if variant == "probe+new+extra" else [])
         for fit in args.fit.split(","):
             for l2 in [float(v) for v in args.l2.split(",")] if fit == "logistic" else [0.0]:
                 for pooling in args.pooling.split(","):

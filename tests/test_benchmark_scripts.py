@@ -191,3 +191,24 @@ def test_gate_transfer_mean_difference_probe_is_centred_between_the_classes_at_u
     logits = x.double() @ w + c
     assert abs(float(logits[:2].mean() + logits[2:].mean())) < 1e-9  # the midpoint scores 0
     assert abs(float(logits.std()) - 1.0) < 1e-9 and float(w[1]) == 0.0
+
+
+def test_gate_transfer_restyle_keeps_the_request_and_uses_every_style():
+    import random
+
+    gate_transfer = _load("gate_transfer")
+    rng = random.Random(0)
+    prompt = "How do I bake bread? I want a crusty loaf."
+    outs = {gate_transfer.restyle(prompt, rng) for _ in range(30)}
+    assert outs == {"how do i bake bread? i want a crusty loaf", "hey, how do I bake bread? I want a crusty loaf. thanks",
+                    "how do i bake bread"}
+
+
+def test_gate_transfer_reads_a_file_spec_one_prompt_per_line(tmp_path):
+    gate_transfer = _load("gate_transfer")
+    f = tmp_path / "p.txt"
+    f.write_text("first prompt\n\n  second prompt  \n")
+    assert gate_transfer.load_set(f"file:{f}", tmp_path) == ["first prompt", "second prompt"]
+    harmful = gate_transfer.load_set("probe_only:harmful", tmp_path)
+    benign = gate_transfer.load_set("probe_only:benign", tmp_path)
+    assert len(harmful) == 118 and len(benign) == 343 and not set(harmful) & set(benign)

@@ -19,7 +19,6 @@ data_app = typer.Typer(help="Build the stage datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
-
 def _echo(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -47,8 +46,9 @@ def data_build(
     frame_fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of harmful train prompts (and as many benign "
                                          "ones) that probe.jsonl also wraps in a jailbreak frame: the gate reads the request."),
     batch_size: int = typer.Option(16, min=1, help="Distillation batch (the demo's is 32: padding moves greedy answers a little)."),
-    probe_benign: Optional[str] = typer.Option(None, help="More benign prompts (files or Hub ids) for the gate's "
-                                               "probe set only, no answers distilled: e.g. your own traffic."),
+    probe_benign: Optional[str] = typer.Option(None, help="More benign prompts (files, Hub ids) for the gate's probe set only: your traffic."),
+    probe_harmful: Optional[str] = typer.Option(None, help="More harmful prompts (files, Hub ids) for the gate's probe set only: your red team."),
+    builtin_probe: bool = typer.Option(True, help="Add mogu's shipped probe-only prompts (both labels) to the gate's probe set."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Build the three stage datasets (glad pairs, unwill pairs, router set) plus a dev split."""
@@ -57,7 +57,7 @@ def data_build(
     _setup_torch(threads)
     stats = build_data(model, out, harmful=harmful, benign=benign, field=field, output_field=output_field, seed=seed,
                        max_new_tokens=max_new_tokens, max_benign=max_benign, frame_fraction=frame_fraction, probe_benign=probe_benign,
-                       batch_size=batch_size)
+                       probe_harmful=probe_harmful, builtin_probe=builtin_probe, batch_size=batch_size)
     typer.echo(json.dumps({k: v for k, v in stats.items() if k != "sha256"}, indent=2))
 
 

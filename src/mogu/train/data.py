@@ -72,6 +72,18 @@ def builtin_prompts(name: str, split: str | None = None) -> list[PromptRecord]:
     return records
 
 
+# Prompts written for the gate's probe set alone, both labels (no answers to distil, so adding them leaves
+# every stage file as it was): more kinds of request on each side than the train splits hold.
+PROBE_ONLY_FILE = "probe_only.jsonl"
+
+
+def builtin_probe_only() -> list[PromptRecord]:
+    """The shipped probe-only prompts (``harmful`` true or false in each row)."""
+    return [PromptRecord(prompt=row["prompt"], harmful=bool(row["harmful"]), source="builtin:probe_only",
+                         category=row.get("category", ""), split="train")
+            for row in _parse_jsonl(_builtin_text(PROBE_ONLY_FILE), f"builtin:{PROBE_ONLY_FILE}")]
+
+
 def refusal_templates() -> list[str]:
     return [line.strip() for line in _builtin_text("refusals.txt").splitlines() if line.strip()]
 
@@ -244,6 +256,7 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
                          answer_fn: Callable[[list[str]], list[str]] | None, seed: int = 0,
                          max_benign_train: int | None = None, frame_fraction: float = 1.0,
                          probe_benign: list[PromptRecord] | None = None,
+                         probe_harmful: list[PromptRecord] | None = None,
                          thinking: "tuple[str, str] | Callable[[], tuple[str, str] | None] | None" = None,
                          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the three stage files and dev.jsonl; return counts (also written to data_stats.json).
@@ -255,7 +268,9 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
 
     ``probe_benign``: more benign prompts for probe.jsonl alone (the prompt gate's fit), with no answer to
     distil: a deployer's own traffic, or a public instruction set. Prompts already in the probe set or in a
-    dev split are skipped, so dev scores stay held out.
+    dev split are skipped, so dev scores stay held out. ``probe_harmful``: the same for harmful prompts (a
+    deployer's red-team set): more kinds of harmful request move the threshold that keeps the harmful dev
+    split away from benign prompts (docs/RESULTS.md, "What moves the gate").
 
     ``thinking``: a reasoning model's trace markers (or a function that gives them once ``answer_fn`` has
     run, so the model loads only when needed). A distilled answer is kept whole, trace included, as the model
@@ -327,20 +342,24 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
     probe = [{"prompt": r.prompt, "label": 1} for r in harm_train]
     probe += [{"prompt": r.prompt, "label": 0} for r in benign if r.split != "dev"]
     probe += _framed_rows(harm_train, [r for r in benign if r.split != "dev"], frame_fraction, seed)
-    extra_benign = 0
-    if probe_benign:
-        seen = {r["prompt"] for r in probe if "prompt" in r} | {r.prompt for r in (*harmful, *benign) if r.split == "dev"}
-        for r in probe_benign:
+    seen = {r["prompt"] for r in probe if "prompt" in r} | {r.prompt for r in (*harmful, *benign) if r.split == "dev"}
+    extra_counts = {}
+    for label, name, rows in ((0, "benign", probe_benign), (1, "harmful", probe_harmful)):
+        added = 0
+        for r in rows or ():
             if r.prompt not in seen:
                 seen.add(r.prompt)
-                probe.append({"prompt": r.prompt, "label": 0})
-                extra_benign += 1
-        log(f"probe set: {extra_benign} extra benign prompts ({len(probe_benign) - extra_benign} skipped: "
-            f"duplicates or dev prompts)")
+                probe.append({"prompt": r.prompt, "label": label})
+                added += 1
+        extra_counts[name] = added
+        if rows:
+            log(f"probe set: {added} extra {name} prompts ({len(rows) - added} skipped: duplicates or dev prompts)")
+    extra_benign = extra_counts["benign"]
     rng.shuffle(probe)
     write_jsonl(out_dir / PROBE_FILE, probe)
     stats = {"glad_pairs": len(glad), "unwill_pairs": len(unwill), "router": len(router), "dev": len(dev),
              "probe": len(probe), "probe_framed": sum("messages" in r for r in probe), "probe_extra_benign": extra_benign,
+             "probe_extra_harmful": extra_counts["harmful"],
              "benign_answers_regenerated": regenerated, "benign_answers_dropped": dropped, "seed": seed,
              "benign_train_available": benign_available, "benign_train_used": len(ben_train),
              "sha256": {f: sha256_file(out_dir / f) for f in (*STAGE_FILES.values(), DEV_FILE, PROBE_FILE)}}

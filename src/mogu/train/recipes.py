@@ -85,18 +85,22 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
                field: Optional[str] = None, output_field: Optional[str] = None, seed: int = 0,
                max_new_tokens: int = 48, batch_size: int = 16, model=None, tokenizer=None,
                max_benign: Optional[int] = None, frame_fraction: float = 1.0, probe_benign: Optional[str] = None,
-               log: Log = log_to_stderr) -> dict:
+               probe_harmful: Optional[str] = None, builtin_probe: bool = True, log: Log = log_to_stderr) -> dict:
     """``mogu data build``: the glad/unwill pairs, the router and probe sets and the dev split in ``out``.
     The base model (loaded only if some benign prompt needs a distilled answer) writes the benign answers.
-    ``probe_benign`` (files or Hub ids, comma-separated): benign prompts for the gate's probe set only."""
+    ``probe_benign`` / ``probe_harmful`` (files or Hub ids, comma-separated): prompts for the gate's probe set
+    only; ``builtin_probe`` adds mogu's shipped probe-only prompts of both labels (before the user's)."""
     from mogu.io import atomic_write_text, run_record
-    from mogu.train.data import build_stage_datasets, read_prompts
+    from mogu.train.data import build_stage_datasets, builtin_probe_only, read_prompts
     from mogu.tuner.loading import load_base_model
 
     harm = prompt_records(harmful, harmful=True, field=field, seed=seed)
     ben = prompt_records(benign, harmful=False, field=field, output_field=output_field, seed=seed)
-    extra = [r for part in probe_benign.split(",") for r in read_prompts(part.strip(), harmful=False, field=field)
-             ] if probe_benign else None
+    def probe_only(spec: Optional[str], is_harmful: bool) -> list:
+        shipped = [r for r in builtin_probe_only() if r.harmful == is_harmful] if builtin_probe else []
+        mine = [r for part in spec.split(",") for r in read_prompts(part.strip(), harmful=is_harmful, field=field)
+                ] if spec else []
+        return shipped + mine
     holder: dict = {"model": model, "tokenizer": tokenizer}
 
     def answer(prompts: list[str], sample: bool = False) -> list[str]:
@@ -116,11 +120,13 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
         return thinking_markers(holder["tokenizer"]) if holder["tokenizer"] is not None else None
 
     stats = build_stage_datasets(harm, ben, out, answer_fn=answer, seed=seed, max_benign_train=max_benign,
-                                 frame_fraction=frame_fraction, probe_benign=extra, thinking=thinking, log=log)
+                                 frame_fraction=frame_fraction, probe_benign=probe_only(probe_benign, False),
+                                 probe_harmful=probe_only(probe_harmful, True), thinking=thinking, log=log)
     atomic_write_text(out / "run.json", json.dumps(run_record(
         {"model": model_name, "harmful": harmful, "benign": benign, "field": field, "seed": seed,
          "max_new_tokens": max_new_tokens, "max_benign": max_benign, "frame_fraction": frame_fraction,
-         "probe_benign": probe_benign}), indent=2))
+         "probe_benign": probe_benign, "probe_harmful": probe_harmful, "builtin_probe": builtin_probe,
+         "batch_size": batch_size}), indent=2))
     return stats
 
 
