@@ -73,7 +73,7 @@ def builtin_prompts(name: str, split: str | None = None) -> list[PromptRecord]:
 
 
 # Prompts written for the gate's probe set alone, both labels (no answers to distil, so adding them leaves
-# every stage file as it was): more kinds of request on each side than the train splits hold.
+# every stage file as it was): more kinds of request on each side. Opt-in (`--builtin-probe`), by measurement.
 PROBE_ONLY_FILE = "probe_only.jsonl"
 
 
