@@ -487,7 +487,6 @@ class EvalRunner:
 
     def thinking_markers(self) -> tuple[str, str] | None:
         from mogu.chat import parse_thinking_markers, thinking_markers
-        from mogu.tuner.loading import prepare_tokenizer
 
         if self.cfg.thinking == "none":
             return None
@@ -495,7 +494,7 @@ class EvalRunner:
             if self._tokenizer is None:
                 from mogu.tuner.inference import load_tokenizer_for
 
-                self._tokenizer = prepare_tokenizer(load_tokenizer_for(self.cfg.model))
+                self._tokenizer = load_tokenizer_for(self.cfg.model)  # left padding and a pad token set
             return thinking_markers(self._tokenizer)
         return parse_thinking_markers(self.cfg.thinking)
 

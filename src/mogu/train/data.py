@@ -354,11 +354,10 @@ def build_stage_datasets(harmful: list[PromptRecord], benign: list[PromptRecord]
         extra_counts[name] = added
         if rows:
             log(f"probe set: {added} extra {name} prompts ({len(rows) - added} skipped: duplicates or dev prompts)")
-    extra_benign = extra_counts["benign"]
     rng.shuffle(probe)
     write_jsonl(out_dir / PROBE_FILE, probe)
     stats = {"glad_pairs": len(glad), "unwill_pairs": len(unwill), "router": len(router), "dev": len(dev),
-             "probe": len(probe), "probe_framed": sum("messages" in r for r in probe), "probe_extra_benign": extra_benign,
+             "probe": len(probe), "probe_framed": sum("messages" in r for r in probe), "probe_extra_benign": extra_counts["benign"],
              "probe_extra_harmful": extra_counts["harmful"],
              "benign_answers_regenerated": regenerated, "benign_answers_dropped": dropped, "seed": seed,
              "benign_train_available": benign_available, "benign_train_used": len(ben_train),

@@ -98,8 +98,10 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
 
     harm = prompt_records(harmful, harmful=True, field=field, seed=seed)
     ben = prompt_records(benign, harmful=False, field=field, output_field=output_field, seed=seed)
+    shipped_probe = builtin_probe_only() if builtin_probe else []
+
     def probe_only(spec: Optional[str], is_harmful: bool) -> list:
-        shipped = [r for r in builtin_probe_only() if r.harmful == is_harmful] if builtin_probe else []
+        shipped = [r for r in shipped_probe if r.harmful == is_harmful]
         mine = [r for part in spec.split(",") for r in read_prompts(part.strip(), harmful=is_harmful, field=field)
                 ] if spec else []
         return shipped + mine
