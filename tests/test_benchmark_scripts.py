@@ -211,4 +211,8 @@ def test_gate_transfer_reads_a_file_spec_one_prompt_per_line(tmp_path):
     assert gate_transfer.load_set(f"file:{f}", tmp_path) == ["first prompt", "second prompt"]
     harmful = gate_transfer.load_set("probe_only:harmful", tmp_path)
     benign = gate_transfer.load_set("probe_only:benign", tmp_path)
-    assert len(harmful) == 118 and len(benign) == 343 and not set(harmful) & set(benign)
+    from mogu.train.data import builtin_probe_only
+
+    shipped = builtin_probe_only()
+    assert harmful == [r.prompt for r in shipped if r.harmful] and benign == [r.prompt for r in shipped if not r.harmful]
+    assert len(harmful) >= 100 and len(benign) >= 300 and not set(harmful) & set(benign)

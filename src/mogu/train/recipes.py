@@ -91,7 +91,7 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
     ``probe_benign`` / ``probe_harmful`` (files or Hub ids, comma-separated): prompts for the gate's probe set
     only; ``builtin_probe`` adds mogu's shipped probe-only prompts of both labels (before the user's). Off by
     default: with them the gate refused fewer held-out benign prompts but passed more manipulation requests
-    inside the multi-turn frame (docs/RESULTS.md, demo13)."""
+    inside the multi-turn frame (docs/RESULTS.md, demo13 and demo14)."""
     from mogu.io import atomic_write_text, run_record
     from mogu.train.data import build_stage_datasets, builtin_probe_only, read_prompts
     from mogu.tuner.loading import load_base_model
