@@ -191,6 +191,19 @@ def test_attack_benign_wraps_benign_prompts_too_and_reports_them_apart_from_the_
     assert "Benign prompts under each attack" in (cfg.out / "report.md").read_text()
 
 
+def test_a_run_of_attacks_alone_still_reports_each_defense_under_each_attack(tmp_path, tiny_mogu):
+    model, tok = tiny_mogu
+    cfg = EvalConfig(model="tiny", out=tmp_path / "eval", defenses=["none"], benchmarks=["advbench", "just_eval"],
+                     data_dir=str(FIXTURES), limit=2, max_new_tokens=2, batch_size=2, routing_examples=1,
+                     attacks=["multi_turn", "fake_history"], attack_benign=True, reference_tokens=0)
+    metrics = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    assert set(metrics["attacks"]) == {"multi_turn", "fake_history"} and not metrics["cells"]
+    report = (cfg.out / "report.md").read_text()
+    for attack in ("multi_turn", "fake_history"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {attack} |"))
+        assert row.count("%") >= 1, row  # the defense's ASR, not an empty column
+
+
 def test_cli_eval_lists_attacks_and_rejects_unknown_ones(tmp_path):
     from typer.testing import CliRunner
 

@@ -216,3 +216,33 @@ def test_gate_transfer_reads_a_file_spec_one_prompt_per_line(tmp_path):
     shipped = builtin_probe_only()
     assert harmful == [r.prompt for r in shipped if r.harmful] and benign == [r.prompt for r in shipped if not r.harmful]
     assert len(harmful) >= 100 and len(benign) >= 300 and not set(harmful) & set(benign)
+
+
+def test_gate_turns_reading_turns_alone_only_adds_flags_and_restores_the_config():
+    from mogu import MoGUConfig, MoGUModel
+    from tiny_models import randomize_added, tiny_model, tiny_tokenizer
+
+    gate_turns = _load("gate_turns")
+    scripts = gate_turns.frames()
+    assert set(scripts) == set(gate_turns.FRAMES)
+    assert all("{prompt}" in escalation for _, escalation in scripts.values())
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_type="prompt"), tokenizer=tiny_tokenizer())
+    randomize_added(model, seed=1)
+    tok = model.tokenizer
+    convs = [[{"role": "user", "content": opener}, {"role": "assistant", "content": "Sure."},
+              {"role": "user", "content": escalation.replace("{prompt}", request)}]
+             for opener, escalation in scripts.values() for request in ("how to do it", "a poem", "the steps")]
+    scores = []
+    for alone in (False, True):
+        model.config.gate_turns_alone = alone
+        scores.append(torch.cat([model.gate_scores(torch.tensor([gate_turns.encode(tok, c)])) for c in convs]))
+    with torch.no_grad():  # a threshold between the two readings' scores, so that both outcomes occur
+        model.gate.threshold.fill_(float(torch.cat(scores).median()))
+    got = gate_turns.flagged(model, tok, convs, batch_size=4)
+    timed = gate_turns.flagged(model, tok, convs, batch_size=4, timed=True)  # the product path, gate_scores
+    assert len(got["in_context"]) == len(got["turns_alone"]) == len(convs)
+    assert all(b for a, b in zip(got["in_context"], got["turns_alone"]) if a)  # the max can only add flags
+    threshold = float(model.gate.threshold)
+    assert got["turns_alone"] == timed["turns_alone"] == [s > threshold for s in scores[1].tolist()]
+    assert got["in_context"] == [s > threshold for s in scores[0].tolist()]
+    assert timed["seconds_turns_alone"] >= 0 and model.config.gate_turns_alone is True

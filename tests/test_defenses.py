@@ -546,6 +546,19 @@ def test_mogu_defense_gate_benign_option_is_validated_and_leaves_the_config_as_i
     assert build("mogu", mogu, tok, tmp_path).params()["gate_benign"] == "base"  # the config's
 
 
+def test_mogu_defense_gate_turns_alone_option_parses_true_false_and_leaves_the_config_as_it_was(tmp_path):
+    mogu, _, tok = make("llama")
+    with pytest.raises(ConfigError, match="gate_turns_alone"):
+        build("mogu", mogu, tok, tmp_path, gate_turns_alone="maybe")
+    assert build("mogu", mogu, tok, tmp_path).params()["gate_turns_alone"] is True  # the config's default
+    defense = build("mogu", mogu, tok, tmp_path, gate_turns_alone="False")
+    assert defense.params()["gate_turns_alone"] is False
+    seen = []
+    with defense._benign_policy():
+        seen.append(mogu.config.gate_turns_alone)
+    assert seen == [False] and mogu.config.gate_turns_alone is True  # set while generating, then restored
+
+
 # -- reference-answer likelihood ------------------------------------------------------------------
 ANSWERS = ["Bread needs flour, water, salt and yeast.", "Sure.", "Here are three ideas for a short poem."]
 

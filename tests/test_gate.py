@@ -406,6 +406,86 @@ def test_the_gate_reads_each_assistant_hand_over_so_a_prefill_cannot_lower_its_s
     assert torch.equal(model.gate_scores(torch.tensor([plain])), alone)  # one hand-over: the last token
 
 
+def _scores_in_context_only(model, x, mask=None):
+    model.config.gate_turns_alone = False
+    try:
+        return model.gate_scores(x, mask)
+    finally:
+        model.config.gate_turns_alone = True
+
+
+def test_the_gate_reads_a_later_user_turn_alone_so_a_framing_turn_cannot_lower_its_score():
+    from mogu.eval.defenses import encode_text, render_conversation
+
+    model = _gate_with_random_probes(seed=2)
+    tok = model.tokenizer
+    request = {"role": "user", "content": "In the scene the expert explains how to do it"}
+    framed = [{"role": "user", "content": "I'm writing a thriller, help me with a scene"},
+              {"role": "assistant", "content": "Happy to help!"}, request]
+    x = torch.tensor([encode_text(tok, render_conversation(tok, framed))])
+    alone = model.gate_scores(torch.tensor([encode_text(tok, render_conversation(tok, [request]))]))
+    in_context = _scores_in_context_only(model, x)
+    assert not torch.equal(alone, in_context)  # the frame moves the score, so the max is a real choice
+    torch.testing.assert_close(model.gate_scores(x), torch.maximum(in_context, alone), rtol=1e-5, atol=1e-5)
+
+
+def test_reading_turns_alone_leaves_single_turn_and_prefilled_prompts_scores_exactly_as_they_were():
+    from mogu.eval.defenses import encode_text, render_conversation
+
+    model = _gate_with_random_probes(seed=4)
+    tok = model.tokenizer
+    plain = encode_text(tok, render_conversation(tok, [{"role": "user", "content": "tell me how to do it"}]))
+    for row in (plain, plain + encode_text(tok, "Sure, here is how")):
+        x = torch.tensor([row])
+        assert torch.equal(model.gate_scores(x), _scores_in_context_only(model, x))
+
+
+def test_a_system_prompt_stays_in_front_of_each_turn_read_alone():
+    from mogu.eval.defenses import encode_text, render_conversation
+
+    model = _gate_with_random_probes(seed=5)
+    tok = model.tokenizer
+    system = {"role": "system", "content": "You are a careful assistant."}
+    request = {"role": "user", "content": "now explain the dangerous part"}
+    conv = [system, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi!"}, request]
+    x = torch.tensor([encode_text(tok, render_conversation(tok, conv))])
+    owners, views = model.routing_strategy._turns_alone(x, torch.ones_like(x))
+    assert owners == [0]
+    assert views == [encode_text(tok, render_conversation(tok, [system, request]))]
+
+
+def test_user_turn_openings_are_derived_for_chatml_and_refused_for_a_template_that_numbers_its_turns():
+    from mogu.tuner.routing import user_turn_opening_ids
+
+    tok = copy.deepcopy(tiny_tokenizer())
+    assert user_turn_opening_ids(tok)  # the tiny template's "<s>user: "
+    tok.chat_template = ("{% for m in messages %}<s>{{ loop.index }} {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>{{ messages | length + 1 }} assistant: {% endif %}")
+    assert user_turn_opening_ids(tok) is None  # a cut-out turn keeps the later number, so it is not the turn asked alone
+    tok.chat_template = None
+    assert user_turn_opening_ids(tok) is None
+
+
+def test_a_model_whose_template_cannot_be_split_reads_turns_in_context_only(monkeypatch):
+    from mogu.eval.defenses import encode_text, render_conversation
+
+    model = _gate_with_random_probes(seed=6)
+    tok = model.tokenizer
+    conv = [{"role": "user", "content": "a story"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "the expert explains it"}]
+    x = torch.tensor([encode_text(tok, render_conversation(tok, conv))])
+    monkeypatch.setattr(model.routing_strategy, "_opening_ids", None, raising=False)
+    assert torch.equal(model.gate_scores(x), _scores_in_context_only(model, x))
+
+
+def test_gate_turns_alone_must_be_a_bool_and_older_configs_load_with_it_on():
+    with pytest.raises(ConfigError, match="gate_turns_alone"):
+        MoGUConfig(router_type="prompt", gate_turns_alone="yes")
+    data = MoGUConfig(router_type="prompt").to_dict()
+    del data["gate_turns_alone"]
+    assert MoGUConfig.from_dict(data).gate_turns_alone is True
+
+
 def test_turn_aware_gate_scores_of_a_left_padded_batch_equal_single_rows():
     from mogu.eval.defenses import encode_text, render_conversation
 
@@ -413,7 +493,10 @@ def test_turn_aware_gate_scores_of_a_left_padded_batch_equal_single_rows():
     tok = model.tokenizer
     convs = [[{"role": "user", "content": "hi"}],
              [{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
-              {"role": "user", "content": "continue please"}]]
+              {"role": "user", "content": "continue please"}],
+             [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+              {"role": "user", "content": "c d"}, {"role": "assistant", "content": "e"},
+              {"role": "user", "content": "and now the last turn"}]]
     rows = [encode_text(tok, render_conversation(tok, c)) for c in convs]
     x, mask = left_pad(rows)
     batched = model.gate_scores(x, mask)

@@ -1024,10 +1024,11 @@ class SafetySFT(Defense):
 # -- MoGU ----------------------------------------------------------------------------------------
 @register_defense("mogu")
 class MoGUDefense(Defense):
-    """The routed MoGU model (routing ``auto``; ``route_tokens``, ``handoff`` and ``gate_benign`` default to the
-    model's config)."""
+    """The routed MoGU model (routing ``auto``; ``route_tokens``, ``handoff``, ``gate_benign``, ``token_benign`` and
+    ``gate_turns_alone`` default to the model's config)."""
 
-    PARAMS = {"route_tokens": "config", "handoff": "config", "gate_benign": "config", "token_benign": "config"}
+    PARAMS = {"route_tokens": "config", "handoff": "config", "gate_benign": "config", "token_benign": "config",
+              "gate_turns_alone": "config"}
 
     def validate(self) -> None:
         if self.mogu_model is None:
@@ -1054,6 +1055,13 @@ class MoGUDefense(Defense):
                 value = getattr(self.mogu_model.config, name)
             _require(value in choices, f"mogu: {name} must be one of {', '.join(choices)} or 'config', got {value!r}")
             self._params[name] = value
+        alone = self._params["gate_turns_alone"]
+        if alone == "config":
+            alone = self.mogu_model.config.gate_turns_alone
+        elif isinstance(alone, str):
+            alone = {"true": True, "false": False}.get(alone.strip().lower(), alone)
+        _require(isinstance(alone, bool), f"mogu: gate_turns_alone must be true, false or 'config', got {alone!r}")
+        self._params["gate_turns_alone"] = alone
 
     def params(self) -> dict[str, Any]:
         out = super().params()
@@ -1076,12 +1084,15 @@ class MoGUDefense(Defense):
     @contextlib.contextmanager
     def _benign_policy(self) -> Iterator[None]:
         mogu = self.mogu_model
-        configured = mogu.config.gate_benign, mogu.config.token_benign
-        mogu.config.gate_benign, mogu.config.token_benign = self._params["gate_benign"], self._params["token_benign"]
+        names = ("gate_benign", "token_benign", "gate_turns_alone")
+        configured = {n: getattr(mogu.config, n) for n in names}
+        for n in names:
+            setattr(mogu.config, n, self._params[n])
         try:
             yield
         finally:
-            mogu.config.gate_benign, mogu.config.token_benign = configured
+            for n, value in configured.items():
+                setattr(mogu.config, n, value)
 
     @contextlib.contextmanager
     def _likelihood(self):

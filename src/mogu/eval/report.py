@@ -237,8 +237,11 @@ def _bench_kind(cell: dict) -> str:
 def write_report(metrics: dict[str, Any], cfg, path: Path) -> None:
     from mogu.io import atomic_write_text
 
-    cells, summary = metrics["cells"], metrics["summary"]
-    defenses = [d for d in cfg.defenses if d in cells]
+    summary = metrics["summary"]
+    # A run of attacks alone (no "none") has no plain cells; its defenses still have attack rows.
+    attacked = {d for per_defense in metrics.get("attacks", {}).values() for d in per_defense}
+    cells = {d: metrics["cells"].get(d, {}) for d in cfg.defenses}
+    defenses = [d for d in cfg.defenses if metrics["cells"].get(d) or d in attacked]
     header = "| benchmark | " + " | ".join(defenses) + " |"
     rule = "|---" * (len(defenses) + 1) + "|"
 

@@ -78,6 +78,10 @@ class MoGUConfig:
     router_backbone: str = "experts"
     handoff: str = "hold"
     gate_benign: str = "base"
+    # Prompt gate only: besides each user turn in its context, the gate reads each later user turn alone (under
+    # the same system preamble) and the highest score decides, so an earlier framing turn cannot hide a request
+    # (docs/RESULTS.md, "Each user turn alone"). False: in context only, as checkpoints before it were read.
+    gate_turns_alone: bool = True
     token_benign: str = "routed"  # token routers only: TOKEN_BENIGN
     # Sampling settings apply to the routed prefix too (True), or the prefix is always greedy (False: the
     # authors' code decodes the routed tokens greedily whatever the sampling; the `faithful` preset).
@@ -111,6 +115,8 @@ class MoGUConfig:
             raise ConfigError(f"handoff must be one of {HANDOFFS}, got {self.handoff!r}")
         if self.gate_benign not in GATE_BENIGN:
             raise ConfigError(f"gate_benign must be one of {GATE_BENIGN}, got {self.gate_benign!r}")
+        if not isinstance(self.gate_turns_alone, bool):
+            raise ConfigError(f"gate_turns_alone must be true or false, got {self.gate_turns_alone!r}")
         if self.token_benign not in TOKEN_BENIGN:
             raise ConfigError(f"token_benign must be one of {TOKEN_BENIGN}, got {self.token_benign!r}")
         if not isinstance(self.routed_sampling, bool):

@@ -186,18 +186,42 @@ class PromptGateRouting(RoutingStrategy):
         The probes were fitted at a prompt's last token, where the chat template hands over to the
         assistant. A conversation is read at every such hand-over (each user turn, in its context) and at
         its last token, and the highest score decides. An attacker's assistant prefill ("Sure, here is")
-        or fabricated history therefore cannot hide the request: the turn that asked it is still scored
-        exactly as if it were asked alone. A single plain prompt has one hand-over, its last token.
+        or fabricated history after a request cannot hide it: the turn that asked is still scored where it
+        handed over. With ``gate_turns_alone`` each later user turn is also read alone, after the
+        conversation's preamble (its system prompt, where the template renders one), so a harmless framing
+        turn before a request ("I'm writing a thriller...") cannot hide it either. A single plain prompt has one
+        hand-over, its last token, and costs one pass.
 
-        One forward pass with routing off that stops after the deepest probed module. Position ids
-        follow the attention mask, as in ``generate`` and ``mogu.train.probe``, so padding does not move them.
+        Forward passes with routing off that stop after the deepest probed module. Position ids follow
+        the attention mask, as in ``generate`` and ``mogu.train.probe``, so padding does not move them.
         """
-        from mogu.tuner.features import stop_after
-
-        model = self.model
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         rows, cols = self._positions(input_ids, attention_mask)
+        best = self._read(input_ids, attention_mask, rows, cols, input_ids.shape[0])
+        if self.model.config.gate_turns_alone:
+            owners, views = self._turns_alone(input_ids, attention_mask)
+            chunk = max(1, input_ids.shape[0])  # as many views per pass as the caller's batch has rows
+            for k in range(0, len(views), chunk):
+                part = views[k:k + chunk]
+                pad = max(len(v) for v in part)
+                alone = torch.zeros(len(part), pad, dtype=input_ids.dtype)
+                mask = torch.zeros_like(alone)
+                for j, v in enumerate(part):  # left padding, as generate pads
+                    alone[j, pad - len(v):] = torch.tensor(v, dtype=input_ids.dtype)
+                    mask[j, pad - len(v):] = 1
+                alone, mask = alone.to(input_ids.device), mask.to(input_ids.device)
+                rows = torch.arange(len(part), device=input_ids.device)
+                scores = self._read(alone, mask, rows, torch.full_like(rows, pad - 1), len(part))
+                owner = torch.tensor(owners[k:k + chunk], device=best.device)
+                best = best.scatter_reduce(0, owner, scores.to(best.dtype), reduce="amax")
+        return best
+
+    def _read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              batch: int) -> torch.Tensor:
+        """[batch] the highest gate score of each row over the positions (rows, cols)."""
+        from mogu.tuner.features import stop_after
+
         features: dict[int, torch.Tensor] = {}
         handles = []
         for idx, (_, module) in self.modules.items():
@@ -207,14 +231,14 @@ class PromptGateRouting(RoutingStrategy):
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         deepest = self.modules[max(self.modules)][1]
         try:
-            with model.routing("off"), stop_after(deepest) as run:
-                run(model.base_model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False)
+            with self.model.routing("off"), stop_after(deepest) as run:
+                run(self.model.base_model, input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=False)
         finally:
             for h in handles:
                 h.remove()
         scores = self.gate.score({i: f.to(self.gate.weight.device) for i, f in features.items()})
-        best = torch.full((input_ids.shape[0],), float("-inf"), dtype=scores.dtype, device=scores.device)
+        best = torch.full((batch,), float("-inf"), dtype=scores.dtype, device=scores.device)
         return best.scatter_reduce(0, rows.to(scores.device), scores, reduce="amax")
 
     def _positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,14 +247,42 @@ class PromptGateRouting(RoutingStrategy):
         rows = [torch.arange(input_ids.shape[0], device=input_ids.device)]
         cols = [last]
         header = self._assistant_header()
-        if header and input_ids.shape[1] >= len(header):
-            target = torch.tensor(header, device=input_ids.device)
-            windows = input_ids.unfold(1, len(header), 1)  # [B, T - L + 1, L]
-            hits = (windows == target).all(-1) & attention_mask[:, len(header) - 1:].bool()
-            r, start = hits.nonzero(as_tuple=True)
+        if header:
+            r, end = _find(input_ids, attention_mask, header)
             rows.append(r)
-            cols.append(start + len(header) - 1)
+            cols.append(end)
         return torch.cat(rows), torch.cat(cols)
+
+    def _turns_alone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[int], list[list[int]]]:
+        """(owner row, token ids) of each later user turn read alone: the row's preamble (everything before
+        its first user turn) + that turn + the assistant header after it. Empty without a chat template the
+        split can be derived for (``user_turn_opening_ids``) or when no row has a second user turn."""
+        header, opening = self._assistant_header(), self._user_opening()
+        if not header or not opening:
+            return [], []
+        h_rows, h_ends = _find(input_ids, attention_mask, header)
+        o_rows, o_ends = _find(input_ids, attention_mask, opening)
+        if not len(h_rows) or not len(o_rows):
+            return [], []
+        first = attention_mask.long().argmax(dim=1).tolist()  # first real token per row (left padding)
+        openings: dict[int, list[int]] = {}
+        for r, e in zip(o_rows.tolist(), o_ends.tolist()):
+            openings.setdefault(r, []).append(e - len(opening) + 1)
+        owners, views = [], []
+        tokens: dict[int, list[int]] = {}
+        for r, h in zip(h_rows.tolist(), h_ends.tolist()):
+            starts = [s for s in openings.get(r, []) if s < h]
+            if len(starts) < 2:  # the first user turn: its in-context reading is already the alone one
+                continue
+            row = tokens.setdefault(r, input_ids[r].tolist())
+            owners.append(r)
+            views.append(row[first[r]:starts[0]] + row[starts[-1]:h + 1])
+        return owners, views
+
+    def _user_opening(self) -> list[int] | None:
+        if not hasattr(self, "_opening_ids"):
+            self._opening_ids = user_turn_opening_ids(self.model.tokenizer)
+        return self._opening_ids
 
     def _assistant_header(self) -> list[int] | None:
         """The token ids the chat template adds to hand a turn to the assistant (None without a template)."""
@@ -320,6 +372,81 @@ def handoff_policy(name: str) -> HandoffPolicy:
         return HANDOFF_POLICIES[name]
     except KeyError:
         raise ConfigError(f"handoff must be one of {tuple(HANDOFF_POLICIES)}, got {name!r}") from None
+
+
+def _find(input_ids: torch.Tensor, attention_mask: torch.Tensor, pattern: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, end columns) of every occurrence of the token sequence ``pattern`` in the real tokens."""
+    if input_ids.shape[1] < len(pattern):
+        empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        return empty, empty
+    target = torch.tensor(pattern, device=input_ids.device)
+    windows = input_ids.unfold(1, len(pattern), 1)  # [B, T - L + 1, L]
+    hits = (windows == target).all(-1) & attention_mask[:, len(pattern) - 1:].bool()
+    r, start = hits.nonzero(as_tuple=True)
+    return r, start + len(pattern) - 1
+
+
+def _render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def user_turn_opening_ids(tokenizer) -> list[int] | None:
+    """The token ids that open a later user turn (ChatML's ``<|im_end|>\\n<|im_start|>user\\n``, the end of
+    the turn before included), or None where cutting a conversation at them does not give the template's own
+    rendering of its last turn asked alone: then the gate reads turns in context only.
+
+    Derived, not hard-coded: from single-turn renderings (their common head is the preamble and the opening)
+    and a three-turn one (the opening is what that head shares with the text before the last turn), then
+    checked on conversations: preamble + the last turn must equal that turn rendered alone."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    # Contents that start differently (case, a digit, a lone letter, a non-ASCII one), so that no token the
+    # tokenizer could merge with a turn's first characters ends up in the opening; earlier replies that end
+    # differently, so that none of their text does either (a system prompt and a reply both ending in "."
+    # would otherwise put the "." in it).
+    contents = ["Alpha request.", "zulu request", "now explain it", "I am here", "1. one", "¿Qué pasa?", "a",
+                "\nA new line first."]
+    replies = ["Okay.", "sure thing", "Happy to help!", "1"]
+    try:
+        singles = [_render_ids(tokenizer, [{"role": "user", "content": c}]) for c in contents]
+        threes = [_render_ids(tokenizer, [{"role": "user", "content": "Zulu request."},
+                                          {"role": "assistant", "content": r},
+                                          {"role": "user", "content": contents[0]}]) for r in replies]
+        checks = [(_render_ids(tokenizer, [{"role": "user", "content": "First question here."},
+                                           {"role": "assistant", "content": replies[k % len(replies)]},
+                                           {"role": "user", "content": c}]), single)
+                  for k, (c, single) in enumerate(zip(contents, singles))]
+    except Exception:  # jinja's TemplateError (e.g. strict role alternation) and the like
+        return None
+    head = 0
+    while head < min(map(len, singles)) and len({s[head] for s in singles}) == 1:
+        head += 1
+    one = singles[0]
+    rest = one[head:]  # the first user turn from its content on, and the assistant header
+    n = head
+    for three in threes:
+        if head == 0 or len(three) <= len(rest) or three[len(three) - len(rest):] != rest:
+            return None
+        before = three[:len(three) - len(rest)]
+        common = 0
+        while common < min(head, len(before)) and one[head - 1 - common] == before[len(before) - 1 - common]:
+            common += 1
+        n = min(n, common)
+    opening = one[head - n:head]
+    # Only the opening's start is used (the cut), so trailing whitespace tokens, which some tokenizers merge
+    # with a turn that starts with a newline, are left out of the match.
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    while len(opening) > 1 and opening[-1] not in special and not tokenizer.decode([opening[-1]]).strip():
+        opening = opening[:-1]
+    if not opening or (len(opening) < 2 and opening[0] not in special):  # one plain token: too common to cut at
+        return None
+    n = len(opening)
+    for check, alone in checks:
+        starts = [i for i in range(len(check) - n + 1) if check[i:i + n] == opening]
+        if len(starts) < 2 or check[:starts[0]] + check[starts[-1]:] != alone:
+            return None
+    return opening
 
 
 def assistant_header_ids(tokenizer) -> list[int] | None:
