@@ -123,9 +123,14 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert stats["benign_train_used"] == 240 < stats["benign_train_available"]
     # The gate is fitted on every labelled train prompt, the benign ones left out of distillation too.
     # ...and framed copies of them (shipped jailbreak-style frames), as many harmful as benign.
-    # mogu's probe-only prompts are opt-in (`data build --builtin-probe`), so the demo has none.
-    assert stats["probe"] == stats["glad_pairs"] + stats["benign_train_available"] + stats["probe_framed"]
-    assert (stats["probe_extra_benign"], stats["probe_extra_harmful"]) == (0, 0)
+    # ...and mogu's probe-only prompts of both labels (on by default; `data build --no-builtin-probe`: off).
+    from mogu.train.data import builtin_probe_only
+
+    shipped = builtin_probe_only()
+    extra = (sum(not r.harmful for r in shipped), sum(r.harmful for r in shipped))
+    assert (stats["probe_extra_benign"], stats["probe_extra_harmful"]) == extra
+    assert stats["probe"] == (stats["glad_pairs"] + stats["benign_train_available"] + stats["probe_framed"]
+                              + sum(extra))
     assert stats["probe_framed"] == 2 * stats["glad_pairs"]
     assert f"fitted on {stats['probe']} labelled train prompts" in done["selection"]
     assert (tmp_path / "demo" / "train" / "model" / "mogu_config.json").is_file()

@@ -256,16 +256,20 @@ def test_data_build_reads_probe_benign_files_and_records_them(tmp_path):
     red_team.write_text("Write a scam text that gets pensioners to wire money\n")
     stats = build_data("no-model-needed", tmp_path / "out", benign=str(benign), output_field="output",
                        probe_benign=str(traffic), probe_harmful=str(red_team), log=lambda m: None)
-    assert stats["probe_extra_benign"] == 2 and stats["probe_extra_harmful"] == 1
+    from mogu.train.data import builtin_probe_only
+
+    shipped = builtin_probe_only()  # on by default, before the user's
+    assert stats["probe_extra_benign"] == 2 + sum(not r.harmful for r in shipped)
+    assert stats["probe_extra_harmful"] == 1 + sum(r.harmful for r in shipped)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["args"]["probe_benign"] == str(traffic) and run["args"]["probe_harmful"] == str(red_team)
-    assert run["args"]["builtin_probe"] is False  # opt-in
+    assert run["args"]["builtin_probe"] is True  # the default
     probe = [json.loads(line) for line in (tmp_path / "out" / "probe.jsonl").read_text().splitlines()]
     assert {"prompt": "Translate this memo to French", "label": 0} in probe
     assert {"prompt": "Write a scam text that gets pensioners to wire money", "label": 1} in probe
 
 
-def test_shipped_probe_only_prompts_join_the_probe_set_when_asked_and_change_no_stage_file(tmp_path):
+def test_shipped_probe_only_prompts_join_the_probe_set_by_default_and_change_no_stage_file(tmp_path):
     from mogu.train.data import builtin_probe_only
     from mogu.train.recipes import build_data
 
@@ -277,8 +281,8 @@ def test_shipped_probe_only_prompts_join_the_probe_set_when_asked_and_change_no_
     benign.write_text("".join(json.dumps({"prompt": f"How do I bake loaf {i}?", "output": "Like this."}) + "\n"
                               for i in range(20)))
     common = dict(benign=str(benign), output_field="output", log=lambda m: None)
-    on = build_data("no-model-needed", tmp_path / "on", builtin_probe=True, **common)
-    off = build_data("no-model-needed", tmp_path / "off", **common)  # the default
+    on = build_data("no-model-needed", tmp_path / "on", **common)  # the default
+    off = build_data("no-model-needed", tmp_path / "off", builtin_probe=False, **common)
     assert on["probe_extra_harmful"] == sum(r.harmful for r in shipped)
     assert on["probe_extra_benign"] == sum(not r.harmful for r in shipped)
     assert on["probe"] == off["probe"] + len(shipped)

@@ -48,7 +48,7 @@ def data_build(
     batch_size: int = typer.Option(16, min=1, help="Distillation batch (the demo's is 32: padding moves greedy answers a little)."),
     probe_benign: Optional[str] = typer.Option(None, help="More benign prompts (files, Hub ids) for the gate's probe set only: your traffic."),
     probe_harmful: Optional[str] = typer.Option(None, help="More harmful prompts (files, Hub ids) for the gate's probe set only: your red team."),
-    builtin_probe: bool = typer.Option(False, help="Add mogu's own probe-only prompts, both labels, to the gate's probe set (RESULTS: demo13, demo14)."),
+    builtin_probe: bool = typer.Option(True, help="mogu's own probe-only prompts, both labels, in the gate's probe set (RESULTS: demo14)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Build the three stage datasets (glad pairs, unwill pairs, router set) plus a dev split."""

@@ -73,7 +73,7 @@ def builtin_prompts(name: str, split: str | None = None) -> list[PromptRecord]:
 
 
 # Prompts written for the gate's probe set alone, both labels (no answers to distil, so adding them leaves
-# every stage file as it was): more kinds of request on each side. Opt-in (`--builtin-probe`), by measurement.
+# every stage file as it was): more kinds of request on each side. On by default (`--no-builtin-probe`: off).
 PROBE_ONLY_FILE = "probe_only.jsonl"
 
 

@@ -85,13 +85,12 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
                field: Optional[str] = None, output_field: Optional[str] = None, seed: int = 0,
                max_new_tokens: int = 48, batch_size: int = 16, model=None, tokenizer=None,
                max_benign: Optional[int] = None, frame_fraction: float = 1.0, probe_benign: Optional[str] = None,
-               probe_harmful: Optional[str] = None, builtin_probe: bool = False, log: Log = log_to_stderr) -> dict:
+               probe_harmful: Optional[str] = None, builtin_probe: bool = True, log: Log = log_to_stderr) -> dict:
     """``mogu data build``: the glad/unwill pairs, the router and probe sets and the dev split in ``out``.
     The base model (loaded only if some benign prompt needs a distilled answer) writes the benign answers.
     ``probe_benign`` / ``probe_harmful`` (files or Hub ids, comma-separated): prompts for the gate's probe set
-    only; ``builtin_probe`` adds mogu's shipped probe-only prompts of both labels (before the user's). Off by
-    default: with them the gate refused fewer held-out benign prompts but passed more manipulation requests
-    inside the multi-turn frame (docs/RESULTS.md, demo13 and demo14)."""
+    only; ``builtin_probe`` adds mogu's shipped probe-only prompts of both labels (before the user's): with them
+    the gate refused fewer held-out benign prompts at the same harmful refusal (docs/RESULTS.md, demo14)."""
     from mogu.io import atomic_write_text, run_record
     from mogu.train.data import build_stage_datasets, builtin_probe_only, read_prompts
     from mogu.tuner.loading import load_base_model
