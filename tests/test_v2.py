@@ -237,6 +237,22 @@ def test_train_v2_selects_layers_by_probe_and_resumes_with_them(tmp_path):
         assert n1 == n2 and torch.equal(p1, p2), n1
 
 
+def test_a_checkpoint_trained_from_a_loaded_base_records_the_name_it_was_given_not_the_cache_path(tmp_path):
+    import json
+
+    from mogu.train.recipes import train_model
+
+    base = tiny_model("llama")
+    base.config._name_or_path = "/this/machine/cache/tiny"  # what load_base_model resolves an alias to
+    _stage_data(tmp_path / "data", per_class=4)
+    overrides = {"max_response_tokens": 4, "glad.epochs": 0.5, "unwill.epochs": 0.5, "router.epochs": 0.5,
+                 "router_init": "default"}
+    train_model("tiny-alias", tmp_path / "data", tmp_path / "run", mogu_config=MoGUConfig(), train_overrides=overrides,
+                preset_name="cpu-fast", model=base, tokenizer=tiny_tokenizer(), progress=False)
+    saved = json.loads((tmp_path / "run" / "model" / "mogu_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "tiny-alias"
+
+
 def test_bad_routed_layers_option_is_a_clean_error(tmp_path):
     from test_cli import _assert_clean_error, mogu
 

@@ -242,6 +242,9 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     if model is None:
         model = MoGUModel.from_base(model_name, mogu_config, dtype=dtype, quantization=quantization)
     elif not isinstance(model, MoGUModel):
+        # The name the caller gave, not the loaded model's own path: `mogu demo` loads the embedded default
+        # from this machine's cache, and a checkpoint naming that path would not load anywhere else.
+        mogu_config.base_model_name_or_path = mogu_config.base_model_name_or_path or model_name
         model = MoGUModel.from_base(model, mogu_config, tokenizer=tokenizer)
     from mogu.train.stages import Trainer
 
