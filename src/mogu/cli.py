@@ -97,7 +97,7 @@ def _dtype(value: str):
 
 def _load_in_4bit_option():
     return typer.Option(False, "--load-in-4bit", help="Quantise the frozen backbone to 4-bit NF4 (bitsandbytes, "
-                        "`pip install 'mogu[quant]'`); experts and routers stay float32.")
+                        "`pip install 'mogu\\[quant]'`); experts and routers stay float32.")
 
 
 def _load_in_8bit_option():
