@@ -67,16 +67,16 @@ def encode(tokenizer, conversation: list[dict]) -> list[int]:
 
 
 def _scores(model, tokenizer, rows: list[list[int]], batch_size: int, turns_alone: bool) -> list[float]:
+    from mogu.eval.defenses import left_pad, pad_token_id
+
+    pad = pad_token_id(model, tokenizer)
     configured = model.config.gate_turns_alone
     model.config.gate_turns_alone = turns_alone
     try:
         scores: list[float] = []
         for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.tensor([[tokenizer.pad_token_id or 0] * (width - len(r)) + r for r in chunk])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk])
-            scores += model.gate_scores(ids.to(model.device), mask.to(model.device)).tolist()
+            ids, mask = left_pad(rows[i:i + batch_size], pad, model.device)
+            scores += model.gate_scores(ids, mask).tolist()
         return scores
     finally:
         model.config.gate_turns_alone = configured

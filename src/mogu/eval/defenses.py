@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from mogu.tuner.config import GATE_BENIGN, HANDOFFS, TOKEN_BENIGN
+from mogu.tuner.features import left_pad
 from mogu.errors import ConfigError
 from mogu.eval.attacks import Conversation
 
@@ -242,17 +243,6 @@ def greedy_kwargs(model, tokenizer, max_new_tokens: int) -> dict[str, Any]:
     return {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": None, "top_p": None,
             "top_k": None, "pad_token_id": pad_token_id(model, tokenizer),
             "eos_token_id": eos_token_ids(model, tokenizer) or None}
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return input_ids.to(device), mask.to(device)
 
 
 def _device(model) -> torch.device:

@@ -79,3 +79,15 @@ def probe_modules(base: torch.nn.Module, targets: list[str]) -> dict[int, tuple[
         raise ConfigError(f"no projection matches target_modules {targets}; candidates: "
                           f"{', '.join(candidate_targets(base)) or 'none'}")
     return dict(sorted(found.items()))
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id rows padded on the left, as ``generate`` pads a batch."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return input_ids.to(device), mask.to(device)

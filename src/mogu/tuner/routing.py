@@ -200,19 +200,15 @@ class PromptGateRouting(RoutingStrategy):
         rows, cols = self._positions(input_ids, attention_mask)
         best = self._read(input_ids, attention_mask, rows, cols, input_ids.shape[0])
         if self.model.config.gate_turns_alone:
+            from mogu.tuner.features import left_pad
+
             owners, views = self._turns_alone(input_ids, attention_mask)
             chunk = max(1, input_ids.shape[0])  # as many views per pass as the caller's batch has rows
             for k in range(0, len(views), chunk):
                 part = views[k:k + chunk]
-                pad = max(len(v) for v in part)
-                alone = torch.zeros(len(part), pad, dtype=input_ids.dtype)
-                mask = torch.zeros_like(alone)
-                for j, v in enumerate(part):  # left padding, as generate pads
-                    alone[j, pad - len(v):] = torch.tensor(v, dtype=input_ids.dtype)
-                    mask[j, pad - len(v):] = 1
-                alone, mask = alone.to(input_ids.device), mask.to(input_ids.device)
+                alone, mask = left_pad(part, 0, input_ids.device)  # the mask hides the pad id
                 rows = torch.arange(len(part), device=input_ids.device)
-                scores = self._read(alone, mask, rows, torch.full_like(rows, pad - 1), len(part))
+                scores = self._read(alone, mask, rows, torch.full_like(rows, alone.shape[1] - 1), len(part))
                 owner = torch.tensor(owners[k:k + chunk], device=best.device)
                 best = best.scatter_reduce(0, owner, scores.to(best.dtype), reduce="amax")
         return best
