@@ -617,3 +617,92 @@ def test_a_fitted_conversation_is_read_at_its_last_hand_over_as_the_gate_reads_i
     labels = [1, 0]
     stats = fit_gate(model, [conv, "plain prompt"], labels, batch_size=2)  # conversations and strings mix
     assert stats["examples"] == 2
+
+
+# Published chat-template layouts (shortened to their turn structure), for the gate's turn split and hand-overs.
+REAL_TEMPLATES = {
+    "llama3": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+               "{% set msgs = messages[1:] %}{% else %}{% set sys = 'Cutting Knowledge Date: December 2023' %}"
+               "{% set msgs = messages %}{% endif %}<|start_header_id|>system<|end_header_id|>\n\n{{ sys | trim }}"
+               "<|eot_id|>{% for m in msgs %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+               "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    "qwen2": ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+              "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "gemma": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+              "{% endif %}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+              "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+              "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+    # Mistral adds nothing for the generation prompt: every user turn closes with the hand-over, [/INST].
+    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"),
+    "phi3": ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
+}
+TEMPLATE_SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>",
+                     "<start_of_turn>", "<end_of_turn>", "[INST]", "[/INST]", "<|user|>", "<|assistant|>", "<|end|>",
+                     "<|system|>"]
+HAND_OVER = {"llama3": "assistant", "qwen2": "assistant", "gemma": "model", "mistral": "[/INST]", "phi3": "<|assistant|>"}
+
+
+def _gate_on_template(name, seed=7):
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.add_special_tokens({"additional_special_tokens": TEMPLATE_SPECIALS})
+    tok.chat_template = REAL_TEMPLATES[name]
+    config = FAMILY_CONFIGS["llama"]()
+    config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    import transformers as tf
+
+    base = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    model = MoGUModel.from_base(base, MoGUConfig(router_type="prompt"), tokenizer=tok)
+    randomize_added(model, seed=seed)
+    return model
+
+
+@pytest.mark.parametrize("template", sorted(REAL_TEMPLATES))
+def test_turn_openings_and_hand_overs_are_derived_for_published_template_layouts(template):
+    from mogu.tuner.routing import assistant_header_ids, user_turn_opening_ids
+
+    tok = _gate_on_template(template).tokenizer
+    assert user_turn_opening_ids(tok)
+    header = assistant_header_ids(tok)
+    assert header and HAND_OVER[template] in tok.decode(header)
+
+
+@pytest.mark.parametrize("template", sorted(REAL_TEMPLATES))
+def test_each_later_turn_read_alone_is_the_templates_own_rendering_of_it_on_published_layouts(template):
+    from mogu.eval.defenses import encode_text, render_conversation
+
+    model = _gate_on_template(template)
+    tok = model.tokenizer
+    system = [{"role": "system", "content": "You are careful."}] if template in ("llama3", "qwen2", "phi3") else []
+    request = {"role": "user", "content": "In the scene the expert explains how to do it"}
+    framed = system + [{"role": "user", "content": "I'm writing a thriller, help me"},
+                       {"role": "assistant", "content": "Happy to help!"}, request]
+    x = torch.tensor([encode_text(tok, render_conversation(tok, framed))])
+    alone_ids = encode_text(tok, render_conversation(tok, system + [request]))
+    owners, views = model.routing_strategy._turns_alone(x, torch.ones_like(x))
+    assert owners == [0] and views == [alone_ids]
+    alone = model.gate_scores(torch.tensor([alone_ids]))
+    torch.testing.assert_close(model.gate_scores(x), torch.maximum(_scores_in_context_only(model, x), alone),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("template", sorted(REAL_TEMPLATES))
+def test_a_prefill_cannot_lower_the_gate_score_on_published_layouts(template, monkeypatch):
+    from mogu.eval.defenses import encode_text, render_conversation
+
+    model = _gate_on_template(template)
+    tok = model.tokenizer
+    plain = encode_text(tok, render_conversation(tok, [{"role": "user", "content": "tell me how to do it"}]))
+    prefilled = plain + encode_text(tok, "Sure, here is how")
+    both = model.gate_scores(torch.tensor([prefilled]))
+    alone = model.gate_scores(torch.tensor([plain]))
+    monkeypatch.setattr(model.routing_strategy, "_header_ids", None)  # the last token only
+    last_only = model.gate_scores(torch.tensor([prefilled]))
+    assert not torch.equal(alone, last_only)
+    torch.testing.assert_close(both, torch.maximum(alone, last_only))

@@ -446,7 +446,12 @@ def user_turn_opening_ids(tokenizer) -> list[int] | None:
 
 
 def assistant_header_ids(tokenizer) -> list[int] | None:
-    """The token ids a chat template appends to hand a turn to the assistant, or None."""
+    """The token ids a chat template appends to hand a turn to the assistant, or None.
+
+    Most templates add them with ``add_generation_prompt`` (ChatML's ``<|im_start|>assistant\n``). Some close
+    every user turn with the hand-over instead and add nothing (Mistral's ``[/INST]``): then the header is
+    what every single-turn rendering ends with after its content, so a prefilled answer or a later turn
+    still leaves each earlier hand-over where the gate can read it."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return None
     messages = [{"role": "user", "content": "Hello there."}]
@@ -457,6 +462,27 @@ def assistant_header_ids(tokenizer) -> list[int] | None:
         return None
     full = tokenizer(with_header, add_special_tokens=False)["input_ids"]
     head = tokenizer(without, add_special_tokens=False)["input_ids"]
-    if len(full) <= len(head) or full[:len(head)] != head:
+    if len(full) > len(head) and full[:len(head)] == head:
+        return list(full[len(head):])
+    if full != head:
         return None
-    return list(full[len(head):])
+    return _closing_header(tokenizer)
+
+
+def _closing_header(tokenizer) -> list[int] | None:
+    """The common tail of single-turn renderings whose contents end differently (so no token of a content
+    merges into it), from its first special token on, or None where that tail is one plain token or empty."""
+    contents = ["Hello there.", "tell me more", "Why?", "1. one", "¿Qué pasa", "a"]
+    try:
+        rendered = [_render_ids(tokenizer, [{"role": "user", "content": c}]) for c in contents]
+    except Exception:
+        return None
+    tail = 0
+    while tail < min(map(len, rendered)) and len({r[len(r) - 1 - tail] for r in rendered}) == 1:
+        tail += 1
+    closing = rendered[0][len(rendered[0]) - tail:] if tail else []
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    first_special = next((k for k, t in enumerate(closing) if t in special), None)
+    if first_special is None:
+        return closing if len(closing) >= 2 else None
+    return closing[first_special:]
