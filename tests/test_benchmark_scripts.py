@@ -246,3 +246,38 @@ def test_gate_turns_reading_turns_alone_only_adds_flags_and_restores_the_config(
     assert got["turns_alone"] == timed["turns_alone"] == [s > threshold for s in scores[1].tolist()]
     assert got["in_context"] == [s > threshold for s in scores[0].tolist()]
     assert timed["seconds_turns_alone"] >= 0 and model.config.gate_turns_alone is True
+
+
+def test_gate_lookahead_reads_the_prompt_end_and_each_answer_token_as_a_pass_over_that_prefix_would():
+    """Position 0 is where the gate reads (its score there is the model's own), position j the answer's
+    j-th token (the last one where the answer stopped earlier), whatever the padding of the batch."""
+    from mogu import MoGUConfig, MoGUModel
+    from mogu.chat import render_prompt
+    from tiny_models import randomize_added, tiny_model, tiny_tokenizer
+
+    lookahead = _load("gate_lookahead")
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(router_type="prompt"), tokenizer=tiny_tokenizer())
+    randomize_added(model, seed=3)
+    tok = model.tokenizer
+    prompts = ["hi", "tell me a much longer story about the sea", "why?"]
+    cache = {}
+    lookahead.answers_and_features(model, tok, prompts, tokens=4, positions=[0, 2, 8], batch_size=3, cache=cache)
+    gate = model.routing_strategy.gate
+    probes = {i: (gate.weight[k].detach(), float(gate.bias[k].detach())) for k, i in enumerate(gate.layers)}
+    for p in prompts:
+        entry = cache[p]
+        prompt_ids = tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"]
+        assert entry["prompt_len"] == len(prompt_ids) and 1 <= len(entry["answer"]) <= 4
+        torch.testing.assert_close(lookahead.probe_logits(probes, entry["f0"][None]).float(),
+                                   model.gate_scores(torch.tensor([prompt_ids])), rtol=1e-4, atol=1e-4)
+        for j in (2, 8):
+            prefix = prompt_ids + entry["answer"][:j]
+            grabbed = {}
+            handles = [m.register_forward_pre_hook(lambda _m, a, i=i: grabbed.__setitem__(i, a[0][0, -1].float()))
+                       for i, (_, m) in model.routing_strategy.modules.items()]
+            with torch.no_grad(), model.routing("off"):
+                model.base_model(input_ids=torch.tensor([prefix]))
+            for h in handles:
+                h.remove()
+            alone = torch.stack([grabbed[i] for i in sorted(grabbed)])
+            torch.testing.assert_close(entry[f"f{j}"], alone, rtol=1e-4, atol=1e-4)
