@@ -19,7 +19,7 @@ prompts were added), ``probe+new+extra`` (plus ``--extra-benign``, public benign
 the gate's probe set without distilling answers for them), ``probe+styled`` (the probe set plus a restyled
 copy of every plain prompt, both labels), each with ``--l2`` values, ``--pooling last|mean|both`` (both: the
 mean of the two probes' logits) and ``--fit logistic|mean_diff`` (the gate's probes, or the class-mean
-difference).
+difference) or ``stacked|concat|mlp`` (one model over the layers jointly, last token only: ``fit_whole``).
 
     . .venv/bin/activate
     python benchmarks/gate_transfer.py --model runs/demo7/calibrated --data runs/demo7/data \
@@ -134,7 +134,56 @@ def fit_mean_difference(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
     return w / scale, float(-mid / scale)
 
 
-FITS = ("logistic", "mean_diff")
+FITS = ("logistic", "mean_diff", "stacked", "concat", "mlp")
+WHOLE_FITS = ("stacked", "concat", "mlp")  # one model over every layer, not an average of per-layer probes
+
+
+def fit_whole(x: torch.Tensor, y: torch.Tensor, fit: str, l2: float):
+    """A scorer ``[N, L, d] -> [N]`` over the layers jointly: ``stacked``, a logistic over the per-layer probes'
+    logits (out of fold, 5 folds, so it learns how much to trust each layer, not how well each fits its own
+    rows); ``concat``, one logistic over every third layer's features concatenated (scikit-learn, C = 1/l2);
+    ``mlp``, three seeds of a 128-unit MLP on the same (scikit-learn, alpha = l2), their logits averaged."""
+    from mogu.train.router_init import fit_probe
+
+    x, y = x.double(), y.double()
+    layers = range(x.shape[1])
+
+    def logits(probes, rows):
+        return torch.stack([rows[:, i] @ w + c for i, (w, c) in zip(layers, probes)], -1)
+
+    if fit == "stacked":
+        probes = [fit_probe(x[:, i], y, l2=1e-3) for i in layers]
+        folds = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).chunk(5)
+        oof = torch.zeros(len(y), x.shape[1], dtype=torch.float64)
+        for held in folds:
+            keep = torch.ones(len(y), dtype=torch.bool)
+            keep[held] = False
+            oof[held] = logits([fit_probe(x[keep, i], y[keep], l2=1e-3) for i in layers], x[held])
+        w2, c2 = fit_probe(oof, y, l2=l2)
+        return lambda rows: logits(probes, rows.double()) @ w2 + c2
+    import numpy as np
+    from sklearn.preprocessing import StandardScaler
+
+    picked = list(range(0, x.shape[1], 3))
+    flat = lambda rows: rows[:, picked].reshape(len(rows), -1).double().numpy()  # noqa: E731
+    scaler = StandardScaler().fit(flat(x))
+    balance = torch.where(y > 0.5, 0.5 / y.mean(), 0.5 / (1 - y.mean())).numpy()
+    if fit == "concat":
+        from sklearn.linear_model import LogisticRegression
+
+        model = LogisticRegression(C=1.0 / l2, max_iter=2000).fit(scaler.transform(flat(x)), y.numpy(),
+                                                                  sample_weight=balance)
+        return lambda rows: torch.tensor(model.decision_function(scaler.transform(flat(rows))))
+    from sklearn.neural_network import MLPClassifier
+
+    nets = [MLPClassifier(hidden_layer_sizes=(128,), alpha=l2, max_iter=300,
+                          early_stopping=len(y) >= 200,  # a tenth held out for it: too few rows below
+                          random_state=seed).fit(scaler.transform(flat(x)), y.numpy()) for seed in range(3)]
+
+    def mlp_logit(rows):
+        probs = [n.predict_proba(scaler.transform(flat(rows))) for n in nets]
+        return torch.tensor(sum(np.log(p[:, 1] + 1e-9) - np.log(p[:, 0] + 1e-9) for p in probs) / len(nets))
+    return mlp_logit
 
 
 def fit_and_score(stored, train: list[tuple[object, int]], sets: dict[str, list[str]], threshold_set: list[str],
@@ -143,6 +192,11 @@ def fit_and_score(stored, train: list[tuple[object, int]], sets: dict[str, list[
     from mogu.train.router_init import fit_probe
 
     y = torch.tensor([float(label) for _, label in train])
+    if fit in WHOLE_FITS:
+        scorer = fit_whole(torch.stack([stored[key(p)]["last"] for p, _ in train])[:, layers], y, fit, l2)
+        whole = lambda prompts: scorer(torch.stack([stored[key(p)]["last"] for p in prompts])[:, layers])  # noqa: E731
+        threshold = torch.quantile(whole(threshold_set).double(), 1.0 - min_harmful).item() - 1e-9
+        return {name: float((whole(ps).double() > threshold).double().mean()) for name, ps in sets.items()}
     pools = ("last", "mean") if pooling == "both" else (pooling,)
     probes = {}
     for pool in pools:
@@ -223,7 +277,7 @@ def main(argv=None) -> int:
         else:
             train = probe + (new if variant != "probe" else []) + (extra if variant == "probe+new+extra" else [])
         for fit in args.fit.split(","):
-            for l2 in [float(v) for v in args.l2.split(",")] if fit == "logistic" else [0.0]:
+            for l2 in [float(v) for v in args.l2.split(",")] if fit != "mean_diff" else [0.0]:
                 for pooling in args.pooling.split(","):
                     rates = fit_and_score(stored, train, sets, sets["harmful_dev"], layers=layers, l2=l2,
                                           pooling=pooling, min_harmful=args.min_harmful, fit=fit)
