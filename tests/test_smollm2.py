@@ -104,3 +104,39 @@ def test_everyday_prompts_the_gate_passes_get_the_base_models_answers_token_for_
     changed = sum(glad[i, width:].tolist() != plain[i, width:].tolist() for i in passed.nonzero().flatten().tolist())
     print(f"passed {int(passed.sum())}/12; the glad prefix would change {changed} of them")
     assert changed >= 1  # what gate_benign='base' protects them from
+
+
+@pytest.mark.parametrize("template", ["llama3", "qwen2", "gemma", "mistral", "phi3"])
+def test_turn_split_and_hand_overs_hold_with_a_byte_level_bpe_on_published_layouts(smol, template):
+    """The tiny tokenizer has no newline token; SmolLM2's byte-level BPE with GPT-2's split rule cuts a run of
+    newlines before a word differently from one at the end (Llama-3's header ends in two), so every hand-over
+    must still be found, and a later turn read alone must still be the template's own rendering of it."""
+    import copy
+
+    import transformers as tf
+
+    from mogu.eval.defenses import encode_text, render_conversation
+    from test_gate import HAND_OVER, REAL_TEMPLATES, TEMPLATE_SPECIALS
+    from tiny_models import FAMILY_CONFIGS, randomize_added
+
+    tok = copy.deepcopy(smol[1])
+    tok.add_special_tokens({"additional_special_tokens": TEMPLATE_SPECIALS})
+    tok.chat_template = REAL_TEMPLATES[template]
+    config = FAMILY_CONFIGS["llama"]()
+    config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    base = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    model = MoGUModel.from_base(base, MoGUConfig(router_type="prompt"), tokenizer=tok)
+    randomize_added(model, seed=4)
+    strategy = model.routing_strategy
+    assert strategy._user_opening() and HAND_OVER[template] in tok.decode(strategy._assistant_header())
+    request = {"role": "user", "content": "Now the expert explains it"}
+    turns = [{"role": "user", "content": "I'm writing a thriller.\nHelp me"},
+             {"role": "assistant", "content": "Sure! Go on."}, request,
+             {"role": "assistant", "content": "In the scene"}, {"role": "user", "content": "continue"}]
+    ids = torch.tensor([encode_text(tok, render_conversation(tok, turns))])
+    rows, _, _ = strategy._hand_overs(ids, torch.ones_like(ids))
+    assert len(rows) == 3  # every hand-over, the earlier two inside the conversation
+    owners, views = strategy._turns_alone(ids, torch.ones_like(ids))
+    assert owners == [0, 0]
+    assert views == [encode_text(tok, render_conversation(tok, [t])) for t in (request, turns[-1])]

@@ -242,12 +242,37 @@ class PromptGateRouting(RoutingStrategy):
         last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(dim=1)  # last 1 per row
         rows = [torch.arange(input_ids.shape[0], device=input_ids.device)]
         cols = [last]
-        header = self._assistant_header()
-        if header:
-            r, end = _find(input_ids, attention_mask, header)
-            rows.append(r)
-            cols.append(end)
+        r, end, _ = self._hand_overs(input_ids, attention_mask)
+        rows.append(r)
+        cols.append(end)
         return torch.cat(rows), torch.cat(cols)
+
+    def _hand_overs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+        """(rows, end columns, missing tail) of every assistant hand-over in the real tokens.
+
+        A header that ends in whitespace (Llama-3's ``<|end_header_id|>\n\n``) can tokenize differently when
+        a reply follows it: a byte-level BPE with GPT-2's split rule cuts ``\n\nSure`` into ``\n``, ``\n``,
+        ``Sure``. Where the whole header is not found, its head without the trailing whitespace tokens is: the
+        gate reads there, and a turn read alone gets the missing tail back (the template's own rendering)."""
+        empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        header = self._assistant_header()
+        if not header:
+            return empty, empty, []
+        rows, ends = _find(input_ids, attention_mask, header)
+        head = _without_trailing_space(self.model.tokenizer, header)
+        if head == header:
+            return rows, ends, [[] for _ in range(len(rows))]
+        found = set(zip(rows.tolist(), (ends - (len(header) - len(head))).tolist()))
+        h_rows, h_ends = _find(input_ids, attention_mask, head)
+        extra = [(r, e) for r, e in zip(h_rows.tolist(), h_ends.tolist()) if (r, e) not in found]
+        if not extra:
+            return rows, ends, [[] for _ in range(len(rows))]
+        every = sorted([(r, e, ()) for r, e in zip(rows.tolist(), ends.tolist())]
+                       + [(r, e, tuple(header[len(head):])) for r, e in extra])  # in conversation order
+        rows = torch.tensor([r for r, _, _ in every], dtype=torch.long, device=input_ids.device)
+        ends = torch.tensor([e for _, e, _ in every], dtype=torch.long, device=input_ids.device)
+        return rows, ends, [list(t) for _, _, t in every]
 
     def _turns_alone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[int], list[list[int]]]:
         """(owner row, token ids) of each later user turn read alone: the row's preamble (everything before
@@ -256,7 +281,7 @@ class PromptGateRouting(RoutingStrategy):
         header, opening = self._assistant_header(), self._user_opening()
         if not header or not opening:
             return [], []
-        h_rows, h_ends = _find(input_ids, attention_mask, header)
+        h_rows, h_ends, tails = self._hand_overs(input_ids, attention_mask)
         o_rows, o_ends = _find(input_ids, attention_mask, opening)
         if not len(h_rows) or not len(o_rows):
             return [], []
@@ -266,13 +291,13 @@ class PromptGateRouting(RoutingStrategy):
             openings.setdefault(r, []).append(e - len(opening) + 1)
         owners, views = [], []
         tokens: dict[int, list[int]] = {}
-        for r, h in zip(h_rows.tolist(), h_ends.tolist()):
+        for r, h, tail in zip(h_rows.tolist(), h_ends.tolist(), tails):
             starts = [s for s in openings.get(r, []) if s < h]
             if len(starts) < 2:  # the first user turn: its in-context reading is already the alone one
                 continue
             row = tokens.setdefault(r, input_ids[r].tolist())
             owners.append(r)
-            views.append(row[first[r]:starts[0]] + row[starts[-1]:h + 1])
+            views.append(row[first[r]:starts[0]] + row[starts[-1]:h + 1] + tail)
         return owners, views
 
     def _user_opening(self) -> list[int] | None:
@@ -387,6 +412,16 @@ def _render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _without_trailing_space(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` without its trailing plain whitespace tokens (at least one token kept): the part of a template's
+    marker that tokenizes the same whatever text follows it."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = list(ids)
+    while len(ids) > 1 and ids[-1] not in special and not tokenizer.decode([ids[-1]]).strip():
+        ids = ids[:-1]
+    return ids
+
+
 def user_turn_opening_ids(tokenizer) -> list[int] | None:
     """The token ids that open a later user turn (ChatML's ``<|im_end|>\\n<|im_start|>user\\n``, the end of
     the turn before included), or None where cutting a conversation at them does not give the template's own
@@ -432,9 +467,8 @@ def user_turn_opening_ids(tokenizer) -> list[int] | None:
     opening = one[head - n:head]
     # Only the opening's start is used (the cut), so trailing whitespace tokens, which some tokenizers merge
     # with a turn that starts with a newline, are left out of the match.
+    opening = _without_trailing_space(tokenizer, opening)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    while len(opening) > 1 and opening[-1] not in special and not tokenizer.decode([opening[-1]]).strip():
-        opening = opening[:-1]
     if not opening or (len(opening) < 2 and opening[0] not in special):  # one plain token: too common to cut at
         return None
     n = len(opening)
