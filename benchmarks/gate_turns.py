@@ -20,6 +20,9 @@ Conversations:
 - **benign, two turns**: MT-Bench's 80 two-turn questions, the first answered by the model itself (greedy),
   the cost of reading a follow-up ("Now make it shorter.") without its context.
 
+``--tuning`` reads mogu's own multi-turn frames around the shipped dev prompts instead (what a choice may be
+made on); ``--alone-margins`` adds readings where a turn alone flags only that far above the threshold.
+
     . .venv/bin/activate
     python benchmarks/gate_turns.py --model runs/demo14/calibrated --data-dir ../shared/data \
       --out runs/gate-turns14.json
@@ -83,13 +86,15 @@ def _scores(model, tokenizer, rows: list[list[int]], batch_size: int, turns_alon
 
 
 def flagged(model, tokenizer, conversations: list[list[dict]], batch_size: int,
-            timed: bool = False) -> dict[str, list[bool] | float]:
+            timed: bool = False, margins: tuple[float, ...] = ()) -> dict[str, list[bool] | float]:
     """{reading: flagged per conversation} for the in-context and the turns-alone readings.
 
     The turns-alone reading of a conversation whose only later user turn is its last is the higher of its
     in-context score and that turn's score asked alone after the same preamble (tests/test_gate.py pins the
     equality), so it is computed that way, one long pass instead of two. ``timed``: the turns-alone reading
-    is taken through ``gate_scores`` as well, and both readings' seconds are returned."""
+    is taken through ``gate_scores`` as well, and both readings' seconds are returned. ``margins``: also the
+    reading where a turn alone flags only ``margin`` above the threshold (``turns_alone_margin_M``; a
+    benchmark-side reading, not a product setting: docs/RESULTS.md, "Each user turn alone")."""
     threshold = float(model.gate.threshold)
     rows = [encode(tokenizer, c) for c in conversations]
     started = time.perf_counter()
@@ -104,8 +109,22 @@ def flagged(model, tokenizer, conversations: list[list[dict]], batch_size: int,
         later = [c[:next(i for i, m in enumerate(c) if m["role"] == "user")] + [c[-1]] for c in conversations]
         alone = _scores(model, tokenizer, [encode(tokenizer, c) for c in later], batch_size, turns_alone=False)
         both = [max(a, b) for a, b in zip(context, alone)]
+        for m in margins:
+            result[f"turns_alone_margin_{m:g}"] = [max(a, b - m) > threshold for a, b in zip(context, alone)]
     result["turns_alone"] = [s > threshold for s in both]
     return result
+
+
+def tuning_sets(tokenizer) -> dict[str, tuple[bool, list[list[dict]]]]:
+    """{name: (harmful, conversations)}: mogu's own multi-turn frames (``mogu/prompts/frames.jsonl``, the ones
+    with an opener) around the shipped dev prompts. The frames are in the gate's fit, the dev prompts are not:
+    what a margin may be chosen on, where the public sets above may not."""
+    from mogu.train.data import attack_frames, builtin_prompts, framed_conversation
+
+    multi = [f for f in attack_frames() if f.get("opener")]
+    return {f"{name}_dev@mogu_frames": (name == "harmful", [framed_conversation(r.prompt, f) for f in multi
+                                                            for r in builtin_prompts(name, "dev")])
+            for name in ("harmful", "benign", "borderline")}
 
 
 def main(argv=None) -> int:
@@ -116,11 +135,15 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="for the model's own replies (the eval's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--alone-margins", default="",
+                        help="comma-separated margins: also flag a turn alone only this far above the threshold")
+    parser.add_argument("--tuning", action="store_true",
+                        help="read mogu's own frames around the shipped dev prompts instead of the public sets")
     args = parser.parse_args(argv)
+    margins = tuple(float(v) for v in args.alone_margins.split(",") if v.strip())
     torch.set_num_threads(args.threads)
 
     from mogu.eval.benchmarks import load_benchmark
-    from mogu.io import atomic_write_text, run_record
     from mogu.train.stages import generate_responses
     from mogu.tuner.inference import load_for_inference
 
@@ -136,17 +159,23 @@ def main(argv=None) -> int:
         options = {"category": "regular"} if name == "just_eval" else {}
         return [p.prompt for p in load_benchmark(name, data_dir=args.data_dir, offset=offset, limit=limit, **options)]
 
+    results: dict[str, dict] = {}
+    if args.tuning:
+        for set_name, (harmful, convs) in tuning_sets(tokenizer).items():
+            got = flagged(model, tokenizer, convs, args.batch_size, margins=margins)
+            results[set_name] = {"harmful": harmful, "n": len(convs), **{k: sum(v) / len(v) for k, v in got.items()}}
+            print(f"{set_name}: {results[set_name]}", file=sys.stderr)
+        return _report(args, results, {}, start)
     scripts = frames()
     replies = generate_responses(model, tokenizer, [opener for opener, _ in scripts.values()],
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    results: dict[str, dict] = {}
     for harmful, sets in ((True, HARMFUL), (False, BENIGN)):
         for set_name, spec in sets.items():
             texts = prompts(spec)
             for (frame, (opener, escalation)), reply in zip(scripts.items(), replies):
                 convs = [[{"role": "user", "content": opener}, {"role": "assistant", "content": reply},
                           {"role": "user", "content": escalation.replace("{prompt}", t)}] for t in texts]
-                got = flagged(model, tokenizer, convs, args.batch_size)
+                got = flagged(model, tokenizer, convs, args.batch_size, margins=margins)
                 results[f"{set_name}@{frame}"] = {"harmful": harmful, "n": len(texts),
                                                   **{k: sum(v) / len(v) for k, v in got.items()}}
                 print(f"{set_name}@{frame}: {results[f'{set_name}@{frame}']}", file=sys.stderr)
@@ -166,17 +195,27 @@ def main(argv=None) -> int:
     else:
         print("mt_bench: no second turns in this copy; skipped", file=sys.stderr)
 
+    return _report(args, results, dict(zip(scripts, replies)), start)
+
+
+def _report(args, results: dict[str, dict], replies: dict[str, str], start: float) -> int:
+    from mogu.io import atomic_write_text, run_record
+
     if "mt_bench_two_turns" in results:
         r = results["mt_bench_two_turns"]
         print(f"gate seconds, MT-Bench's {r['n']} two-turn conversations: in context {r['seconds_in_context']}, "
               f"turns alone too {r['seconds_turns_alone']}")
-    print("| conversations | n | flagged in context | flagged, turns alone too |")
-    print("|---|---:|---:|---:|")
+    extra = sorted({k for r in results.values() for k in r if k.startswith("turns_alone_margin_")},
+                   key=lambda k: float(k.rsplit("_", 1)[1]))
+    print("| conversations | n | flagged in context | flagged, turns alone too | "
+          + "".join(f"margin {k.rsplit('_', 1)[1]} | " for k in extra))
+    print("|---|---:|---:|---:|" + "---:|" * len(extra))
     for name, r in results.items():
         label = "harmful" if r["harmful"] else "benign"
-        print(f"| {name} ({label}) | {r['n']} | {r['in_context']:.1%} | {r['turns_alone']:.1%} |")
+        print(f"| {name} ({label}) | {r['n']} | {r['in_context']:.1%} | {r['turns_alone']:.1%} | "
+              + "".join(f"{r[k]:.1%} | " if k in r else "– | " for k in extra))
     record = run_record(vars(args))
-    record.update(results=results, replies=dict(zip(scripts, replies)), seconds=round(time.perf_counter() - start, 1))
+    record.update(results=results, replies=replies, seconds=round(time.perf_counter() - start, 1))
     atomic_write_text(args.out, json.dumps(record, indent=2))
     return 0
 

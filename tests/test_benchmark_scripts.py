@@ -246,6 +246,23 @@ def test_gate_turns_reading_turns_alone_only_adds_flags_and_restores_the_config(
     assert got["turns_alone"] == timed["turns_alone"] == [s > threshold for s in scores[1].tolist()]
     assert got["in_context"] == [s > threshold for s in scores[0].tolist()]
     assert timed["seconds_turns_alone"] >= 0 and model.config.gate_turns_alone is True
+    margins = gate_turns.flagged(model, tok, convs, batch_size=4, margins=(0.0, 1e9))
+    assert margins["turns_alone_margin_0"] == got["turns_alone"]  # no margin: the product's reading
+    assert margins["turns_alone_margin_1e+09"] == got["in_context"]  # a margin no turn clears: in context only
+
+
+def test_gate_turns_tuning_sets_put_every_shipped_dev_prompt_in_every_multi_turn_frame():
+    from mogu.train.data import attack_frames, builtin_prompts
+
+    gate_turns = _load("gate_turns")
+    sets = gate_turns.tuning_sets(None)
+    multi = [f for f in attack_frames() if f.get("opener")]
+    assert multi and set(sets) == {f"{n}_dev@mogu_frames" for n in ("harmful", "benign", "borderline")}
+    for name, (harmful, convs) in sets.items():
+        prompts = builtin_prompts(name.split("_dev")[0], "dev")
+        assert harmful == name.startswith("harmful") and len(convs) == len(multi) * len(prompts)
+        assert all(len(c) == 3 and c[-1]["role"] == "user" for c in convs)
+        assert prompts[0].prompt.strip() in convs[0][-1]["content"]
 
 
 def test_gate_lookahead_reads_the_prompt_end_and_each_answer_token_as_a_pass_over_that_prefix_would():
