@@ -294,3 +294,26 @@ def test_rerun_with_other_defense_options_over_cached_answers_is_a_config_error(
     record = EvalRunner(other, model=model, tokenizer=tok, log=lambda m: None).run()["defense_params"]
     assert record["retokenization"]["dropout"] == 0.5
     assert record["retokenization"]["options"] == {"dropout": 0.5}
+
+
+def test_a_fully_cached_rerun_keeps_the_routing_plot_without_loading_the_model(tmp_path, tiny_mogu, monkeypatch):
+    model, tok = tiny_mogu
+    cfg = _cfg(tmp_path, defenses=["none", "mogu"])
+    EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    plot = (cfg.out / "routing.png").read_bytes()
+    loads = []
+
+    def load_model(self):  # what a run without a preloaded model would do: load the checkpoint
+        loads.append(self.cfg.routing_examples)
+        self._model, self._tokenizer, self.mogu = model, tok, model
+        return model, tok
+
+    monkeypatch.setattr(EvalRunner, "load_model", load_model)
+    logs = []
+    again = EvalRunner(_cfg(tmp_path, defenses=["none", "mogu"]), tokenizer=tok, log=logs.append).run()
+    assert loads == [] and (cfg.out / "routing.png").read_bytes() == plot
+    assert any("routing.png kept" in m for m in logs) and set(again["summary"]) == {"none", "mogu"}
+    # Other routed examples: the plot is not the earlier one, so the model is loaded to draw it.
+    EvalRunner(_cfg(tmp_path, defenses=["none", "mogu"], routing_examples=2), tokenizer=tok,
+               log=lambda m: None).run()
+    assert loads == [2]

@@ -542,6 +542,7 @@ class EvalRunner:
         sets = self.load_prompts()
         work = self.attacked(sets)
         args = asdict(self.cfg)
+        earlier_args = _earlier_args(self.out / "run.json")
         record = run_record(args, data_files=[])
         record["benchmark_sha256"] = _prompt_hashes(sets)
         record["attacks"] = self.attack_params
@@ -561,7 +562,14 @@ class EvalRunner:
         atomic_write_text(self.out / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
         if plots:
             plot_pareto(metrics, self.out / "pareto.png")
-        if plots and (self.mogu is not None or "mogu" in self.cfg.defenses):
+        same_plot = [json.dumps(a.get(k), sort_keys=True, default=str) for a in (earlier_args, record["args"])
+                     for k in ROUTING_PLOT_ARGS]
+        if plots and self._model is None and (self.out / "routing.png").is_file() and earlier_args \
+                and same_plot[:len(ROUTING_PLOT_ARGS)] == same_plot[len(ROUTING_PLOT_ARGS):]:
+            # Every answer, verdict and likelihood was cached: loading a 7B only to redraw the same plot costs
+            # minutes and its memory, so the earlier run's plot of the same model and prompts stands.
+            self.log("[eval] routing.png kept from the earlier run of this model (nothing here needed the model)")
+        elif plots and (self.mogu is not None or "mogu" in self.cfg.defenses):
             model, tok = self.load_model()
             if self.mogu is not None:
                 harmful = [p.prompt for ps in sets.values() for p in ps if p.harmful][:self.cfg.routing_examples]
@@ -573,6 +581,21 @@ class EvalRunner:
         record["judge"] = metrics["judge"]
         atomic_write_text(self.out / "run.json", json.dumps(record, indent=2, default=str))
         return metrics
+
+
+# What routing.png depends on: the model as loaded and the prompts it routes (the first of each class).
+ROUTING_PLOT_ARGS = ("model", "dtype", "quantization", "routing_examples", "benchmarks", "benchmark_options",
+                     "offset", "limit", "seed")
+
+
+def _earlier_args(path: Path) -> dict[str, Any]:
+    """The ``args`` of the run record an earlier run left in this folder ({} when none can be read)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    args = record.get("args") if isinstance(record, dict) else None
+    return args if isinstance(args, dict) else {}
 
 
 def _generation_row(defense: str, benchmark: str, item, response: str, seconds: float) -> dict:
