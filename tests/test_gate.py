@@ -648,8 +648,9 @@ TEMPLATE_SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "
 HAND_OVER = {"llama3": "assistant", "qwen2": "assistant", "gemma": "model", "mistral": "[/INST]", "phi3": "<|assistant|>"}
 
 
-def _gate_on_template(name, seed=7):
-    tok = copy.deepcopy(tiny_tokenizer())
+def _gate_on_template(name, seed=7, tokenizer=None):
+    """A gated tiny Llama whose tokenizer (the tiny one, or ``tokenizer``) has the layout's markers as special tokens."""
+    tok = copy.deepcopy(tokenizer or tiny_tokenizer())
     tok.add_special_tokens({"additional_special_tokens": TEMPLATE_SPECIALS})
     tok.chat_template = REAL_TEMPLATES[name]
     config = FAMILY_CONFIGS["llama"]()

@@ -111,23 +111,11 @@ def test_turn_split_and_hand_overs_hold_with_a_byte_level_bpe_on_published_layou
     """The tiny tokenizer has no newline token; SmolLM2's byte-level BPE with GPT-2's split rule cuts a run of
     newlines before a word differently from one at the end (Llama-3's header ends in two), so every hand-over
     must still be found, and a later turn read alone must still be the template's own rendering of it."""
-    import copy
-
-    import transformers as tf
-
     from mogu.eval.defenses import encode_text, render_conversation
-    from test_gate import HAND_OVER, REAL_TEMPLATES, TEMPLATE_SPECIALS
-    from tiny_models import FAMILY_CONFIGS, randomize_added
+    from test_gate import HAND_OVER, _gate_on_template
 
-    tok = copy.deepcopy(smol[1])
-    tok.add_special_tokens({"additional_special_tokens": TEMPLATE_SPECIALS})
-    tok.chat_template = REAL_TEMPLATES[template]
-    config = FAMILY_CONFIGS["llama"]()
-    config.vocab_size = len(tok)
-    torch.manual_seed(0)
-    base = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
-    model = MoGUModel.from_base(base, MoGUConfig(router_type="prompt"), tokenizer=tok)
-    randomize_added(model, seed=4)
+    model = _gate_on_template(template, seed=4, tokenizer=smol[1])
+    tok = model.tokenizer
     strategy = model.routing_strategy
     assert strategy._user_opening() and HAND_OVER[template] in tok.decode(strategy._assistant_header())
     request = {"role": "user", "content": "Now the expert explains it"}
