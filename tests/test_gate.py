@@ -707,3 +707,19 @@ def test_a_prefill_cannot_lower_the_gate_score_on_published_layouts(template, mo
     last_only = model.gate_scores(torch.tensor([prefilled]))
     assert not torch.equal(alone, last_only)
     torch.testing.assert_close(both, torch.maximum(alone, last_only))
+
+
+def test_a_closing_marker_is_a_hand_over_only_if_special_and_closing_user_turns_alone():
+    from mogu.tuner.routing import assistant_header_ids
+
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.add_special_tokens({"additional_special_tokens": TEMPLATE_SPECIALS})
+    tok.chat_template = REAL_TEMPLATES["mistral"]
+    assert tok.decode(assistant_header_ids(tok)) == "[/INST]"
+    # The same marker after every role (no generation prompt): a reply would read as a hand-over.
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
+    assert assistant_header_ids(tok) is None
+    # Plain text a user could type ("[A]" is no special token here): not trusted as a hand-over.
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}[Q] {{ m['content'] }} [A]"
+                         "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}")
+    assert assistant_header_ids(tok) is None

@@ -265,7 +265,11 @@ class PromptGateRouting(RoutingStrategy):
             return rows, ends, [[] for _ in range(len(rows))]
         found = set(zip(rows.tolist(), (ends - (len(header) - len(head))).tolist()))
         h_rows, h_ends = _find(input_ids, attention_mask, head)
-        extra = [(r, e) for r, e in zip(h_rows.tolist(), h_ends.tolist()) if (r, e) not in found]
+        # Only where the next token starts with whitespace: the header's tail merged into the reply. Anything
+        # else after the head (user text that happens to hold it) is no hand-over.
+        decode, width = self.model.tokenizer.decode, input_ids.shape[1]
+        extra = [(r, e) for r, e in zip(h_rows.tolist(), h_ends.tolist()) if (r, e) not in found
+                 and e + 1 < width and decode([int(input_ids[r, e + 1])])[:1].isspace()]
         if not extra:
             return rows, ends, [[] for _ in range(len(rows))]
         every = sorted([(r, e, ()) for r, e in zip(rows.tolist(), ends.tolist())]
@@ -515,8 +519,21 @@ def _closing_header(tokenizer) -> list[int] | None:
     while tail < min(map(len, rendered)) and len({r[len(r) - 1 - tail] for r in rendered}) == 1:
         tail += 1
     closing = rendered[0][len(rendered[0]) - tail:] if tail else []
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    # The unknown token is special to the tokenizer but stands for any text it cannot spell.
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "unk_token_id", None)}
     first_special = next((k for k, t in enumerate(closing) if t in special), None)
-    if first_special is None:
-        return closing if len(closing) >= 2 else None
-    return closing[first_special:]
+    if first_special is None:  # plain text a user could type: no hand-over to trust
+        return None
+    closing = closing[first_special:]
+    # It must close user turns only: a marker that also ends assistant replies (an EOS or <|end|> after every
+    # role) would read replies as hand-overs.
+    try:
+        two = _render_ids(tokenizer, [{"role": "user", "content": "Hello there."},
+                                      {"role": "assistant", "content": "Hi, how can I help?"},
+                                      {"role": "user", "content": "Why?"}])
+    except Exception:
+        return None
+    n = len(closing)
+    if sum(two[i:i + n] == closing for i in range(len(two) - n + 1)) != 2:
+        return None
+    return closing
