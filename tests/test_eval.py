@@ -334,3 +334,11 @@ def test_a_fully_cached_rerun_keeps_the_routing_plot_without_loading_the_model(t
     EvalRunner(_cfg(tmp_path, defenses=["none", "mogu"], routing_examples=2), tokenizer=tok,
                log=lambda m: None).run()
     assert loads == [2]
+    # A run that stopped before drawing leaves a run.json without the plot's stamp: the next one redraws.
+    run = json.loads((cfg.out / "run.json").read_text())
+    assert "routing_plot" in run
+    del run["routing_plot"]
+    (cfg.out / "run.json").write_text(json.dumps(run))
+    EvalRunner(_cfg(tmp_path, defenses=["none", "mogu"], routing_examples=2), tokenizer=tok,
+               log=lambda m: None).run()
+    assert loads == [2, 2]

@@ -549,7 +549,7 @@ class EvalRunner:
         sets = self.load_prompts()
         work = self.attacked(sets)
         args = asdict(self.cfg)
-        earlier_args = _earlier_args(self.out / "run.json")
+        earlier_plot = _earlier_record(self.out / "run.json").get("routing_plot")
         record = run_record(args, data_files=[])
         record["benchmark_sha256"] = _prompt_hashes(sets)
         record["attacks"] = self.attack_params
@@ -569,19 +569,19 @@ class EvalRunner:
         atomic_write_text(self.out / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
         if plots:
             plot_pareto(metrics, self.out / "pareto.png")
-        same_plot = [json.dumps(a.get(k), sort_keys=True, default=str) for a in (earlier_args, record["args"])
-                     for k in ROUTING_PLOT_ARGS]
-        if plots and self._model is None and (self.out / "routing.png").is_file() and earlier_args \
-                and same_plot[:len(ROUTING_PLOT_ARGS)] == same_plot[len(ROUTING_PLOT_ARGS):]:
+        stamp = _routing_plot_stamp(record)
+        if plots and self._model is None and (self.out / "routing.png").is_file() and earlier_plot == stamp:
             # Every answer, verdict and likelihood was cached: loading a 7B only to redraw the same plot costs
-            # minutes and its memory, so the earlier run's plot of the same model and prompts stands.
+            # minutes and its memory, so the plot an earlier run drew of the same model files and prompts stands.
             self.log("[eval] routing.png kept from the earlier run of this model (nothing here needed the model)")
+            record["routing_plot"] = stamp
         elif plots and (self.mogu is not None or "mogu" in self.cfg.defenses):
             model, tok = self.load_model()
             if self.mogu is not None:
                 harmful = [p.prompt for ps in sets.values() for p in ps if p.harmful][:self.cfg.routing_examples]
                 benign = [p.prompt for ps in sets.values() for p in ps if not p.harmful][:self.cfg.routing_examples]
-                plot_routing(self.mogu, tok, harmful, benign, self.out / "routing.png")
+                if plot_routing(self.mogu, tok, harmful, benign, self.out / "routing.png") is not None:
+                    record["routing_plot"] = stamp
         write_report(metrics, self.cfg, self.out / "report.md")
         record["wall_s"] = metrics["wall_s"]
         record["defense_params"] = metrics["defense_params"]
@@ -598,17 +598,30 @@ def _model_identity(name_or_path: str) -> str:
 
 # What routing.png depends on: the model as loaded and the prompts it routes (the first of each class).
 ROUTING_PLOT_ARGS = ("model", "dtype", "quantization", "routing_examples", "benchmarks", "benchmark_options",
-                     "offset", "limit", "seed")
+                     "offset", "limit", "seed", "data_dir")
 
 
-def _earlier_args(path: Path) -> dict[str, Any]:
-    """The ``args`` of the run record an earlier run left in this folder ({} when none can be read)."""
+def _routing_plot_stamp(record: dict[str, Any]) -> str:
+    """What the routing plot was drawn from, as one string: the arguments above, the prompts' hashes, mogu's
+    commit and the model folder's files (name, size, modification time), so a checkpoint retrained in place
+    does not keep an old plot. Written to run.json only once the plot is drawn."""
+    args = record["args"]
+    path = Path(str(args.get("model"))).expanduser()
+    files = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
+    stamp = {"args": {k: args.get(k) for k in ROUTING_PLOT_ARGS}, "prompts": record.get("benchmark_sha256"),
+             "git_commit": record.get("git_commit"), "model": _model_identity(str(args.get("model"))),
+             "model_files": files}
+    return json.dumps(stamp, sort_keys=True, default=str)
+
+
+def _earlier_record(path: Path) -> dict[str, Any]:
+    """The run record an earlier run left in this folder ({} when none can be read)."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    args = record.get("args") if isinstance(record, dict) else None
-    return args if isinstance(args, dict) else {}
+    return record if isinstance(record, dict) else {}
 
 
 def _generation_row(defense: str, benchmark: str, item, response: str, seconds: float) -> dict:
