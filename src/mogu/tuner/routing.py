@@ -197,12 +197,13 @@ class PromptGateRouting(RoutingStrategy):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        rows, cols = self._positions(input_ids, attention_mask)
+        hand_overs = self._hand_overs(input_ids, attention_mask)  # one search serves both readings
+        rows, cols = self._positions(input_ids, attention_mask, hand_overs)
         best = self._read(input_ids, attention_mask, rows, cols, input_ids.shape[0])
         if self.model.config.gate_turns_alone:
             from mogu.tuner.features import left_pad
 
-            owners, views = self._turns_alone(input_ids, attention_mask)
+            owners, views = self._turns_alone(input_ids, attention_mask, hand_overs)
             chunk = max(1, input_ids.shape[0])  # as many views per pass as the caller's batch has rows
             for k in range(0, len(views), chunk):
                 part = views[k:k + chunk]
@@ -237,12 +238,13 @@ class PromptGateRouting(RoutingStrategy):
         best = torch.full((batch,), float("-inf"), dtype=scores.dtype, device=scores.device)
         return best.scatter_reduce(0, rows.to(scores.device), scores, reduce="amax")
 
-    def _positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hand_overs=None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, columns) the gate reads: each row's last real token and every end of an assistant header."""
         last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(dim=1)  # last 1 per row
         rows = [torch.arange(input_ids.shape[0], device=input_ids.device)]
         cols = [last]
-        r, end, _ = self._hand_overs(input_ids, attention_mask)
+        r, end, _ = hand_overs if hand_overs is not None else self._hand_overs(input_ids, attention_mask)
         rows.append(r)
         cols.append(end)
         return torch.cat(rows), torch.cat(cols)
@@ -278,14 +280,15 @@ class PromptGateRouting(RoutingStrategy):
         ends = torch.tensor([e for _, e, _ in every], dtype=torch.long, device=input_ids.device)
         return rows, ends, [list(t) for _, _, t in every]
 
-    def _turns_alone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[int], list[list[int]]]:
+    def _turns_alone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hand_overs=None
+                     ) -> tuple[list[int], list[list[int]]]:
         """(owner row, token ids) of each later user turn read alone: the row's preamble (everything before
         its first user turn) + that turn + the assistant header after it. Empty without a chat template the
         split can be derived for (``user_turn_opening_ids``) or when no row has a second user turn."""
         header, opening = self._assistant_header(), self._user_opening()
         if not header or not opening:
             return [], []
-        h_rows, h_ends, tails = self._hand_overs(input_ids, attention_mask)
+        h_rows, h_ends, tails = hand_overs if hand_overs is not None else self._hand_overs(input_ids, attention_mask)
         o_rows, o_ends = _find(input_ids, attention_mask, opening)
         if not len(h_rows) or not len(o_rows):
             return [], []
