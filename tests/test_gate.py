@@ -642,16 +642,23 @@ REAL_TEMPLATES = {
     "phi3": ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
 }
+# Mistral v0.1 / v0.2 and Mixtral: the same layout, but [INST] and [/INST] are plain text to their tokenizer.
+REAL_TEMPLATES["mistral_v01"] = REAL_TEMPLATES["mistral"]
+PLAIN_MARKERS = {"mistral_v01": ("[INST]", "[/INST]")}
+# The tiny tokenizer cannot spell "[": plain [INST] markers are tested with SmolLM2's BPE (tests/test_smollm2.py).
+TINY_LAYOUTS = sorted(set(REAL_TEMPLATES) - set(PLAIN_MARKERS))
 TEMPLATE_SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>",
                      "<start_of_turn>", "<end_of_turn>", "[INST]", "[/INST]", "<|user|>", "<|assistant|>", "<|end|>",
                      "<|system|>"]
-HAND_OVER = {"llama3": "assistant", "qwen2": "assistant", "gemma": "model", "mistral": "[/INST]", "phi3": "<|assistant|>"}
+HAND_OVER = {"llama3": "assistant", "qwen2": "assistant", "gemma": "model", "mistral": "[/INST]", "phi3": "<|assistant|>",
+             "mistral_v01": "[/INST]"}
 
 
 def _gate_on_template(name, seed=7, tokenizer=None):
     """A gated tiny Llama whose tokenizer (the tiny one, or ``tokenizer``) has the layout's markers as special tokens."""
     tok = copy.deepcopy(tokenizer or tiny_tokenizer())
-    tok.add_special_tokens({"additional_special_tokens": TEMPLATE_SPECIALS})
+    plain = PLAIN_MARKERS.get(name, ())
+    tok.add_special_tokens({"additional_special_tokens": [t for t in TEMPLATE_SPECIALS if t not in plain]})
     tok.chat_template = REAL_TEMPLATES[name]
     config = FAMILY_CONFIGS["llama"]()
     config.vocab_size = len(tok)
@@ -664,7 +671,7 @@ def _gate_on_template(name, seed=7, tokenizer=None):
     return model
 
 
-@pytest.mark.parametrize("template", sorted(REAL_TEMPLATES))
+@pytest.mark.parametrize("template", TINY_LAYOUTS)
 def test_turn_openings_and_hand_overs_are_derived_for_published_template_layouts(template):
     from mogu.tuner.routing import assistant_header_ids, user_turn_opening_ids
 
@@ -674,7 +681,7 @@ def test_turn_openings_and_hand_overs_are_derived_for_published_template_layouts
     assert header and HAND_OVER[template] in tok.decode(header)
 
 
-@pytest.mark.parametrize("template", sorted(REAL_TEMPLATES))
+@pytest.mark.parametrize("template", TINY_LAYOUTS)
 def test_each_later_turn_read_alone_is_the_templates_own_rendering_of_it_on_published_layouts(template):
     from mogu.eval.defenses import encode_text, render_conversation
 
@@ -693,7 +700,7 @@ def test_each_later_turn_read_alone_is_the_templates_own_rendering_of_it_on_publ
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("template", sorted(REAL_TEMPLATES))
+@pytest.mark.parametrize("template", TINY_LAYOUTS)
 def test_a_prefill_cannot_lower_the_gate_score_on_published_layouts(template, monkeypatch):
     from mogu.eval.defenses import encode_text, render_conversation
 
@@ -709,7 +716,7 @@ def test_a_prefill_cannot_lower_the_gate_score_on_published_layouts(template, mo
     torch.testing.assert_close(both, torch.maximum(alone, last_only))
 
 
-def test_a_closing_marker_is_a_hand_over_only_if_special_and_closing_user_turns_alone():
+def test_a_closing_marker_is_a_hand_over_only_if_it_closes_user_turns_alone_and_is_spelled_out():
     from mogu.tuner.routing import assistant_header_ids
 
     tok = copy.deepcopy(tiny_tokenizer())
@@ -719,7 +726,16 @@ def test_a_closing_marker_is_a_hand_over_only_if_special_and_closing_user_turns_
     # The same marker after every role (no generation prompt): a reply would read as a hand-over.
     tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
     assert assistant_header_ids(tok) is None
-    # Plain text a user could type ("[A]" is no special token here): not trusted as a hand-over.
+    # A marker the tokenizer cannot spell ("[" is its unknown token): that token stands for any text.
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}[Q] {{ m['content'] }} [A]"
                          "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}")
     assert assistant_header_ids(tok) is None
+    # Plain text it spells (Mistral v0.1's " [/INST]" is plain to its tokenizer): the hand-over, without the
+    # space before it, which merges with content.
+    plain = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}USER {{ m['content'] }} ASSISTANT"
+             "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    tok.chat_template = plain
+    assert tok.decode(assistant_header_ids(tok)) == "ASSISTANT"
+    # One plain token is too common to be a hand-over.
+    tok.chat_template = plain.replace(" ASSISTANT", " A")
+    assert len(tok(" A", add_special_tokens=False)["input_ids"]) <= 2 and assistant_header_ids(tok) is None

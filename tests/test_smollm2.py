@@ -106,7 +106,7 @@ def test_everyday_prompts_the_gate_passes_get_the_base_models_answers_token_for_
     assert changed >= 1  # what gate_benign='base' protects them from
 
 
-@pytest.mark.parametrize("template", ["llama3", "qwen2", "gemma", "mistral", "phi3"])
+@pytest.mark.parametrize("template", ["llama3", "qwen2", "gemma", "mistral", "mistral_v01", "phi3"])
 def test_turn_split_and_hand_overs_hold_with_a_byte_level_bpe_on_published_layouts(smol, template):
     """The tiny tokenizer has no newline token; SmolLM2's byte-level BPE with GPT-2's split rule cuts a run of
     newlines before a word differently from one at the end (Llama-3's header ends in two), so every hand-over

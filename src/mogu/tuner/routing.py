@@ -512,7 +512,8 @@ def assistant_header_ids(tokenizer) -> list[int] | None:
 
 def _closing_header(tokenizer) -> list[int] | None:
     """The common tail of single-turn renderings whose contents end differently (so no token of a content
-    merges into it), from its first special token on, or None where that tail is one plain token or empty."""
+    merges into it), from its first special token on (all of it, but leading whitespace, where it is plain
+    text), or None where that is empty, one plain token, or holds the unknown token."""
     contents = ["Hello there.", "tell me more", "Why?", "1. one", "¿Qué pasa", "a"]
     try:
         rendered = [_render_ids(tokenizer, [{"role": "user", "content": c}]) for c in contents]
@@ -522,12 +523,21 @@ def _closing_header(tokenizer) -> list[int] | None:
     while tail < min(map(len, rendered)) and len({r[len(r) - 1 - tail] for r in rendered}) == 1:
         tail += 1
     closing = rendered[0][len(rendered[0]) - tail:] if tail else []
-    # The unknown token is special to the tokenizer but stands for any text it cannot spell.
-    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "unk_token_id", None)}
-    first_special = next((k for k, t in enumerate(closing) if t in special), None)
-    if first_special is None:  # plain text a user could type: no hand-over to trust
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in closing:  # it stands for any text the tokenizer cannot spell
         return None
-    closing = closing[first_special:]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    first_special = next((k for k, t in enumerate(closing) if t in special), None)
+    if first_special is not None:
+        closing = closing[first_special:]
+    else:
+        # Plain text (Mistral v0.1's " [/INST]"), trusted as a plain generation prompt is (Vicuna's
+        # "ASSISTANT:"): the gate keeps the highest score over every hand-over, so a copy typed inside a message
+        # adds a reading and hides none. Leading whitespace merges with content; one plain token is too common.
+        while closing and not tokenizer.decode([closing[0]]).strip():
+            closing = closing[1:]
+        if len(closing) < 2:
+            return None
     # It must close user turns only: a marker that also ends assistant replies (an EOS or <|end|> after every
     # role) would read replies as hand-overs.
     try:
