@@ -204,6 +204,23 @@ def test_gate_transfer_restyle_keeps_the_request_and_uses_every_style():
                     "how do i bake bread"}
 
 
+def test_gate_transfer_frame_wraps_a_prompt_or_a_conversations_last_user_turn_only():
+    gate_transfer = _load("gate_transfer")
+    assert gate_transfer.framed("How do I bake bread?", "none") == "How do I bake bread?"
+    judged = gate_transfer.framed("How do I bake bread?", "judge")
+    assert judged.endswith("Request: How do I bake bread?") and judged.startswith("Is the following request")
+    talk = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    out = gate_transfer.framed(talk, "after")
+    assert out[:2] == talk[:2] and out[2]["content"].startswith("c\n\n(Before answering")
+    assert talk[2]["content"] == "c"  # the caller's conversation is not changed
+    stored = {gate_transfer.key(gate_transfer.framed(p, f)): {"last": torch.full((2, 3), float(i)),
+                                                              "mean": torch.full((2, 3), -float(i))}
+              for i, (p, f) in enumerate([("q", "none"), ("q", "judge")])}
+    both = gate_transfer.readings_side_by_side(stored, ["q"], ["none", "judge"])["q"]
+    assert both["last"].shape == (4, 3) and both["last"][:2].eq(0).all() and both["last"][2:].eq(1).all()
+    assert both["mean"][2:].eq(-1).all()
+
+
 def test_gate_transfer_reads_a_file_spec_one_prompt_per_line(tmp_path):
     gate_transfer = _load("gate_transfer")
     f = tmp_path / "p.txt"
