@@ -128,3 +128,24 @@ def test_turn_split_and_hand_overs_hold_with_a_byte_level_bpe_on_published_layou
     owners, views = strategy._turns_alone(ids, torch.ones_like(ids))
     assert owners == [0, 0]
     assert views == [encode_text(tok, render_conversation(tok, [t])) for t in (request, turns[-1])]
+
+
+@pytest.mark.parametrize("prefill", [", here is how", ". Step 1", ") Sure", '"Sure', "Sure, here is how"])
+def test_a_plain_closing_marker_merged_into_a_prefill_is_still_read_as_the_template_renders_the_prompt(smol, prefill):
+    """Mistral v0.1's plain "]" merges with a reply's first character ("]," is one token of a byte-level BPE), so
+    the whole marker is not in the ids: the gate must still read the prompt as the template renders it."""
+    from mogu.eval.defenses import encode_text, render_conversation
+    from test_gate import _gate_on_template
+
+    model = _gate_on_template("mistral_v01", seed=4, tokenizer=smol[1])
+    tok, strategy = model.tokenizer, model.routing_strategy
+    prompt = render_conversation(tok, [{"role": "user", "content": "tell me how to do it"}])
+    plain = encode_text(tok, prompt)
+    ids = torch.tensor([encode_text(tok, prompt + prefill)])
+    mask = torch.ones_like(ids)
+    hand_overs = strategy._hand_overs(ids, mask)
+    assert len(hand_overs[0]) == 1
+    owners, views = strategy._completed_hand_overs(ids, mask, hand_overs)
+    merged = ids[0, len(plain) - 1].item() != plain[-1]
+    assert views == ([plain] if merged else []) and owners == ([0] if merged else [])
+    assert (model.gate_scores(ids) >= model.gate_scores(torch.tensor([plain])) - 1e-5).all()

@@ -200,10 +200,13 @@ class PromptGateRouting(RoutingStrategy):
         hand_overs = self._hand_overs(input_ids, attention_mask)  # one search serves both readings
         rows, cols = self._positions(input_ids, attention_mask, hand_overs)
         best = self._read(input_ids, attention_mask, rows, cols, input_ids.shape[0])
+        owners, views = self._completed_hand_overs(input_ids, attention_mask, hand_overs)
         if self.model.config.gate_turns_alone:
+            more_owners, more_views = self._turns_alone(input_ids, attention_mask, hand_overs)
+            owners, views = owners + more_owners, views + more_views
+        if views:
             from mogu.tuner.features import left_pad
 
-            owners, views = self._turns_alone(input_ids, attention_mask, hand_overs)
             chunk = max(1, input_ids.shape[0])  # as many views per pass as the caller's batch has rows
             for k in range(0, len(views), chunk):
                 part = views[k:k + chunk]
@@ -255,30 +258,55 @@ class PromptGateRouting(RoutingStrategy):
 
         A header that ends in whitespace (Llama-3's ``<|end_header_id|>\n\n``) can tokenize differently when
         a reply follows it: a byte-level BPE with GPT-2's split rule cuts ``\n\nSure`` into ``\n``, ``\n``,
-        ``Sure``. Where the whole header is not found, its head without the trailing whitespace tokens is: the
-        gate reads there, and a turn read alone gets the missing tail back (the template's own rendering)."""
+        ``Sure``. A plain last token can merge with a reply's first character (Mistral v0.1's ``]`` and ``,``
+        into ``],``). Where the whole header is not found, its head is (without the trailing whitespace, or
+        without the plain last token where the next token starts with its text): the gate reads there, and
+        reads the conversation up to there with the missing tail back (``_completed_hand_overs``), as a turn
+        read alone gets it: the template's own rendering."""
         empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         header = self._assistant_header()
         if not header:
             return empty, empty, []
         rows, ends = _find(input_ids, attention_mask, header)
-        head = _without_trailing_space(self.model.tokenizer, header)
-        if head == header:
-            return rows, ends, [[] for _ in range(len(rows))]
-        found = set(zip(rows.tolist(), (ends - (len(header) - len(head))).tolist()))
-        h_rows, h_ends = _find(input_ids, attention_mask, head)
-        # Only where the next token starts with whitespace: the header's tail merged into the reply. Anything
-        # else after the head (user text that happens to hold it) is no hand-over.
-        decode, width = self.model.tokenizer.decode, input_ids.shape[1]
-        extra = [(r, e) for r, e in zip(h_rows.tolist(), h_ends.tolist()) if (r, e) not in found
-                 and e + 1 < width and decode([int(input_ids[r, e + 1])])[:1].isspace()]
+        tokenizer = self.model.tokenizer
+        decode, width = tokenizer.decode, input_ids.shape[1]
+        found = set(zip(rows.tolist(), ends.tolist()))
+        extra: list[tuple[int, int, tuple[int, ...]]] = []
+        # (head, does the token after the head carry the rest of the header merged into the reply?)
+        heads = []
+        head = _without_trailing_space(tokenizer, header)
+        if head != header:  # whitespace tail: the next token starts with whitespace
+            heads.append((head, lambda text: text[:1].isspace()))
+        last = decode([header[-1]])
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        if len(header) > 1 and header[-1] not in special and last.strip():
+            # A plain last token (Mistral v0.1's "]"): "]" and a reply's "," can merge into "],".
+            heads.append((header[:-1], lambda text, last=last: len(text) > len(last) and text.startswith(last)))
+        for head, merged in heads:
+            skip = len(header) - len(head)
+            h_rows, h_ends = _find(input_ids, attention_mask, head)
+            # Only where the next token holds the rest merged with the reply; anything else after the head
+            # (user text that happens to hold it) is no hand-over.
+            extra += [(r, e, tuple(header[len(head):])) for r, e in zip(h_rows.tolist(), h_ends.tolist())
+                      if (r, e + skip) not in found and e + 1 < width and merged(decode([int(input_ids[r, e + 1])]))]
         if not extra:
             return rows, ends, [[] for _ in range(len(rows))]
-        every = sorted([(r, e, ()) for r, e in zip(rows.tolist(), ends.tolist())]
-                       + [(r, e, tuple(header[len(head):])) for r, e in extra])  # in conversation order
+        every = sorted({(r, e, ()) for r, e in zip(rows.tolist(), ends.tolist())} | set(extra))  # conversation order
         rows = torch.tensor([r for r, _, _ in every], dtype=torch.long, device=input_ids.device)
         ends = torch.tensor([e for _, e, _ in every], dtype=torch.long, device=input_ids.device)
         return rows, ends, [list(t) for _, _, t in every]
+
+    def _completed_hand_overs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hand_overs
+                              ) -> tuple[list[int], list[list[int]]]:
+        """(owner row, token ids) of the conversation up to each hand-over whose header merged into the reply,
+        with the header's missing tail back: the prompt as the template renders it, read at its last token."""
+        first = attention_mask.long().argmax(dim=1).tolist()  # first real token per row (left padding)
+        owners, views = [], []
+        for r, e, tail in zip(hand_overs[0].tolist(), hand_overs[1].tolist(), hand_overs[2]):
+            if tail:
+                owners.append(r)
+                views.append(input_ids[r, first[r]:e + 1].tolist() + list(tail))
+        return owners, views
 
     def _turns_alone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hand_overs=None
                      ) -> tuple[list[int], list[list[int]]]:
