@@ -736,6 +736,9 @@ def test_a_closing_marker_is_a_hand_over_only_if_it_closes_user_turns_alone_and_
              "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
     tok.chat_template = plain
     assert tok.decode(assistant_header_ids(tok)) == "ASSISTANT"
+    # The same plain marker after every role: a reply would read as a hand-over.
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} ASSISTANT{% endfor %}"
+    assert assistant_header_ids(tok) is None
     # One plain token is too common to be a hand-over.
     tok.chat_template = plain.replace(" ASSISTANT", " A")
     assert len(tok(" A", add_special_tokens=False)["input_ids"]) <= 2 and assistant_header_ids(tok) is None
