@@ -1,4 +1,5 @@
-"""Seconds per training step: 1 process against 2 processes (gloo), same global batch, SmolLM2-135M.
+"""Seconds per training step: 1 process against 2 processes (gloo), same global batch, SmolLM2-135M; the 2
+processes with the frozen backbone replicated, sharded by FSDP2 and partitioned by DeepSpeed ZeRO-3.
 
 What it times: mogu's Trainer on the router stage (the expensive one: gradients flow back through
 every layer to the routers in each of them) of a v1 MoGU model on the embedded SmolLM2-135M-Instruct,
@@ -14,6 +15,10 @@ so both configurations use the same cores (the default 2 cores: 2 threads agains
 that other jobs also use, a multi-threaded process loses much more than single-threaded ones (its
 threads wait for each other at every parallel region), which inflates the ratio; ``--single-threads 1``
 times the single process on one thread instead (2 processes against 1 process, one core each).
+
+``--shardings`` picks the 2-process configurations (default ``none,fsdp2,zero3``; zero3 needs the ``zero3``
+extra): each is the same Trainer run with ``backbone_sharding`` set, so the extra seconds are what
+gathering the backbone's layers costs over gloo on the same host.
 
 The data: router rows from mogu's built-in prompts with short synthetic responses (the speed does not
 depend on what the responses say), no dev split, so no generation is timed.
@@ -59,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cores", type=int, default=2, help="cores shared by the configuration's processes")
     p.add_argument("--single-threads", type=int, default=None,
                    help="torch threads of the single process (default: --cores); 1 compares against one core")
+    p.add_argument("--shardings", default="none,fsdp2,zero3",
+                   help="backbone sharding of the 2-process runs, comma-separated: none, fsdp2, zero3")
+    p.add_argument("--shard", default="none", help=argparse.SUPPRESS)  # internal: this worker's sharding
     p.add_argument("--json", default="runs/distributed_step.json", help="where to write the results")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run folder of one configuration
     return p.parse_args(argv)
@@ -79,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
     stages = {"router": StageConfig(epochs=1, lr=5e-4, batch_size=args.batch, micro_batch_size=args.micro,
                                     max_examples=args.batch * args.steps)}
     cfg = TrainConfig(data_dir=str(run.parent / "data"), output_dir=str(run), stages=stages,
-                      max_response_tokens=args.response_tokens, save_every=10_000)
+                      max_response_tokens=args.response_tokens, save_every=10_000, backbone_sharding=args.shard)
     trainer = Trainer(model, tok, cfg, log=lambda m: print(m, file=sys.stderr, flush=True), progress=False)
     trainer.train()
 
@@ -114,6 +122,9 @@ def main(argv=None) -> None:
         return
     if args.batch % args.micro or (args.batch // args.micro) % 2:
         raise SystemExit("--batch must be an even multiple of --micro (both processes get whole micro-batches)")
+    shardings = [x.strip() for x in args.shardings.split(",") if x.strip()]
+    if not shardings or set(shardings) - {"none", "fsdp2", "zero3"}:
+        raise SystemExit(f"--shardings takes none, fsdp2 and zero3, got {args.shardings!r}")
     own = list(argv if argv is not None else sys.argv[1:])
     tmp = Path(tempfile.mkdtemp(prefix="mogu-dist-step-"))
     make_data(tmp / "data", args.batch * args.steps, args.response_tokens)
@@ -125,12 +136,13 @@ def main(argv=None) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launcher = Path(sys.executable).with_name("accelerate")
-    configs = {
-        "1 process": ([sys.executable, script, *common, "--worker", str(tmp / "one")],
-                      args.single_threads or args.cores),
-        "2 processes": ([str(launcher), "launch", "--config_file", str(CPU_2PROC), "--main_process_port", str(port),
-                         script, *common, "--worker", str(tmp / "two")], max(1, args.cores // 2)),
-    }
+    configs = {"1 process": ([sys.executable, script, *common, "--worker", str(tmp / "one")],
+                             args.single_threads or args.cores)}
+    for shard in shardings:
+        name = "2 processes" + ("" if shard == "none" else f", {shard}")
+        configs[name] = ([str(launcher), "launch", "--config_file", str(CPU_2PROC), "--main_process_port", str(port),
+                          script, *common, "--shard", shard, "--worker", str(tmp / f"two-{shard}")],
+                         max(1, args.cores // 2))
     load_before = os.getloadavg()
     results = {}
     for name, (cmd, threads) in configs.items():
@@ -147,20 +159,24 @@ def main(argv=None) -> None:
                          "mean_step_s": round(statistics.mean(times), 3),
                          "median_step_s": round(statistics.median(times), 3), "wall_s": round(wall, 1),
                          "load_after": [round(x, 2) for x in os.getloadavg()]}
-        print(f"{name:12s} ({threads} thread(s) each): {results[name]['mean_step_s']:.2f} s/step "
+        print(f"{name:24s} ({threads} thread(s) each): {results[name]['mean_step_s']:.2f} s/step "
               f"(median {results[name]['median_step_s']:.2f}; steps {results[name]['step_s']})", flush=True)
-    one, two = results["1 process"]["mean_step_s"], results["2 processes"]["mean_step_s"]
+    one = results["1 process"]["mean_step_s"]
+    ratios = {name: round(one / r["mean_step_s"], 3) for name, r in results.items() if name != "1 process"}
     report = {
         "command": "python benchmarks/distributed_step.py " + shlex.join(own),
         "what": "router stage, v1 MoGU, seconds per optimizer step (first step left out)",
         "model": args.model, "global_batch": args.batch, "micro_batch": args.micro,
         "response_tokens": args.response_tokens, "router_hidden": args.router_hidden, "steps": args.steps,
-        "cores": args.cores, "results": results, "ratio_1proc_over_2proc": round(one / two, 3),
+        "cores": args.cores, "results": results, "speedup_over_1_process": ratios,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
     }
-    print(f"ratio 1 process / 2 processes: {report['ratio_1proc_over_2proc']:.2f} "
-          f"(load average before {report['load_before']}, after {report['load_after']})")
+    if "2 processes" in ratios:  # the key earlier reports used
+        report["ratio_1proc_over_2proc"] = ratios["2 processes"]
+    for name, ratio in ratios.items():
+        print(f"1 process / {name}: {ratio:.2f}×")
+    print(f"(load average before {report['load_before']}, after {report['load_after']})")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -69,6 +70,24 @@ def launch_cmd(*args: str) -> list[str]:
     if launcher.is_file():
         head.append("launch")
     return [*head, "--config_file", str(CPU_2PROC), "--main_process_port", str(port), "-m", "mogu.cli", *args]
+
+
+def kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every worker it started, as a machine failure would. torchrun starts each worker
+    in a session of its own, so killing the launcher's process group alone leaves them running (and writing)."""
+    import psutil
+
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for w in workers:
+        try:
+            w.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(workers, timeout=30)
 
 
 def run_all(*cmds: list[str], timeout: int = 600) -> list[subprocess.CompletedProcess]:

@@ -26,12 +26,13 @@ def run_without(modules, code: str) -> subprocess.CompletedProcess:
 def test_every_extra_is_declared_in_pyproject_and_all_installs_every_one():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(EXTRAS) <= set(extras)
-    # `all` is every extra but quant, which costs every adapter save a bitsandbytes import (pyproject.toml).
-    assert extras["all"] == [f"mogu[{','.join(e for e in EXTRAS if e != 'quant')}]"]
+    # `all` is every extra but quant, which costs every adapter save a bitsandbytes import, and zero3, a large
+    # package only multi-process training on DeepSpeed needs (pyproject.toml).
+    assert extras["all"] == [f"mogu[{','.join(e for e in EXTRAS if e not in ('quant', 'zero3'))}]"]
     core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for name in ("fastapi", "uvicorn", "openai", "sacrebleu", "matplotlib", "gguf"):
+    for name in ("fastapi", "uvicorn", "openai", "sacrebleu", "matplotlib", "gguf", "deepspeed"):
         assert not any(d.startswith(name) for d in core), f"{name} is optional and must not be a core dependency"
-    assert 'pip install -q -e ".[all,quant,test]"' in (ROOT / "scripts" / "setup.sh").read_text()
+    assert 'pip install -q -e ".[all,quant,zero3,test]"' in (ROOT / "scripts" / "setup.sh").read_text()
 
 
 def test_a_missing_extra_is_one_line_that_names_it(monkeypatch):

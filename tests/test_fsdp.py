@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_crash import _last_step
-from test_distributed import env, launch_cmd, make_base, make_data, metrics_rows, model_tensors, mogu_cmd, run_all
+from test_distributed import (env, kill_launch, launch_cmd, make_base, make_data, metrics_rows, model_tensors, mogu_cmd,
+                              run_all)
 
 from mogu.train.sharding import decoder_layers
 from tiny_models import FAMILY_CONFIGS, tiny_model
@@ -77,24 +78,31 @@ def test_fsdp_each_rank_holds_half_of_the_backbone_and_run_json_records_it(runs)
     assert one["backbone_params"] == total
 
 
-def test_fsdp_killed_run_resumes_on_one_process_to_the_same_weights(runs):
-    """SIGKILL a sharded 2-process run mid-stage, resume it on 1 process: the weights of the 1-process run."""
-    crashed = runs["root"] / "crashed"
-    args = [*_args(runs["base"], runs["data"]), "--out", str(crashed)]
+def kill_sharded_run(root: Path, args: list[str], shard: str) -> int:
+    """Launch ``args`` on 2 processes with ``--shard-backbone shard``, SIGKILL the launcher and both workers in
+    the unwill stage's second step, and return the last step the run logged (global over the stages)."""
+    crashed = Path(args[args.index("--out") + 1])
     target = STEPS_PER_STAGE + 2  # the unwill stage's second step
-    with open(runs["root"] / "killed.log", "w") as log:
-        # Its own session, so the kill reaches the launcher and both workers.
-        proc = subprocess.Popen(launch_cmd(*args, "--shard-backbone", "fsdp2"), stdout=subprocess.DEVNULL,
+    with open(root / f"killed-{shard}.log", "w") as log:
+        proc = subprocess.Popen(launch_cmd(*args, "--shard-backbone", shard), stdout=subprocess.DEVNULL,
                                 stderr=log, env=env(), start_new_session=True)
         deadline = time.monotonic() + 300
         while _last_step(crashed) < target and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_launch(proc)
         proc.wait()
     killed_at = _last_step(crashed)
-    assert proc.returncode == -signal.SIGKILL, (runs["root"] / "killed.log").read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL, (root / f"killed-{shard}.log").read_text()[-3000:]
     assert killed_at < 3 * STEPS_PER_STAGE, killed_at
+    return killed_at
+
+
+def test_fsdp_killed_run_resumes_on_one_process_to_the_same_weights(runs):
+    """SIGKILL a sharded 2-process run mid-stage, resume it on 1 process: the weights of the 1-process run."""
+    crashed = runs["root"] / "crashed"
+    args = [*_args(runs["base"], runs["data"]), "--out", str(crashed)]
+    killed_at = kill_sharded_run(runs["root"], args, "fsdp2")
 
     resumed = run_all(mogu_cmd(*args, "--resume"))[0]
     assert "dropout masks will differ" in resumed.stderr  # 2 saved RNG states, 1 process: said, not hidden

@@ -167,8 +167,8 @@ def train(
                                                 "(less memory, about a third more step time)."),
     mixed_precision: Optional[str] = typer.Option(None, help="Autocast: no, fp16 or bf16 (default: the launcher's "
                                                   "mixed_precision, e.g. from configs/accelerate)."),
-    shard_backbone: str = typer.Option("auto", help="Several processes: fsdp2 shards the frozen backbone, none "
-                                       "replicates it, auto shards under an FSDP launcher config (fsdp.yaml)."),
+    shard_backbone: str = typer.Option("auto", help="Several processes: fsdp2 (torch) or zero3 (DeepSpeed) shard the "
+                                       "frozen backbone, none replicates it, auto shards under fsdp/deepspeed_zero3.yaml."),
     overwrite: bool = _overwrite_option(),
     threads: Optional[int] = typer.Option(None),
 ):

@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "plots": ("matplotlib",),
     "gguf": ("gguf",),
     "quant": ("bitsandbytes",),
+    "zero3": ("deepspeed",),
 }
 
 # What each extra is for, in the error message.
@@ -27,6 +28,7 @@ PURPOSE: dict[str, str] = {
     "plots": "the Pareto, routing and probe plots",
     "gguf": "loading GGUF models, the embedded SmolLM2 default among them",
     "quant": "4-bit and 8-bit backbones (`--load-in-4bit`, `--load-in-8bit`)",
+    "zero3": "a backbone partitioned with DeepSpeed ZeRO-3 (`--shard-backbone zero3`, deepspeed_zero3.yaml)",
 }
 
 

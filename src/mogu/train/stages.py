@@ -39,7 +39,8 @@ from mogu.verdicts import is_refusal
 from mogu.io import atomic_directory, atomic_write_text, run_record
 from mogu.chat import context_length, encode_pair, render_prompt
 from mogu.train.loop import run_steps
-from mogu.train.sharding import BACKBONE_SHARDING, backbone_footprint, shard_frozen_backbone
+from mogu.train.sharding import (BACKBONE_SHARDING, backbone_footprint, launcher_zero_settings,
+                                 shard_frozen_backbone, zero3_partition_frozen_backbone)
 from mogu.train.losses import collate, ratio_terms, router_terms, sequence_nll
 
 STAGES = ("glad", "unwill", "router")
@@ -200,8 +201,9 @@ class TrainConfig:
     # The router weight loss's mean: over every token of the step (mogu), or per example, then over examples
     # (the authors'), which weighs a short prompt as much as a long one.
     router_weight_average: str = "token"
-    # The frozen backbone over several processes: "none" replicates it on each; "fsdp2" shards it
-    # (sharding.py; the experts and routers stay whole); "auto" shards when the launcher's config is FSDP.
+    # The frozen backbone over several processes: "none" replicates it on each; "fsdp2" (torch) or "zero3"
+    # (DeepSpeed) shards it (sharding.py; the experts and routers stay whole); "auto" shards when the
+    # launcher's config is FSDP or DeepSpeed ZeRO stage 3.
     backbone_sharding: str = "auto"
 
     def validate(self) -> None:
@@ -372,34 +374,38 @@ class Trainer:
         if acc.num_processes > 1:
             self.log(f"[train] {acc.num_processes} processes ({acc.distributed_type.value}): each step's global "
                      "batch is split across them and the trainable gradients are summed")
-        if self.sharding == "fsdp2":
-            self.log(f"[train] fsdp2: the frozen backbone is sharded over {acc.num_processes} processes "
+        if self.sharding in ("fsdp2", "zero3"):
+            self.log(f"[train] {self.sharding}: the frozen backbone is sharded over {acc.num_processes} processes "
                      f"({self.footprint['backbone_params_local']:,} of {self.footprint['backbone_params']:,} "
                      "parameters on this one); the experts and routers are whole on each")
         elif self._own_step:
             self.log(f"[train] {acc.distributed_type.value}: the frozen backbone is replicated on every process "
-                     "(--shard-backbone fsdp2, or configs/accelerate/fsdp.yaml, shards it); only the experts' and "
-                     "routers' gradients are exchanged")
+                     "(--shard-backbone fsdp2 or zero3, fsdp.yaml or deepspeed_zero3.yaml, shard it); only the "
+                     "experts' and routers' gradients are exchanged")
 
     def _place_model(self, sharding: str) -> None:
-        """Shard the frozen backbone (``sharding``: fsdp2, or auto under an FSDP launcher) and move the model
-        to this process's device. The model is never handed to prepare(): the Trainer keeps its own
-        data-parallel step for the (small) trainable part under every launcher."""
+        """Shard the frozen backbone (``sharding``: fsdp2 or zero3, or auto under an FSDP or ZeRO-3 launcher) and
+        move the model to this process's device. The model is never handed to prepare(): the Trainer keeps its
+        own data-parallel step for the (small) trainable part under every launcher."""
         from accelerate.utils import DistributedType
 
         acc, model = self.accelerator, self.model
         self._own_step = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        launcher_zero = launcher_zero_settings(getattr(acc.state, "deepspeed_plugin", None))
         if sharding == "auto":
-            sharding = "fsdp2" if acc.distributed_type == DistributedType.FSDP else "none"
-        if sharding == "fsdp2" and acc.num_processes == 1:
-            self.log("[train] --shard-backbone fsdp2 with one process: nothing to shard, the backbone stays whole")
+            sharding = ("fsdp2" if acc.distributed_type == DistributedType.FSDP
+                        else "zero3" if launcher_zero is not None and launcher_zero.get("stage") == 3 else "none")
+        if sharding in ("fsdp2", "zero3") and acc.num_processes == 1:
+            self.log(f"[train] --shard-backbone {sharding} with one process: nothing to shard, the backbone "
+                     "stays whole")
         self.sharding = sharding if acc.num_processes > 1 else "none"
         from mogu.tuner.loading import backbone_quantization
 
         self.quantization = backbone_quantization(model.base_model)
-        if self.sharding == "fsdp2" and self.quantization:
-            raise ConfigError(f"a {self.quantization} backbone cannot be sharded with FSDP2 here: drop "
-                              "--load-in-4bit/--load-in-8bit, or --shard-backbone fsdp2 (use ddp.yaml)")
+        if self.sharding in ("fsdp2", "zero3") and self.quantization:
+            raise ConfigError(f"a {self.quantization} backbone cannot be sharded with {self.sharding} here: drop "
+                              f"--load-in-4bit/--load-in-8bit, or --shard-backbone {self.sharding} (use ddp.yaml)")
+        self._zero3_engine = None
         if self.sharding == "fsdp2":
             # Sharded where it lies (host memory), so a device never holds the whole backbone: fully_shard
             # moves each shard to the mesh's device, and .to() then moves the whole experts and routers.
@@ -407,6 +413,9 @@ class Trainer:
             reshard = getattr(plugin, "reshard_after_forward", True)
             shard_frozen_backbone(model, device=acc.device, reshard_after_forward=reshard if isinstance(reshard, bool)
                                   else True)
+        elif self.sharding == "zero3":
+            # Partitioned from host memory too: DeepSpeed moves each tensor to the device and keeps 1/N of it.
+            self._zero3_engine = zero3_partition_frozen_backbone(model, device=acc.device, launcher_zero=launcher_zero)
         model.to(acc.device)
         self.footprint = backbone_footprint(model)
 

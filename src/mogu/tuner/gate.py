@@ -34,6 +34,7 @@ class PromptGate(nn.Module):
         if not layers:
             raise ConfigError("a prompt gate needs at least one probed layer")
         self.layers = list(layers)
+        self.in_features = in_features  # kept: a partitioned weight (DeepSpeed ZeRO-3) has no shape to read
         # float32 whatever the model's dtype: the probes' logits are averaged over many layers.
         self.weight = nn.Parameter(torch.zeros(len(self.layers), in_features, device=device))
         self.bias = nn.Parameter(torch.zeros(len(self.layers), device=device))
@@ -70,6 +71,6 @@ class PromptGate(nn.Module):
             self.bias[k].fill_(float(c))
 
     def extra_repr(self) -> str:
-        return f"layers={len(self.layers)}, in_features={self.weight.shape[1]}"
+        return f"layers={len(self.layers)}, in_features={self.in_features}"
 
 
