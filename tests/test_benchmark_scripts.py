@@ -315,3 +315,10 @@ def test_gate_lookahead_reads_the_prompt_end_and_each_answer_token_as_a_pass_ove
                 h.remove()
             alone = torch.stack([grabbed[i] for i in sorted(grabbed)])
             torch.testing.assert_close(entry[f"f{j}"], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_distributed_step_times_every_backbone_sharding_by_default_and_refuses_an_unknown_one():
+    bench = _load("distributed_step")
+    assert bench.parse_args([]).shardings == "none,fsdp2,zero3"
+    with pytest.raises(SystemExit, match="--shardings takes none, fsdp2 and zero3, got 'none,zero2'"):
+        bench.main(["--shardings", "none,zero2"])
