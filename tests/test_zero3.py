@@ -100,16 +100,35 @@ def test_zero3_killed_run_resumes_on_one_process_to_the_same_weights(runs):
         assert steps == list(range(1, STEPS_PER_STAGE + 1)), (stage, steps, killed_at)
 
 
+@pytest.mark.parametrize("shard", ["zero3", "fsdp2"])
+def test_sharded_run_whose_last_batch_leaves_a_process_without_rows_trains_the_weights_of_one_process(runs, shard):
+    """9 glad rows in batches of 8: the last batch's one row goes to process 1, and process 0, with none, must
+    still join every layer's gather (zero-weighted micro-batches) instead of hanging."""
+    root = runs["root"]
+    args = [*_args(runs["base"], runs["data"]), "--glad-max-examples", "9", "--stages", "glad"]
+    run_all(mogu_cmd(*args, "--out", str(root / f"short-one-{shard}")),
+            launch_cmd(*args, "--shard-backbone", shard, "--out", str(root / f"short-two-{shard}")), timeout=300)
+    one, two = (model_tensors(root / f"short-{k}-{shard}" / "model") for k in ("one", "two"))
+    glad = [k for k in one if k.startswith("glad.")]
+    assert glad and all(one[k].abs().sum() > 0 for k in glad)
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-5), (name, (one[name] - two[name]).abs().max())
+    steps = [r["step"] for r in metrics_rows(root / f"short-two-{shard}") if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # 2 batches an epoch, 2 epochs
+
+
 def test_zero3_config_keeps_the_launchers_partitioning_settings_and_drops_its_optimizer_ones():
-    cfg = zero3_config({"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"},
-                        "stage3_prefetch_bucket_size": "auto", "stage3_max_live_parameters": 10 ** 8,
-                        "stage3_param_persistence_threshold": 10 ** 5})
+    cfg = zero3_config({"stage": 3, "offload_param": {"device": "cpu", "buffer_size": "auto"},
+                        "offload_optimizer": {"device": "cpu"}, "stage3_prefetch_bucket_size": "auto",
+                        "stage3_max_live_parameters": 10 ** 8, "stage3_param_persistence_threshold": 10 ** 5})
+    ours = {"stage3_param_persistence_threshold": 0, "memory_efficient_linear": False}
     assert cfg["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"},
-                                        "stage3_max_live_parameters": 10 ** 8,
-                                        "stage3_param_persistence_threshold": 0}
-    assert zero3_config(None)["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+                                        "stage3_max_live_parameters": 10 ** 8, **ours}
+    assert zero3_config(None)["zero_optimization"] == {"stage": 3, **ours}
     with pytest.raises(ConfigError, match="stage 2"):
         zero3_config({"stage": 2})
+    with pytest.raises(ConfigError, match="zero_quantized_nontrainable_weights"):
+        zero3_config({"stage": 3, "zero_quantized_nontrainable_weights": True})
 
 
 def test_zero3_launcher_settings_are_read_from_what_accelerate_launch_exports(monkeypatch, tmp_path):
@@ -120,6 +139,11 @@ def test_zero3_launcher_settings_are_read_from_what_accelerate_launch_exports(mo
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu")
     assert launcher_zero_settings() == {"stage": 3, "offload_param": {"device": "cpu"}}
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "nvme")
+    with pytest.raises(ConfigError, match="names no offload_param_nvme_path"):
+        launcher_zero_settings()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_NVME_PATH", "/local_nvme")
+    assert launcher_zero_settings() == {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/local_nvme"}}
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))

@@ -52,9 +52,18 @@ def _full_numel(p: torch.Tensor) -> int:
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
+def kept_whole(model: "MoGUModel") -> list[nn.Parameter]:
+    """The tensors every process keeps whole: the experts and routers, and a `mogu finetune` task LoRA if the
+    model carries one (its checkpoint writes it out whole)."""
+    from mogu.tuner.task_adapter import has_task_adapter, task_adapter_parameters
+
+    task = list(task_adapter_parameters(model).values()) if has_task_adapter(model) else []
+    return model.added_parameters() + task
+
+
 def backbone_footprint(model: "MoGUModel") -> dict[str, int]:
     """Frozen backbone parameters in the model, and how many of them this process holds."""
-    added = {id(p) for p in model.added_parameters()}
+    added = {id(p) for p in kept_whole(model)}
     backbone = [p for p in model.base_model.parameters() if id(p) not in added]
     return {"backbone_params": sum(_full_numel(p) for p in backbone),
             "backbone_params_local": sum(_local_numel(p) for p in backbone)}
@@ -87,7 +96,7 @@ def shard_frozen_backbone(model: "MoGUModel", *, device: torch.device, reshard_a
         raise ConfigError(f"{type(base).__name__} names no decoder-layer class in _no_split_modules, so its "
                           "backbone cannot be sharded layer by layer; train without --shard-backbone")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    whole = set(model.added_parameters())
+    whole = set(kept_whole(model))
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=whole)
     # The root group: embeddings, final norm and head (tied weights stay in one group). Its weights are
@@ -101,6 +110,14 @@ def shard_frozen_backbone(model: "MoGUModel", *, device: torch.device, reshard_a
 _ZERO_OPTIMIZER_KEYS = ("offload_optimizer", "reduce_scatter", "reduce_bucket_size", "contiguous_gradients",
                         "overlap_comm", "round_robin_gradients", "sub_group_size", "elastic_checkpoint",
                         "gather_16bit_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save")
+# Settings that would quantise the tensors mogu keeps whole and trains in float32.
+_ZERO_REFUSED_KEYS = ("zero_quantized_weights", "zero_quantized_nontrainable_weights")
+
+
+def _without_auto(settings: dict) -> dict:
+    """``settings`` without the values a launcher left "auto" (DeepSpeed's own trainer integration fills
+    them in; DeepSpeed itself rejects them), at any depth."""
+    return {k: _without_auto(v) if isinstance(v, dict) else v for k, v in settings.items() if v != "auto"}
 
 
 def launcher_zero_settings(deepspeed_plugin=None) -> dict | None:
@@ -127,18 +144,30 @@ def launcher_zero_settings(deepspeed_plugin=None) -> dict | None:
     offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
     if offload != "none":
         zero["offload_param"] = {"device": offload}
+        if offload == "nvme":
+            nvme_path = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_NVME_PATH")
+            if not nvme_path or nvme_path == "none":
+                raise ConfigError("the launcher's DeepSpeed config offloads parameters to nvme but names no "
+                                  "offload_param_nvme_path")
+            zero["offload_param"]["nvme_path"] = nvme_path
     return zero
 
 
 def zero3_config(launcher_zero: dict | None = None) -> dict:
     """The DeepSpeed config for partitioning a frozen backbone: the launcher's ``zero_optimization`` (from
     its deepspeed_config; values left "auto" dropped) at stage 3, with nothing persistent by size (mogu marks
-    the experts and routers persistent itself), and a batch size DeepSpeed asks for but never uses here."""
-    zero = {k: v for k, v in (launcher_zero or {}).items() if v != "auto" and k not in _ZERO_OPTIMIZER_KEYS}
+    the experts and routers persistent itself), torch's own F.linear, and a batch size DeepSpeed asks for but
+    never uses here."""
+    zero = {k: v for k, v in _without_auto(launcher_zero or {}).items() if k not in _ZERO_OPTIMIZER_KEYS}
+    refused = [k for k in _ZERO_REFUSED_KEYS if zero.get(k)]
+    if refused:
+        raise ConfigError(f"the launcher's DeepSpeed config sets {', '.join(refused)}: mogu keeps the experts and "
+                          "routers whole in float32 and does not partition quantised weights; drop the setting")
     if zero.get("stage", 3) != 3:
         raise ConfigError(f"--shard-backbone zero3 partitions parameters, which is ZeRO stage 3; the launcher's "
                           f"DeepSpeed config asks for stage {zero['stage']} (use deepspeed_zero3.yaml)")
-    zero.update(stage=3, stage3_param_persistence_threshold=0)
+    # memory_efficient_linear off: it replaces torch's F.linear for the whole process, for good.
+    zero.update(stage=3, stage3_param_persistence_threshold=0, memory_efficient_linear=False)
     zero.pop("param_persistence_threshold", None)
     return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
@@ -165,7 +194,7 @@ def zero3_partition_frozen_backbone(model: "MoGUModel", *, device: torch.device,
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel("WARNING")  # its per-module init lines would bury the run's own log
-    added = model.added_parameters()
+    added = kept_whole(model)
     for p in added:  # trainable or not, they are whole tensors of the Trainer's: they go persistent below
         p.requires_grad_(False)
     config = zero3_config(launcher_zero)
@@ -182,4 +211,7 @@ def zero3_partition_frozen_backbone(model: "MoGUModel", *, device: torch.device,
     added[0].all_gather(param_list=added)  # whole on every process from here on
     for buf in model.buffers():  # DeepSpeed moves the parameters it partitions; the buffers stay where they are
         buf.data = buf.data.to(device)
+    # The model keeps the engine alive (not as a submodule): a collected engine removes its hooks, and the
+    # partitioned backbone would then run on empty weights in whatever comes after training.
+    model.__dict__["_zero3_engine"] = engine
     return engine

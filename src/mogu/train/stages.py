@@ -21,6 +21,7 @@ writes files; scores and checkpoint choices are the main process's, broadcast to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -419,6 +420,23 @@ class Trainer:
         model.to(acc.device)
         self.footprint = backbone_footprint(model)
 
+    def _autocast(self):
+        """The forward passes' autocast. Accelerate leaves it to DeepSpeed's engine under a DeepSpeed launcher,
+        and the Trainer uses no such engine for its step, so there the launcher's bf16 is applied here (fp16
+        would need a gradient scaler, which only DeepSpeed's optimizer has: logged once, not applied)."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type != DistributedType.DEEPSPEED or acc.mixed_precision == "no":
+            return acc.autocast()
+        if acc.mixed_precision == "bf16":
+            return torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16)
+        if not getattr(self, "_fp16_logged", False):
+            self._fp16_logged = True
+            self.log("[train] mixed_precision fp16 under a DeepSpeed launcher: not applied (no gradient scaler "
+                     "outside DeepSpeed's optimizer); the forward passes run in the backbone's dtype")
+        return contextlib.nullcontext()
+
     def _check_precision(self, mixed: str) -> None:
         """One line where the launcher's autocast and the backbone's dtype disagree."""
         backbone = next(p.dtype for n, p in self.model.named_parameters() if "lora_" not in n and "router" not in n)
@@ -688,7 +706,7 @@ class Trainer:
         totals = dict.fromkeys(("loss", *keys), 0.0)
         micro = self.cfg.stages[stage].micro_batch_size
         for i in range(0, len(mine), micro):
-            with acc.autocast():  # the launcher's (or TrainConfig's) mixed precision; a no-op for "no"
+            with self._autocast():  # the launcher's (or TrainConfig's) mixed precision; a no-op for "no"
                 loss, parts = self._loss(stage, mine[i:i + micro], norm)
             if self._own_step:
                 loss.backward()
@@ -697,6 +715,15 @@ class Trainer:
             totals["loss"] += loss.item()
             for k, v in parts.items():
                 totals[k] += v
+        if self.sharding != "none":
+            # A sharded backbone gathers each layer with a collective in every forward and backward, so a
+            # process with fewer micro-batches than another (a short last batch) would wait forever: it runs
+            # zero-weighted ones on the step's first rows until every process has run as many.
+            counts = [math.ceil(len(batch[n * r // world:n * (r + 1) // world]) / micro) for r in range(world)]
+            for _ in range(max(counts) - counts[rank]):
+                with self._autocast():
+                    loss, _ = self._loss(stage, batch[:micro], norm)
+                (loss * 0.0).backward()
         if world > 1:
             self._reduce_step(params, totals)
         return totals
