@@ -94,6 +94,14 @@ def test_help(cmd):
     assert result.returncode == 0 and "Usage" in result.stdout
 
 
+def test_demo_under_several_launched_processes_is_a_one_line_error_before_it_writes_anything(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WORLD_SIZE": "2"}
+    result = subprocess.run([sys.executable, "-m", "mogu.cli", "demo", "--out", str(tmp_path / "demo")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    _assert_clean_error(result, "mogu demo runs in one process, and 2 were launched")
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     # The main job's code path (data with a benign sample, cpu-fast training, before/after, timings) on
     # a tiny random Llama: what it learns is meaningless, that every step runs and records is not.

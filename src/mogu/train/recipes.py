@@ -9,6 +9,7 @@ so scripts and notebooks can call them too.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -448,6 +449,11 @@ def run_demo(out: Path, *, model: str = "smollm2-135m-instruct", eval_tokens: in
     from mogu.tuner.loading import load_base_model
     from mogu.verdicts import classify_answer
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every process would distil, train, calibrate and write the same files; the parts that do split
+        # over processes are their own commands.
+        raise ConfigError(f"mogu demo runs in one process, and {os.environ['WORLD_SIZE']} were launched; under "
+                          "accelerate launch or torchrun, run `mogu train` and `mogu eval` instead")
     t0 = time.perf_counter()
     base, tok = load_base_model(model)
     data_dir = out / "data"
