@@ -129,6 +129,7 @@ def launcher_zero_settings(deepspeed_plugin=None) -> dict | None:
     """
     import json
     import os
+    from pathlib import Path
 
     if deepspeed_plugin is not None:
         return dict(deepspeed_plugin.deepspeed_config.get("zero_optimization") or {})
@@ -137,7 +138,7 @@ def launcher_zero_settings(deepspeed_plugin=None) -> dict | None:
     config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if config_file:
         try:
-            return dict(json.loads(open(config_file, encoding="utf-8").read()).get("zero_optimization") or {})
+            return dict(json.loads(Path(config_file).read_text(encoding="utf-8")).get("zero_optimization") or {})
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read the launcher's DeepSpeed config {config_file}: {e}") from None
     zero: dict = {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}
@@ -175,7 +176,7 @@ def zero3_config(launcher_zero: dict | None = None) -> dict:
 
 def zero3_partition_frozen_backbone(model: "MoGUModel", *, device: torch.device, launcher_zero: dict | None = None):
     """Partition ``model``'s backbone over every process with DeepSpeed ZeRO-3, in place; returns the
-    DeepSpeed engine, whose hooks gather each module's tensors while it runs (keep it alive).
+    DeepSpeed engine, whose hooks gather each module's tensors while it runs (the model holds it).
 
     Call it on every process, after the experts and routers exist, with the model still where it was
     loaded (host memory): DeepSpeed moves each tensor to ``device`` and keeps 1/N of it there. The experts and

@@ -406,7 +406,6 @@ class Trainer:
         if self.sharding in ("fsdp2", "zero3") and self.quantization:
             raise ConfigError(f"a {self.quantization} backbone cannot be sharded with {self.sharding} here: drop "
                               f"--load-in-4bit/--load-in-8bit, or --shard-backbone {self.sharding} (use ddp.yaml)")
-        self._zero3_engine = None
         if self.sharding == "fsdp2":
             # Sharded where it lies (host memory), so a device never holds the whole backbone: fully_shard
             # moves each shard to the mesh's device, and .to() then moves the whole experts and routers.
@@ -416,7 +415,7 @@ class Trainer:
                                   else True)
         elif self.sharding == "zero3":
             # Partitioned from host memory too: DeepSpeed moves each tensor to the device and keeps 1/N of it.
-            self._zero3_engine = zero3_partition_frozen_backbone(model, device=acc.device, launcher_zero=launcher_zero)
+            zero3_partition_frozen_backbone(model, device=acc.device, launcher_zero=launcher_zero)
         model.to(acc.device)
         self.footprint = backbone_footprint(model)
 
