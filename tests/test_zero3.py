@@ -55,8 +55,10 @@ def test_zero3_each_rank_holds_half_of_the_backbone_and_run_json_records_it(runs
     two = json.loads((runs["root"] / "two" / "run.json").read_text())["distribution"]
     assert two["processes"] == 2 and two["backbone_sharding"] == "zero3"
     total, per_rank = two["backbone_params"], two["backbone_params_per_rank"]
+    assert two["zero_optimization"]["stage"] == 3 and "offload_param" not in two["zero_optimization"]
     one = json.loads((runs["root"] / "one" / "run.json").read_text())["distribution"]
     assert one["backbone_params"] == total and one["backbone_params_per_rank"] == [total]
+    assert one["zero_optimization"] is None
     assert len(per_rank) == 2
     for held in per_rank:  # flat partitions, each tensor padded to a multiple of 2
         assert 0.5 * total <= held <= 0.52 * total, (held, total)
@@ -83,6 +85,24 @@ def test_zero3_under_the_deepspeed_zero3_launcher_config_auto_partitions_the_bac
     launched = run_all(cmd)[0]
     assert "zero3: the frozen backbone is sharded over 2 processes" in launched.stderr, launched.stderr[-3000:]
     assert json.loads((out / "run.json").read_text())["distribution"]["backbone_sharding"] == "zero3"
+    _assert_same_weights(runs["root"] / "one" / "model", out / "model")
+
+
+def test_zero3_with_parameters_offloaded_to_the_cpu_trains_the_weights_of_one_process(runs, tmp_path, monkeypatch):
+    """A launcher DeepSpeed config that offloads the partitioned parameters (`offload_param: cpu`, what a 70B
+    on few GPUs needs): passed through to DeepSpeed, recorded in run.json, and the same weights. On a CPU-only
+    machine the offload target is the device itself, so this pins the settings' path, not a memory saving."""
+    ds_config = tmp_path / "ds_offload.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu",
+                                                                                          "pin_memory": False}}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` exports for a DeepSpeed config
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_config))
+    out = runs["root"] / "offload"
+    launched = run_all(launch_cmd(*_args(runs["base"], runs["data"]), "--out", str(out)))[0]
+    assert "zero3: the frozen backbone is sharded over 2 processes" in launched.stderr, launched.stderr[-3000:]
+    distribution = json.loads((out / "run.json").read_text())["distribution"]
+    assert distribution["backbone_sharding"] == "zero3"
+    assert distribution["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
     _assert_same_weights(runs["root"] / "one" / "model", out / "model")
 
 

@@ -215,4 +215,5 @@ def zero3_partition_frozen_backbone(model: "MoGUModel", *, device: torch.device,
     # The model keeps the engine alive (not as a submodule): a collected engine removes its hooks, and the
     # partitioned backbone would then run on empty weights in whatever comes after training.
     model.__dict__["_zero3_engine"] = engine
+    model.__dict__["_zero3_settings"] = config["zero_optimization"]  # what run.json records (offload among them)
     return engine

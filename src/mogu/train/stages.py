@@ -523,7 +523,9 @@ class Trainer:
         return {"processes": acc.num_processes, "launcher": acc.distributed_type.value,
                 "backbone_sharding": self.sharding, "backbone_quantization": self.quantization,
                 "backbone_params": self.footprint["backbone_params"],
-                "backbone_params_per_rank": per_rank}
+                "backbone_params_per_rank": per_rank,
+                # DeepSpeed's partitioning settings as applied (the launcher's offload_param among them)
+                "zero_optimization": self.model.__dict__.get("_zero3_settings") if self.sharding == "zero3" else None}
 
     def _from_main(self, obj: Any) -> Any:
         """The main process's ``obj`` on every process: decisions read from files, dev scores."""
