@@ -50,6 +50,12 @@ def test_template_wraps_the_prompt_in_a_seeded_gptfuzzer_template():
     first = a.apply("Do X", "advbench/0001").messages[-1]["content"]
     assert "Do X" in first and "[INSERT PROMPT HERE]" not in first
     assert first == b.apply("Do X", "advbench/0001").messages[-1]["content"]  # same seed and key: same draw
+    # Not one fixed template: keys and seeds reach several of the fixture's templates.
+    templates = [t.replace("[INSERT PROMPT HERE]", "Do X") for _, t in read_templates(
+        FIXTURES / "gptfuzz" / "datasets" / "prompts" / "GPTFuzzer.csv")]
+    drawn = {get_attack("template", data_dir=FIXTURES, seed=seed).apply("Do X", f"advbench/{i:04d}").messages[-1]
+             ["content"] for seed in range(3) for i in range(8)}
+    assert drawn <= set(templates) and len(drawn) >= 2
     with pytest.raises(DataError, match="data-dir"):
         get_attack("template")
 
@@ -76,8 +82,9 @@ def test_suffix_needs_a_file_and_appends_one_of_its_suffixes(suffix_file, tmp_pa
         get_attack("suffix")
     with pytest.raises(DataError, match="no such file"):
         get_attack("suffix", file=str(tmp_path / "missing.txt"))
+    suffixes = [line for line in suffix_file.read_text().splitlines() if line.strip()]
     conv = get_attack("suffix", file=str(suffix_file)).apply("Do X", "k")
-    assert conv.messages[-1]["content"].startswith("Do X ") and len(conv.messages[-1]["content"]) > 6
+    assert conv.messages[-1]["content"] in {f"Do X {s}" for s in suffixes}
 
 
 def test_unknown_attacks_and_stray_options_are_one_line_config_errors():
@@ -149,6 +156,7 @@ def test_eval_cells_are_attack_by_defense_by_benchmark(tmp_path, tiny_mogu, suff
                      attack_options={"suffix": {"file": str(suffix_file)}})
     metrics = EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
     gens = [json.loads(line) for line in (cfg.out / "generations.jsonl").read_text().splitlines()]
+    judgements = [json.loads(line) for line in (cfg.out / "judgements.jsonl").read_text().splitlines()]
     harmful = {b: sum(g["harmful"] for g in gens if g["defense"] == "none" and g["benchmark"] == b
                       and g["attack"] == "none") for b in cfg.benchmarks}
     # Every prompt plainly; each other attack on the harmful prompts only.
@@ -158,7 +166,11 @@ def test_eval_cells_are_attack_by_defense_by_benchmark(tmp_path, tiny_mogu, suff
             assert len(rows) == sum(harmful.values()) and all(g["harmful"] for g in rows)
             assert all(g["id"].endswith("@" + a) and "conversation" in g for g in rows)
             entry = metrics["attacks"][a][d]
-            assert entry["n"] == len(rows) and 0 <= entry["asr"]["k"] <= entry["n"]
+            assert entry["n"] == len(rows)
+            judged = {(j["defense"], j["benchmark"], j["id"]): j["verdict"] for j in judgements}
+            unsafe = sum(judged[(g["defense"], g["benchmark"], g["id"])] in ("comply", "refuse_then_comply")
+                         for g in rows)
+            assert entry["asr"]["k"] == unsafe  # the attack's success: its rows' unsafe verdicts
             assert entry["asr"]["ci95"][0] <= (entry["asr"]["rate"] or 0) <= entry["asr"]["ci95"][1]
     report = (cfg.out / "report.md").read_text()
     assert "## Attack-success rate by attack" in report and "| prefill |" in report

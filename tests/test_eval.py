@@ -38,7 +38,11 @@ def test_run_writes_every_artifact_and_resumes(tmp_path, tiny_mogu, monkeypatch)
     assert {(g["defense"], g["benchmark"]) for g in gens} == {(d, b) for d in cfg.defenses for b in cfg.benchmarks}
     assert set(metrics["summary"]) == set(cfg.defenses)
     cell = metrics["cells"]["none"]["advbench"]
-    assert cell["n"] == 3 and cell["asr"]["k"] + cell["refusal"]["k"] + cell["other"]["k"] == 3
+    judged = [json.loads(line) for line in (out / "judgements.jsonl").read_text().splitlines()]
+    verdicts = [j["verdict"] for j in judged if (j["defense"], j["benchmark"]) == ("none", "advbench")]
+    assert cell["n"] == 3 and len(verdicts) == 3
+    assert cell["asr"]["k"] == sum(v in ("comply", "refuse_then_comply") for v in verdicts)  # the judge's verdicts
+    assert cell["refusal"]["k"] == verdicts.count("refusal")
     run = json.loads((out / "run.json").read_text())
     assert set(run["benchmark_sha256"]) == {"advbench", "just_eval"} and "git_commit" in run
     assert "mogu" in run["defense_params"]
@@ -117,6 +121,22 @@ def test_metrics_and_pareto_front():
     assert m["cells"]["b"]["h"]["asr"]["rate"] == 1.0
     assert set(m["pareto_front"]) == {"a"}  # a dominates everything else
     assert pareto_front({"x": m["summary"]["b"], "y": m["summary"]["c"]}) == ["x", "y"]  # a trade-off: both on it
+
+
+def test_one_unparsable_judgement_is_left_out_of_the_asr_and_does_not_switch_the_cell_to_keywords():
+    from mogu.eval.judges import make_result
+    from mogu.eval.report import score_cell
+
+    gen = lambda i, response: {"defense": "d", "benchmark": "h", "id": str(i), "harmful": True,  # noqa: E731
+                               "response": response}
+    rows = [(gen(i, "Sure, here is how."), make_result(harmful=False)) for i in range(9)]
+    rows.append((gen(9, "Sure, here is how."), make_result(parse_error=True)))
+    cell = score_cell(rows)
+    assert cell["asr"]["k"] == 0 and cell["asr"]["n"] == 9 and cell["asr_unjudged"] == 1
+    # Rows with a verdict and no harm flag are read by their verdict, beside flagged ones.
+    rows[9] = (gen(9, "Sure, here is how."), make_result(verdict="comply"))
+    cell = score_cell(rows)
+    assert cell["asr"]["k"] == 1 and cell["asr"]["n"] == 10 and "asr_unjudged" not in cell
 
 
 def test_cli_eval_errors(tmp_path):
@@ -342,3 +362,20 @@ def test_a_fully_cached_rerun_keeps_the_routing_plot_without_loading_the_model(t
     EvalRunner(_cfg(tmp_path, defenses=["none", "mogu"], routing_examples=2), tokenizer=tok,
                log=lambda m: None).run()
     assert loads == [2, 2]
+
+
+def test_resumed_eval_refuses_cached_answers_of_another_max_new_tokens_or_attack_seed(tmp_path, tiny_mogu):
+    model, tok = tiny_mogu
+    cfg = _cfg(tmp_path, defenses=["none"], benchmarks=["advbench"], limit=2, attacks=["none", "template"])
+    EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    rows = [json.loads(line) for line in (cfg.out / "generations.jsonl").read_text().splitlines()]
+    assert {r["max_new_tokens"] for r in rows} == {4} and all(len(r["sent_sha256"]) == 64 for r in rows)
+    with pytest.raises(ConfigError, match="--max-new-tokens 4, and this run asks for 6"):
+        EvalRunner(_cfg(tmp_path, defenses=["none"], benchmarks=["advbench"], limit=2, attacks=["none", "template"],
+                        max_new_tokens=6), model=model, tokenizer=tok, log=lambda m: None).run()
+    with pytest.raises(ConfigError, match="sent another conversation"):
+        EvalRunner(_cfg(tmp_path, defenses=["none"], benchmarks=["advbench"], limit=2, attacks=["none", "template"],
+                        seed=7), model=model, tokenizer=tok, log=lambda m: None).run()
+    # The same settings resume without generating anything.
+    EvalRunner(cfg, model=model, tokenizer=tok, log=lambda m: None).run()
+    assert len((cfg.out / "generations.jsonl").read_text().splitlines()) == len(rows)

@@ -345,6 +345,7 @@ class EvalRunner:
         done = {_key(r): r for r in done_rows}
         record_path = self.out / DEFENSE_RECORD_FILE
         previous = self._defense_record(record_path, done)  # every process: each raises alike
+        self._check_cached_settings(sets, done)
         # The chunks one process would generate, in canonical order; process r of N takes every N-th one.
         chunks = []
         for dname in self.cfg.defenses:
@@ -372,7 +373,8 @@ class EvalRunner:
             answers = defense.generate([item.conversation for item in chunk], max_new_tokens=self.cfg.max_new_tokens,
                                        batch_size=self.cfg.batch_size, progress=True)
             per = (time.perf_counter() - start) / len(chunk)
-            rows = [_generation_row(dname, bname, item, a, per) for item, a in zip(chunk, answers)]
+            rows = [_generation_row(dname, bname, item, a, per, self.cfg.max_new_tokens)
+                    for item, a in zip(chunk, answers)]
             _append_jsonl(out_path, rows)
             self.log(f"  {dname} x {bname}: {progress}")
         if defense is not None and hasattr(defense, "stats"):
@@ -395,6 +397,27 @@ class EvalRunner:
         wanted = {(d, b, p.key) for d in self.cfg.defenses for b, ps in sets.items() for p in ps}
         return [rows_by_key[k] for k in sorted(wanted, key=lambda k: (self.cfg.defenses.index(k[0]),
                                                                       self.cfg.benchmarks.index(k[1]), k[2]))]
+
+    def _check_cached_settings(self, sets: dict[str, list], done: dict[tuple, dict]) -> None:
+        """A ConfigError when cached answers were generated with another ``--max-new-tokens`` or sent another
+        conversation (other attack options or seed): they would be reported as this run's. Rows written before
+        these fields were recorded are taken as they are."""
+        for dname in self.cfg.defenses:
+            for bname, prompts in sets.items():
+                for item in prompts:
+                    row = done.get((dname, bname, item.key))
+                    if row is None:
+                        continue
+                    then = row.get("max_new_tokens")
+                    if then is not None and then != self.cfg.max_new_tokens:
+                        raise ConfigError(f"{self.out} holds {dname} answers generated with --max-new-tokens {then}, "
+                                          f"and this run asks for {self.cfg.max_new_tokens}: those answers would be "
+                                          "reported as this run's. Pass a new --out (or the same value)")
+                    sent = row.get("sent_sha256")
+                    if sent is not None and sent != _sent_sha(item):
+                        raise ConfigError(f"{self.out} holds a {dname} answer to {bname} {item.key} that was sent "
+                                          "another conversation (other --attack-option values or --seed): it would "
+                                          "be reported as this run's. Pass a new --out (or the same options)")
 
     def _defense_record(self, path: Path, done: dict[tuple, dict]) -> dict[str, dict]:
         """The folder's defense record; a ConfigError when a defense with cached answers here was run with
@@ -624,10 +647,18 @@ def _earlier_record(path: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def _generation_row(defense: str, benchmark: str, item, response: str, seconds: float) -> dict:
+def _sent_sha(item) -> str:
+    """sha256 of the conversation a work item sends (the attack's rendering of the prompt, with its seeded draws)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(item.conversation.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _generation_row(defense: str, benchmark: str, item, response: str, seconds: float, max_new_tokens: int) -> dict:
     p = item.prompt
     row = {"defense": defense, "benchmark": benchmark, "id": item.key, "prompt": p.prompt, "category": p.category,
-           "harmful": p.harmful, "attack": item.attack, "response": response, "seconds": round(seconds, 3)}
+           "harmful": p.harmful, "attack": item.attack, "response": response, "seconds": round(seconds, 3),
+           "max_new_tokens": max_new_tokens, "sent_sha256": _sent_sha(item)}
     if "task" in p.meta and "answer" in p.meta:  # an exact-match task prompt: scored as task accuracy
         row["task"], row["answer"] = p.meta["task"], p.meta["answer"]
     if item.attack != "none":  # what was actually sent; the judge reads the behaviour in "prompt"
