@@ -127,7 +127,9 @@ def assert_error(status, body, expected_status, param=None, code=None):
     assert set(body) == {"error"}, body
     err = body["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"], err
-    assert err["type"] == ("invalid_request_error" if expected_status < 429 else err["type"])
+    expected_type = ("rate_limit_error" if expected_status == 429 else "server_error" if expected_status >= 500
+                     else "invalid_request_error")
+    assert err["type"] == expected_type, err
     if param is not None:
         assert err["param"] == param, err
     if code is not None:
@@ -316,6 +318,9 @@ def test_bad_json_and_bodies(server):
     assert_error(*raw(server, "POST", "/v1/chat/completions", b"[1, 2]"), 400, code="invalid_json")
     assert_error(*raw(server, "POST", "/v1/chat/completions", b""), 400, code="invalid_json")
     assert_error(*raw(server, "POST", "/v1/chat/completions", b"\xff\xfe"), 400, code="invalid_json")
+    # An integer past Python's 4,300-digit conversion limit, in any field: json.loads raises a plain ValueError.
+    huge = b'{"model": "x", "messages": [], "max_tokens": 1' + b"0" * 5000 + b"}"
+    assert_error(*raw(server, "POST", "/v1/chat/completions", huge), 400, code="invalid_json")
 
 
 def test_unknown_model_is_404(server, client):
@@ -522,20 +527,34 @@ def test_generation_error_is_500_and_worker_survives(server, client, singles):
             ask(client, PROMPTS[0])
         err = e.value.response.json()["error"]
         assert e.value.status_code == 500 and err["type"] == "server_error" and "boom" in err["message"]
-        with pytest.raises(openai.APIError):
-            stream_text(client, PROMPTS[0])
+        # Streaming: the headers are sent, so the error is the stream's last event, and no [DONE] follows.
+        sock = _send_stream_request(server, max_tokens=8, close=True)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        sock.close()
+        events = [line[6:] for line in received.decode().splitlines() if line.startswith("data: ")]
+        assert events and b"[DONE]" not in received, received[-500:]
+        last = json.loads(events[-1])
+        assert last["error"]["code"] == "internal_error" and last["error"]["type"] == "server_error", last
     finally:
         del engine._generate
     assert ask(client, PROMPTS[0]).choices[0].message.content == singles[PROMPTS[0]]
 
 
-def _open_stream(server, max_tokens):
+def _send_stream_request(server, max_tokens, close=False):
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens,
                        "stream": True, "temperature": 0}).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                 + (b"Connection: close\r\n" if close else b"")
+                 + b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
                  + b"\r\n\r\n" + body)
+    return sock
+
+
+def _open_stream(server, max_tokens):
+    sock = _send_stream_request(server, max_tokens)
     received = b""
     while b"data: " not in received:  # the first chunk (the assistant role) arrives before generation
         received += sock.recv(4096)
@@ -555,10 +574,25 @@ def test_client_disconnect_during_streaming(server, client, singles):
     finally:
         engine.resume()
     _wait_for(lambda: engine.stats["cancelled"] == cancelled + 1 and engine.queued == 0)
-    # 2. a stream that is generating: close mid-stream, the worker goes on
-    sock = _open_stream(server, max_tokens=90)
-    sock.recv(64)
-    sock.close()
+    # 2. a stream that is generating: close mid-stream; its row is cancelled, not finished, and the worker goes on
+    cancelled, completed = engine.stats["cancelled"], engine.stats["completed"]
+    step = engine._step
+
+    def slow_step(*args):  # a token every 50 ms: 90 tokens outlast the close by seconds
+        time.sleep(0.05)
+        return step(*args)
+
+    engine._step = slow_step
+    try:
+        sock = _open_stream(server, max_tokens=90)
+        _wait_for(lambda: engine.busy)
+        sock.recv(64)
+        sock.close()
+        _wait_for(lambda: engine.stats["cancelled"] == cancelled + 1)
+    finally:
+        del engine._step
+    _wait_for(lambda: not engine.busy)
+    assert engine.stats["completed"] == completed
     assert ask(client, PROMPTS[0]).choices[0].message.content == singles[PROMPTS[0]]
     _wait_for(lambda: not engine.busy and engine.queued == 0)
     status, body = raw(server, "GET", "/health", auth=False)
@@ -590,6 +624,21 @@ def test_chat_url_streams_from_the_server(server, singles):
         closed_port = s.getsockname()[1]
     down = mogu("chat", "--url", f"http://127.0.0.1:{closed_port}/v1", input="Hi\n")
     assert down.returncode == 2 and "error: cannot reach" in down.stderr and "Traceback" not in down.stderr
+    for args, message in ((["--url", "http://[::1"], "invalid --url"),
+                          (["--url", server.url, "--temperature", "3"], "outside the server's range")):
+        bad = mogu("chat", *args, input="Hi\n")
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_chat_url_keeps_the_session_after_a_failed_turn(server, singles):
+    """A turn the server refuses (here a 400: the second message is past --max-new-tokens' room in the
+    context) prints one error line; the session goes on and the next turn is answered."""
+    too_long = "word " * 5000
+    result = mogu("chat", "--url", server.url, "--api-key", KEY, "--max-new-tokens", str(TOKENS),
+                  input=f"{too_long}\n{PROMPTS[0]}\n\n")
+    assert result.returncode == 0, result.stderr
+    assert "error:" in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert singles[PROMPTS[0]] in result.stdout
 
 
 def test_serve_command(ckpt):
@@ -840,3 +889,9 @@ def test_empty_api_key_is_refused(ckpt):
 
     _assert_clean_error(mogu("serve", "--model", str(ckpt), "--api-key", ""), "--api-key is empty")
     _assert_clean_error(mogu("serve", "--model", str(ckpt), "--api-key", "   "), "--api-key is empty")
+
+
+def test_serve_with_an_unknown_log_level_is_one_line_before_loading_anything(tmp_path):
+    result = mogu("serve", "--model", str(tmp_path / "not-loaded"), "--log-level", "verbose", "--port", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--log-level must be one of critical, error, warning, info, debug, trace" in result.stderr

@@ -69,6 +69,7 @@ log = logging.getLogger("mogu.serve")
 ROUTING_HEADER = "x-mogu-return-routing"
 # Below this a float32 logit / temperature can overflow to inf; such a temperature is greedy in all but name.
 MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 2.0  # OpenAI's bound
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)  # what torch.Generator.manual_seed takes as a signed 64-bit seed
 SPECIAL_TOKEN_POLICIES = ("escape", "refuse", "allow")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -124,7 +125,7 @@ class ChatRequest(BaseModel):
     messages: Annotated[list[_Message], Field(min_length=1)]
     max_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
     max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
-    temperature: Optional[Annotated[float, Field(strict=True, ge=0.0, le=2.0)]] = None
+    temperature: Optional[Annotated[float, Field(strict=True, ge=0.0, le=MAX_TEMPERATURE)]] = None
     top_p: Optional[Annotated[float, Field(strict=True, gt=0.0, le=1.0)]] = None
     stream: Optional[StrictBool] = False
     stream_options: Optional[_StreamOptions] = None
@@ -791,13 +792,19 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
             if declared_n > drain_cap:
                 raise APIError(413, f"request body of {declared_n} bytes exceeds the limit of {max_body_bytes}",
                                code="request_too_large")
+        from starlette.requests import ClientDisconnect
+
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total <= max_body_bytes:
-                chunks.append(chunk)
-            elif total > drain_cap:
-                break
+        try:
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total <= max_body_bytes:
+                    chunks.append(chunk)
+                elif total > drain_cap:
+                    break
+        except ClientDisconnect:  # gone mid-upload: nobody reads the answer, and it is not a server error
+            raise APIError(400, "the client disconnected before sending the whole body",
+                           code="client_disconnected") from None
         if total > max_body_bytes:
             raise APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes", code="request_too_large")
         return b"".join(chunks)
@@ -828,7 +835,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         """Body -> (request, job), tokenised (runs in a worker thread)."""
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and an integer of over 4,300 digits
             raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
         except RecursionError:
             raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
@@ -1040,6 +1047,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
           model_name: str | None = None, max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 10.0,
           max_body_bytes: int = 1 << 20, max_tokens_limit: int = 4096, default_max_tokens: int = 256,
@@ -1055,6 +1065,8 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, api_key:
     from mogu.tuner.inference import load_for_inference
 
     check_api_key(api_key)
+    if log_level not in LOG_LEVELS:  # uvicorn would raise a KeyError only after the model has loaded
+        raise MoGUError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     if special_tokens not in SPECIAL_TOKEN_POLICIES:
         raise MoGUError(f"--special-tokens must be one of {', '.join(SPECIAL_TOKEN_POLICIES)}, got {special_tokens!r}")
     if allowed_hosts is None:
@@ -1088,10 +1100,23 @@ def chat_remote(url: str, *, api_key: str | None = None, model: str | None = Non
     Same controls as the local ``mogu chat``: an empty line or Ctrl-D quits, ``/reset`` clears the history.
     """
     import sys
+    from urllib.parse import urlsplit
 
     import openai
 
-    client = openai.OpenAI(base_url=url.rstrip("/"), api_key=api_key or "none", max_retries=0)
+    if not 0.0 <= temperature <= MAX_TEMPERATURE:  # the server's bound: every turn would be a 400
+        raise MoGUError(f"--temperature {temperature} is outside the server's range [0, {MAX_TEMPERATURE}]")
+    try:
+        parts_of_url = urlsplit(url)
+        parts_of_url.port  # noqa: B018 -- raises on a malformed port or IPv6 literal
+        if parts_of_url.scheme not in ("http", "https") or not parts_of_url.hostname:
+            raise ValueError("expected http(s)://host[:port]/v1")
+        # No retries while finding the model (an unreachable URL fails at once); a turn retries a 429 or a
+        # dropped connection twice, waiting as the server's Retry-After says.
+        client = openai.OpenAI(base_url=url.rstrip("/"), api_key=api_key or "none", max_retries=0)
+        turns = client.with_options(max_retries=2)
+    except Exception as e:  # the HTTP library's own URL error type varies between its versions
+        raise MoGUError(f"invalid --url {url!r}: {e}") from None
 
     def failure(e: Exception) -> MoGUError:
         if isinstance(e, openai.APIStatusError):
@@ -1130,8 +1155,8 @@ def chat_remote(url: str, *, api_key: str | None = None, model: str | None = Non
             kwargs["top_p"] = top_p
         parts: list[str] = []
         try:
-            stream = client.chat.completions.create(model=model, messages=history, max_tokens=max_new_tokens,
-                                                    stream=True, **kwargs)
+            stream = turns.chat.completions.create(model=model, messages=history, max_tokens=max_new_tokens,
+                                                   stream=True, **kwargs)
             for chunk in stream:
                 piece = chunk.choices[0].delta.content if chunk.choices else None
                 if piece:
@@ -1139,7 +1164,15 @@ def chat_remote(url: str, *, api_key: str | None = None, model: str | None = Non
                     sys.stdout.write(piece)
                     sys.stdout.flush()
         except openai.OpenAIError as e:
-            raise failure(e) from None
+            # One failed turn (a 429 after its retries, a timeout, a full context) does not end the session:
+            # the unanswered turn is dropped and the history kept.
+            history.pop()
+            if parts:
+                sys.stdout.write("\n")
+            hint = (" (the conversation is past the model's context: /reset clears it)"
+                    if getattr(e, "code", None) == "context_length_exceeded" else "")
+            echo(f"error: {failure(e)}{hint}")
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(parts).strip()})
