@@ -165,3 +165,63 @@ def test_an_unfitted_prompt_gate_is_an_error_at_generate_save_and_train(tmp_path
     assert not (tmp_path / "ckpt").exists()
     one_line_error(mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--router-type", "prompt",
                         "--stages", "glad,unwill"), "add router to --stages")
+
+
+def test_train_refuses_a_run_folder_of_user_files_and_its_own_data_folder(tmp_path):
+    """A fresh run replaces run.json and metrics.jsonl and deletes stage and checkpoint folders in --out: a
+    folder of the user's files, or the data folder the run reads, is refused before anything is written."""
+    run = user_folder(tmp_path / "run")
+    one_line_error(mogu("train", "--data", str(tmp_path / "data"), "--out", str(run)), "holds files mogu did not write")
+    assert intact(run) and not (run / "run.json").exists()
+    data = user_folder(tmp_path / "data")
+    one_line_error(mogu("train", "--data", str(data), "--out", str(data)), "an input of this command")
+    assert intact(data)
+
+
+def test_data_task_refuses_a_folder_holding_the_users_own_train_file(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text('{"prompt": "mine", "response": "x"}\n')
+    one_line_error(mogu("data", "task", "--name", "arith", "--out", str(mine)), "holds files mogu did not write")
+    assert (mine / "train.jsonl").read_text() == '{"prompt": "mine", "response": "x"}\n'
+    # mogu's own task folder is rewritten (same seed, same files), and marked as a run folder
+    ours = tmp_path / "ours"
+    for _ in range(2):
+        assert mogu("data", "task", "--name", "arith", "--out", str(ours), "--train", "4", "--test", "2").returncode == 0
+    assert folder_kind(ours) == "run folder" and len((ours / "train.jsonl").read_text().splitlines()) == 4
+
+
+def test_finetune_refuses_a_run_folder_whose_checkpoints_mogu_did_not_write(tmp_path, checkpoint):
+    _, ckpt = checkpoint
+    task = tmp_path / "task"
+    assert mogu("data", "task", "--name", "arith", "--out", str(task), "--train", "4", "--test", "2").returncode == 0
+    out = tmp_path / "ft"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "epoch=9.ckpt").write_text("someone else's checkpoint")
+    one_line_error(mogu("finetune", "--model", str(ckpt), "--task-data", str(task), "--out", str(out)),
+                   "holds files mogu did not write")
+    assert (out / "checkpoints" / "epoch=9.ckpt").read_text() == "someone else's checkpoint"
+    one_line_error(mogu("finetune", "--model", str(ckpt), "--task-data", str(task), "--out", str(task)),
+                   "an input of this command")
+
+
+def test_data_build_run_json_hashes_what_it_read_and_wrote(tmp_path):
+    from mogu.train.recipes import build_data
+
+    harmful = tmp_path / "harm.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"Explain how to pick lock number {i}"}) + "\n" for i in range(12)))
+    benign = tmp_path / "ben.jsonl"
+    benign.write_text("".join(json.dumps({"prompt": f"Name a colour, {i}", "answer": f"Blue {i}."}) + "\n"
+                              for i in range(12)))
+    out = tmp_path / "data"
+    build_data("unused", out, harmful=str(harmful), benign=str(benign), output_field="answer", builtin_probe=False,
+               log=lambda m: None)
+    record = json.loads((out / "run.json").read_text())
+    hashed = {Path(p).name for p in record["data_sha256"]}
+    assert {"harm.jsonl", "ben.jsonl", "glad_pairs.jsonl", "unwill_pairs.jsonl", "router.jsonl", "dev.jsonl"} <= hashed
+    assert record["args"]["output_field"] == "answer"
+    before = record["data_sha256"][str(benign)]
+    benign.write_text(benign.read_text().replace("Blue 0.", "Red 0."))
+    build_data("unused", out, harmful=str(harmful), benign=str(benign), output_field="answer", builtin_probe=False,
+               log=lambda m: None)
+    assert json.loads((out / "run.json").read_text())["data_sha256"][str(benign)] != before

@@ -95,6 +95,53 @@ def check_replaceable(path: str | Path, *, kind: str, overwrite: bool = False,
                                 "--overwrite (Python: overwrite=True) to replace it")
 
 
+RUN_KIND = "run folder"  # a command's output folder: run.json, metrics, checkpoints, data files
+
+
+def _legacy_run_folder(path: Path) -> bool:
+    """A run folder written before run folders had a marker: its run.json is a mogu run record."""
+    try:
+        record = json.loads((path / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"argv", "versions", "git_commit"} <= set(record)
+
+
+def check_run_folder(path: str | Path, *, command: str, overwrite: bool | None = False,
+                     protected: "list[str | Path] | tuple" = ()) -> None:
+    """Raise RefusedOverwriteError unless ``command`` may write its run files (run.json, metrics, checkpoints,
+    data files: replaced or deleted on a fresh run) into ``path``: a missing or empty folder, or one mogu
+    wrote as a run folder; anything else only with ``overwrite`` (None: the command has no such flag). Never an input of the command itself,
+    nor ``/``, the home or the current folder."""
+    path = Path(path).expanduser()
+    resolved = path.resolve()
+    why = _never_replaced(resolved)
+    for item in protected:
+        if item is not None and Path(item).expanduser().exists():
+            rp = Path(item).expanduser().resolve()
+            if rp == resolved or resolved in rp.parents:
+                why = why or f"it {'is' if rp == resolved else 'holds'} {item}, an input of this command"
+    if why:
+        raise RefusedOverwriteError(f"refusing to write {command}'s files to {path}: {why}; choose another folder")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RefusedOverwriteError(f"refusing to write {command}'s files to {path}: it is a file; choose a folder")
+    if overwrite or not any(path.iterdir()) or folder_kind(path) == RUN_KIND or _legacy_run_folder(path):
+        return
+    way_out = "" if overwrite is None else ", or pass --overwrite (Python: overwrite=True)"  # None: no such flag
+    raise RefusedOverwriteError(f"refusing to write {command}'s files to {path}: it holds files mogu did not write "
+                                f"(its run files would replace or delete them). Choose another folder{way_out}")
+
+
+def mark_run_folder(path: str | Path) -> None:
+    """Create ``path`` (if needed) and mark it as a mogu run folder, so later runs may write into it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if folder_kind(path) is None:
+        atomic_write_text(path / MARKER_FILE, json.dumps({"kind": RUN_KIND, "mogu_version": _mogu_version()}) + "\n")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, *, kind: str, overwrite: bool = False,
                      protected: "list[str | Path] | tuple" = ()) -> Iterator[Path]:

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mogu.errors import ConfigError, DataError, MoGUError
-from mogu.io import atomic_directory, atomic_write_text, run_record
+from mogu.io import atomic_directory, atomic_write_text, mark_run_folder, run_record
 from mogu.tuner.model import MoGUModel
 from mogu.tuner.task_adapter import (TASK_ADAPTER_KIND, add_task_adapter, load_task_adapter, save_task_adapter, task_adapter_parameters,
                                        task_adapter_state_dict, load_task_state_dict)
@@ -402,7 +402,7 @@ class FineTuner:
         from mogu.train.stages import _remove_dir
 
         cfg, model = self.cfg, self.model
-        self.out.mkdir(parents=True, exist_ok=True)
+        mark_run_folder(self.out)
         if resume:
             self._sweep_scratch()
         else:  # a fresh run never resumes from, or keeps, an older run's checkpoints and metrics
@@ -475,9 +475,11 @@ def run_finetune(model_name: str, cfg: FinetuneConfig, *, resume: bool = False, 
     from mogu.tuner.inference import load_for_inference
 
     cfg.validate()  # bad options and missing files fail before the model loads
-    from mogu.io import check_replaceable
+    from mogu.io import check_replaceable, check_run_folder
     from mogu.tuner.checkpoint import CHECKPOINT_KIND
 
+    check_run_folder(cfg.output_dir, command="mogu finetune", overwrite=cfg.overwrite,
+                     protected=_inputs(cfg, model_name))  # before the model loads
     model, tokenizer, is_mogu = load_for_inference(model_name, dtype=cfg.dtype, quantization=cfg.quantization)
     check_replaceable(Path(cfg.output_dir) / "model", kind=CHECKPOINT_KIND if is_mogu else TASK_ADAPTER_KIND,
                       overwrite=cfg.overwrite, protected=_inputs(cfg, model_name))

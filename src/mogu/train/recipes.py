@@ -92,10 +92,13 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
     ``probe_benign`` / ``probe_harmful`` (files or Hub ids, comma-separated): prompts for the gate's probe set
     only; ``builtin_probe`` adds mogu's shipped probe-only prompts of both labels (before the user's): with them
     the gate refused fewer held-out benign prompts at the same harmful refusal (docs/RESULTS.md, demo14)."""
-    from mogu.io import atomic_write_text, run_record
+    from mogu.io import atomic_write_text, check_run_folder, mark_run_folder, run_record
     from mogu.train.data import build_stage_datasets, builtin_probe_only, read_prompts
     from mogu.tuner.loading import load_base_model
 
+    inputs = [spec for spec in (harmful, benign, *(probe_benign or "").split(","), *(probe_harmful or "").split(","))
+              if spec and spec != BUILTIN and Path(spec.strip()).exists()]
+    check_run_folder(out, command="mogu data build", overwrite=None, protected=[model_name, *inputs])
     harm = prompt_records(harmful, harmful=True, field=field, seed=seed)
     ben = prompt_records(benign, harmful=False, field=field, output_field=output_field, seed=seed)
     shipped_probe = builtin_probe_only() if builtin_probe else []
@@ -123,6 +126,7 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
 
         return thinking_markers(holder["tokenizer"]) if holder["tokenizer"] is not None else None
 
+    mark_run_folder(out)
     stats = build_stage_datasets(harm, ben, out, answer_fn=answer, seed=seed, max_benign_train=max_benign,
                                  frame_fraction=frame_fraction, probe_benign=probe_only(probe_benign, False),
                                  probe_harmful=probe_only(probe_harmful, True), thinking=thinking, log=log)
@@ -130,7 +134,9 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
         {"model": model_name, "harmful": harmful, "benign": benign, "field": field, "seed": seed,
          "max_new_tokens": max_new_tokens, "max_benign": max_benign, "frame_fraction": frame_fraction,
          "probe_benign": probe_benign, "probe_harmful": probe_harmful, "builtin_probe": builtin_probe,
-         "batch_size": batch_size}), indent=2))
+         "output_field": output_field, "batch_size": batch_size},
+        # what was read (local prompt files) and what was written: the hashes change when either does
+        [Path(spec.strip()) for spec in inputs] + sorted(p for p in out.glob("*.jsonl"))), indent=2))
     return stats
 
 
@@ -201,12 +207,13 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
     """``mogu train``: glad -> unwill -> router into ``out``; ``layer_selection`` (select_layers
     overrides) first picks the routed layers by probe. ``out/model`` must be replaceable (checked
     before training; ``overwrite`` allows a foreign folder)."""
-    from mogu.io import check_replaceable
+    from mogu.io import check_replaceable, check_run_folder
     from mogu.tuner.checkpoint import CHECKPOINT_KIND
     from mogu.tuner.model import MoGUModel
 
     protected = (model_name, data)
     check_replaceable(out / "model", kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected)
+    check_run_folder(out, command="mogu train", overwrite=overwrite, protected=protected)
     if preset_name == "faithful":  # the authors decode the routed tokens greedily whatever the sampling
         mogu_config.routed_sampling = False
     cfg = train_config(preset_name, mogu_config.version, data, out, train_overrides)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from mogu.train.data import DEV_FILE, PROBE_FILE, STAGE_FILES, load_stage_file
 from mogu.errors import ConfigError, DataError, MoGUError
 from mogu.verdicts import is_refusal
-from mogu.io import atomic_directory, atomic_write_text, run_record
+from mogu.io import atomic_directory, atomic_write_text, mark_run_folder, run_record
 from mogu.chat import context_length, encode_pair, render_prompt
 from mogu.train.loop import run_steps
 from mogu.train.sharding import (BACKBONE_SHARDING, backbone_footprint, launcher_zero_settings,
@@ -829,7 +829,7 @@ class Trainer:
                              if f != PROBE_FILE or (self.data_dir / f).is_file()])
         record["distribution"] = self._distribution()
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
+            mark_run_folder(self.out)
             if not resume and self.metrics_path.exists():
                 self.metrics_path.unlink()
             if resume:

@@ -251,12 +251,14 @@ def score_final(name: str, response: str, answer: Any) -> bool:
 
 def write_task_data(name: str, out: str | Path, *, n_train: int, n_test: int, seed: int = 0) -> dict[str, Any]:
     """Write ``train.jsonl``, ``test.jsonl`` and ``run.json`` (arguments, versions, commit, file hashes)."""
-    from mogu.io import atomic_write_text, run_record, write_jsonl
+    from mogu.io import atomic_write_text, check_run_folder, mark_run_folder, run_record, write_jsonl
 
     if n_train < 1 or n_test < 0:
         raise MoGUError(f"--train must be >= 1 and --test >= 0, got {n_train} and {n_test}")
     train, test = make_split(name, n_train, n_test, seed)
     out = Path(out)
+    check_run_folder(out, command="mogu data task", overwrite=None)  # a folder of the user's own data stays theirs
+    mark_run_folder(out)
     write_jsonl(out / TRAIN_FILE, train)
     write_jsonl(out / TEST_FILE, test)
     record = run_record({"task": name, "train": n_train, "test": n_test, "seed": seed},
