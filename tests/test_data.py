@@ -309,3 +309,36 @@ def test_data_build_cli_passes_the_distillation_batch_size(tmp_path, monkeypatch
     assert seen["batch_size"] == 32
     result = CliRunner().invoke(cli.app, ["data", "build", "--out", str(tmp_path / "d"), "--batch-size", "0"])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"prompt": "x", "response": "y", "label": "harmful"}, "field 'label' must be 0 \\(benign\\) or 1"),
+    ({"prompt": "x", "response": "y", "label": 2}, "field 'label' must be 0"),
+    ({"prompt": None, "response": "y", "label": 1}, "field 'prompt' must be a non-empty string"),
+    ({"prompt": "x", "harmful": "false"}, "field 'harmful' must be true or false"),
+])
+def test_stage_file_values_of_the_wrong_type_are_named_errors(tmp_path, row, match):
+    from mogu.errors import DataError
+    from mogu.train.data import load_stage_file
+
+    path = tmp_path / "router.jsonl"
+    path.write_text(json.dumps({"prompt": "fine", "response": "ok", "label": 0, "harmful": False}) + "\n"
+                    + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=f"router.jsonl:2: {match}"):
+        load_stage_file(path, ("prompt",))
+
+
+def test_a_mistyped_local_path_is_a_missing_file_not_a_hub_request(tmp_path, monkeypatch):
+    from mogu.errors import DataError
+    from mogu.train import data
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydir").mkdir()
+    asked = []
+    monkeypatch.setattr(data, "_read_hub", lambda source: asked.append(source) or [])
+    for typo in ("mydir/harmfull.jsonl", "mydir/harmful", "other/prompts.csv"):
+        with pytest.raises(DataError, match="no such file"):
+            data.read_rows(typo)
+    assert asked == []
+    data.read_rows("walledai/AdvBench:train")
+    assert asked == ["walledai/AdvBench:train"]

@@ -167,6 +167,13 @@ def test_an_unfitted_prompt_gate_is_an_error_at_generate_save_and_train(tmp_path
                         "--stages", "glad,unwill"), "add router to --stages")
 
 
+def test_routers_over_untrained_experts_are_refused_without_a_resume_or_a_checkpoint(tmp_path):
+    one_line_error(mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--stages", "router"),
+                   "--stages without glad and unwill: the routers would be trained over a fresh, untrained expert")
+    one_line_error(mogu("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--stages", "glad,router"),
+                   "--stages without unwill")
+
+
 def test_train_refuses_a_run_folder_of_user_files_and_its_own_data_folder(tmp_path):
     """A fresh run replaces run.json and metrics.jsonl and deletes stage and checkpoint folders in --out: a
     folder of the user's files, or the data folder the run reads, is refused before anything is written."""
@@ -225,3 +232,27 @@ def test_data_build_run_json_hashes_what_it_read_and_wrote(tmp_path):
     build_data("unused", out, harmful=str(harmful), benign=str(benign), output_field="answer", builtin_probe=False,
                log=lambda m: None)
     assert json.loads((out / "run.json").read_text())["data_sha256"][str(benign)] != before
+
+
+def test_git_commit_is_moguss_own_checkout_not_the_project_it_is_installed_in(tmp_path):
+    import subprocess
+
+    from mogu.io import git_commit
+
+    def repo(path: Path, files: dict[str, str]) -> str:
+        for name, text in files.items():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_text(text)
+        git = lambda *a: subprocess.run(["git", *a], cwd=path, check=True, capture_output=True, text=True)  # noqa: E731
+        git("init", "-q")
+        git("add", "-A")
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+        return git("rev-parse", "HEAD").stdout.strip()
+
+    # mogu installed in an (ignored) venv inside the user's own repository: not mogu's commit
+    project = tmp_path / "project"
+    repo(project, {"pyproject.toml": 'name = "theirs"\n', "venv/lib/site-packages/mogu/__init__.py": ""})
+    assert git_commit(project / "venv" / "lib" / "site-packages" / "mogu") is None
+    checkout = tmp_path / "mogu"
+    head = repo(checkout, {"pyproject.toml": '[project]\nname = "mogu"\n', "src/mogu/__init__.py": ""})
+    assert git_commit(checkout / "src" / "mogu") == head

@@ -333,7 +333,8 @@ def test_cli_probe_on_a_checkpoint_with_threshold_fallback(tmp_path):
     tiny_model("gpt2").save_pretrained(base_dir)
     tiny_tokenizer().save_pretrained(base_dir)
     MoGUModel.from_base(str(base_dir), MoGUConfig()).save_pretrained(tmp_path / "ckpt")
-    (tmp_path / "h.txt").write_text("\n".join(f"how do I hurt person number {i}" for i in range(8)))
+    # Both labels on the same prompts: no layer can separate them, so no layer reaches AUROC 1.0.
+    (tmp_path / "h.txt").write_text("\n".join(f"how do I bake bread number {i}" for i in range(8)))
     (tmp_path / "b.txt").write_text("\n".join(f"how do I bake bread number {i}" for i in range(8)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -342,12 +343,13 @@ def test_cli_probe_on_a_checkpoint_with_threshold_fallback(tmp_path):
                                           "--folds", "2", "--threshold", "1.0", "--metric", "auroc",
                                           "--pooling", "last"])
     assert result.exit_code == 0, result.output
+    assert "warning: no layer reaches auroc >= 1.0" in result.output  # the CLI shows the fallback as one line
     report = ProbeReport.load(tmp_path / "p")
     # 15% of each file is held out as dev, as in `mogu data build`.
     assert report.n_harmful == 7 and report.n_benign == 7
     assert report.model == str(base_dir) and report.extra["is_mogu_checkpoint"] is True
     assert report.selection["threshold"] == 1.0 and report.selection["top_k"] is None
-    assert len(report.selection["layers"]) >= 1
+    assert len(report.selection["layers"]) == 1  # the fallback: the single best layer
 
 
 @pytest.mark.parametrize("args, match", [(["--threshold", "2"], "--threshold must be in [0, 1]"),

@@ -122,6 +122,33 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if r["stage"] == "router" and "loss" in r]
     assert steps == list(range(1, 13))  # no step duplicated or missing
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert len(run["earlier_runs"]) == 1 and run["earlier_runs"][0]["args"] == run["args"]  # the first record kept
+
+
+def test_resume_mid_stage_with_another_seed_or_stage_file_is_refused(tmp_path, monkeypatch):
+    from mogu.errors import ConfigError
+
+    _, trainer = _tiny_run(tmp_path, "run", stage_names=("glad",))
+    original = Trainer._append_metrics
+
+    def crash(self, row):
+        original(self, row)
+        if row.get("step") == 3 and "loss" in row:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(Trainer, "_append_metrics", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.setattr(Trainer, "_append_metrics", original)
+    _, reseeded = _tiny_run(tmp_path, "run", stage_names=("glad",), train_kw={"seed": 5})
+    with pytest.raises(ConfigError, match="glad stage, stopped mid-way, with other settings than it ran with: seed"):
+        reseeded.train(resume=True)
+    glad = tmp_path / "data" / "glad_pairs.jsonl"
+    glad.write_text("\n".join(glad.read_text().splitlines()[:-1]) + "\n")
+    _, changed = _tiny_run(tmp_path, "run", stage_names=("glad",))
+    with pytest.raises(ConfigError, match="glad_pairs.jsonl \\(its contents\\)"):
+        changed.train(resume=True)
 
 
 def test_bad_stage_config_is_rejected(tmp_path):

@@ -215,9 +215,20 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def git_commit() -> str | None:
+def git_commit(package_dir: str | Path | None = None) -> str | None:
+    """mogu's own commit when it runs from a mogu checkout (``src/mogu`` under the work tree's top, beside
+    mogu's pyproject.toml); None for an installed package, even one inside another project's git tree."""
     try:
-        root = Path(__file__).resolve().parent
+        root = Path(package_dir or Path(__file__).parent).resolve()
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
+        if top.returncode != 0:
+            return None
+        top_dir = Path(top.stdout.strip()).resolve()
+        pyproject = top_dir / "pyproject.toml"
+        if root != top_dir / "src" / "mogu" or not pyproject.is_file() or 'name = "mogu"' not in pyproject.read_text(
+                encoding="utf-8", errors="replace"):
+            return None
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             return None
@@ -232,7 +243,8 @@ def library_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
-    for name in ("mogu", "torch", "transformers", "peft", "accelerate", "safetensors", "gguf"):
+    for name in ("mogu", "torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors", "numpy",
+                 "scikit-learn", "datasets", "deepspeed", "bitsandbytes", "gguf"):  # what can change a result
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -134,11 +134,24 @@ def json_list(data: Any, source: str | Path) -> list:
     return data
 
 
+_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".tsv", ".parquet")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` or ``owner/name:split``, not a mistyped local path: one slash, no file suffix, and no local
+    folder named like the owner (``mydir/harmfull.jsonl`` is a missing file, not a Hub request)."""
+    name = source.split(":", 1)[0]
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return False
+    owner, repo = name.split("/")
+    return bool(owner and repo) and not repo.lower().endswith(_FILE_SUFFIXES) and not Path(owner).is_dir()
+
+
 def read_rows(source: str | Path) -> list[dict[str, Any]]:
     """Rows of a jsonl / json / csv / txt file, or of a Hugging Face dataset id (``id`` or ``id:split``)."""
     path = Path(source)
     if not path.exists():
-        if str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+        if _looks_like_hub_id(str(source)):
             return _read_hub(str(source))
         raise DataError(f"{source}: no such file")
     if path.is_dir():
@@ -401,6 +414,17 @@ def load_probe_rows(data_dir: str | Path) -> list[dict[str, Any]]:
     return load_stage_file(data_dir / STAGE_FILES["router"], ("prompt", "label"))
 
 
+# The stage files' typed fields: a label "harmful" or a harmful flag "false" would train or score silently wrong.
+_FIELD_TYPES = {
+    "prompt": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
+    "response": (lambda v: isinstance(v, str), "a string"),
+    "comply": (lambda v: isinstance(v, str), "a string"),
+    "refuse": (lambda v: isinstance(v, str), "a string"),
+    "label": (lambda v: v in (0, 1) and not isinstance(v, float), "0 (benign) or 1 (harmful)"),
+    "harmful": (lambda v: isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)), "true or false"),
+}
+
+
 def load_stage_file(path: str | Path, required: Iterable[str]) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
@@ -410,6 +434,9 @@ def load_stage_file(path: str | Path, required: Iterable[str]) -> list[dict[str,
         missing = [k for k in required if k not in row]
         if missing:
             raise DataError(f"{path}:{row['_line']}: missing field(s) {', '.join(missing)}")
+        for key, (ok, wanted) in _FIELD_TYPES.items():
+            if key in row and not ok(row[key]):
+                raise DataError(f"{path}:{row['_line']}: field {key!r} must be {wanted}, got {row[key]!r:.60}")
     if not rows:
         raise DataError(f"{path}: empty dataset")
     return rows

@@ -224,6 +224,14 @@ def train_model(model_name: str, data: Path, out: Path, *, mogu_config, train_ov
         raise ConfigError("--router-type prompt: the router stage fits the gate, and a model without it would "
                           "route every prompt to the glad expert; add router to --stages (or train it later with "
                           "--resume --stages router into the same --out)")
+    untrained = [e for e in ("glad", "unwill") if e not in cfg.stages]
+    if ("router" in cfg.stages and untrained and not resume and not isinstance(model, MoGUModel)
+            and not (Path(model_name) / "mogu_config.json").is_file()):
+        # A fresh LoRA expert is the base model itself (B = 0): the routers would learn to choose between
+        # copies of the base, and the saved model would refuse nothing.
+        raise ConfigError(f"--stages without {' and '.join(untrained)}: the routers would be trained over a fresh, "
+                          "untrained expert (the base model itself). Train every stage, or resume a run whose "
+                          "experts are trained (--resume into the same --out), or start from a MoGU checkpoint")
     import torch
 
     # Fresh experts and routers (and LoRA dropout) follow --seed: a resumed run, and every process of

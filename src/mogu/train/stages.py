@@ -152,6 +152,21 @@ def preset(name: str, version: str = "v1") -> dict[str, Any]:
 PRESETS = ("paper", "cpu-fast", "faithful")
 
 
+# Settings a resumed run may change mid-stage: where files are, how often it saves, how it is spread over
+# processes and memory. Anything else changes the steps still to come.
+_RESUME_FREE = frozenset({"data_dir", "output_dir", "save_every", "keep_checkpoints", "select_batch_size",
+                          "backbone_sharding", "gradient_checkpointing", "mixed_precision"})
+
+
+def _read_record(path: Path) -> dict | None:
+    """A run.json, or None when there is none (or it cannot be read: nothing to compare against)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 @dataclass
 class TrainConfig:
     data_dir: str
@@ -828,6 +843,12 @@ class Trainer:
                             [self.data_dir / f for f in (*STAGE_FILES.values(), DEV_FILE, PROBE_FILE)
                              if f != PROBE_FILE or (self.data_dir / f).is_file()])
         record["distribution"] = self._distribution()
+        if resume:
+            previous = self._from_main(_read_record(self.out / "run.json") if acc.is_main_process else None)
+            if previous is not None:
+                self._check_resumed_settings(previous, record)
+                # The run's first record is kept: the steps already taken ran under it.
+                record["earlier_runs"] = [*previous.pop("earlier_runs", []), previous]
         if acc.is_main_process:
             mark_run_folder(self.out)
             if not resume and self.metrics_path.exists():
@@ -848,6 +869,32 @@ class Trainer:
         self.model.set_routing("auto")
         self.model.eval()
         return summary
+
+    def _check_resumed_settings(self, previous: dict, record: dict) -> None:
+        """A ConfigError when a stage stopped mid-way would resume under other settings or data: its next
+        steps would not be those of the run it continues. A finished stage is reused whatever changed, and a
+        stage not started yet may be configured anew (the demo trains its router so, on finished experts)."""
+        then_args, now_args = previous.get("args") or {}, record["args"]
+        then_tc, now_tc = then_args.get("train_config") or {}, now_args["train_config"]
+        hashes = lambda r: {Path(k).name: v for k, v in (r.get("data_sha256") or {}).items()}  # noqa: E731
+        then_data, now_data = hashes(previous), hashes(record)
+        for stage in self.cfg.stages:
+            mid_stage = self._from_main(self._latest_checkpoint(stage) is not None
+                                        and not (self._stage_dir(stage) / "done.json").is_file())
+            if not mid_stage or not then_tc:
+                continue
+            changed = [k for k in now_tc if k not in _RESUME_FREE and k != "stages" and then_tc.get(k) != now_tc[k]]
+            if (then_tc.get("stages") or {}).get(stage) != now_tc["stages"][stage]:
+                changed.append(f"stages.{stage}")
+            changed += [f"mogu_config.{k}" for k, v in now_args["mogu_config"].items()
+                        if (then_args.get("mogu_config") or {}).get(k) != v]
+            file = STAGE_FILES[stage]
+            if file in then_data and then_data[file] != now_data.get(file):
+                changed.append(f"{file} (its contents)")
+            if changed:
+                raise ConfigError(f"--resume would continue the {stage} stage, stopped mid-way, with other settings "
+                                  f"than it ran with: {', '.join(changed)}. Pass the same options and data, or "
+                                  "start afresh without --resume")
 
     def train_stage(self, stage: str, resume: bool = False) -> dict[str, Any]:
         model, acc = self.model, self.accelerator
