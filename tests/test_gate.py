@@ -133,6 +133,8 @@ def test_reference_handoff_and_cached_decoding_under_the_gate(family):
         out = model(input_ids=x, use_cache=True)
         with pytest.raises(MoGUError, match="once per prompt"):
             model(input_ids=x[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+        with pytest.raises(MoGUError, match="once per prompt"):  # transformers 5's name for the same argument
+            model(input_ids=x[:, -1:], cache=out.past_key_values, use_cache=True)
 
 
 def test_num_return_sequences_repeat_each_prompts_decision():
@@ -167,6 +169,7 @@ def test_save_load_round_trip_keeps_the_gate_and_its_threshold(family, tmp_path)
     loaded = MoGUModel.from_pretrained(tmp_path / "ckpt", base_model=tiny_model(family))
     assert loaded.config.router_type == "prompt" and loaded.gate is not None
     assert float(loaded.gate.threshold) == 0.125
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in loaded.named_parameters()]
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     x = ids()
@@ -307,6 +310,7 @@ def test_v2_gate_sits_in_the_selected_layers_only(family, tmp_path):
     loaded = MoGUModel.from_pretrained(tmp_path / "ckpt", base_model=tiny_model(family))
     assert loaded.config.version == "v2" and loaded.gate.layers == [1]
     assert float(loaded.gate.threshold) == float(model.gate.threshold)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in loaded.named_parameters()]
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     with torch.no_grad():

@@ -19,7 +19,10 @@ FAMILIES = sorted(FAMILY_CONFIGS)
 BIAS = 12.0  # a router logit shift that makes u ~ 1, g ~ 0 (or the reverse) at every token
 
 
-def make(family, *, lean: str | None = None, router_type: str = "token", seed: int = 0):
+MILD = 1.5  # a shift that tips the prefix toward unwill (held) while u and g stay far from 0 and 1
+
+
+def make(family, *, lean: str | None = None, router_type: str = "token", seed: int = 0, bias: float = BIAS):
     base = tiny_model(family, seed)
     model = MoGUModel.from_base(base, MoGUConfig(router_type=router_type, lora_dropout=0.0))
     randomize_added(model)
@@ -27,8 +30,8 @@ def make(family, *, lean: str | None = None, router_type: str = "token", seed: i
         sign = 1.0 if lean == "unwill" else -1.0
         with torch.no_grad():
             for m in model.routed_modules.values():
-                m.router.unwill.linear_2.bias.add_(sign * BIAS)
-                m.router.glad.linear_2.bias.add_(-sign * BIAS)
+                m.router.unwill.linear_2.bias.add_(sign * bias)
+                m.router.glad.linear_2.bias.add_(-sign * bias)
     return model
 
 
@@ -54,13 +57,47 @@ def uncached_reference(model, x, route_tokens, total):
     return seq
 
 
+def cached_reference(model, x, route_tokens, total):
+    """Greedy on one KV cache: the prompt and the first m - 1 routed tokens are read with routing on (the
+    forwards that pick the m routed tokens), every later forward by the unwilling expert alone, on that same
+    cache. This is what a held row is: the routed prefix's own cache, continued."""
+    from transformers import DynamicCache
+
+    cache, seq, step_input = DynamicCache(), x, x
+    with torch.no_grad():
+        for step in range(total):
+            with model.routing("auto" if step < route_tokens else "unwill"):
+                logits = model.base_model(input_ids=step_input, past_key_values=cache, use_cache=True).logits
+            nxt = logits[:, -1:].argmax(-1)
+            seq, step_input = torch.cat([seq, nxt], dim=1), nxt
+    return seq
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_held_row_is_the_routed_prefix_then_the_unwilling_expert(family):
     model = make(family, lean="unwill")
     x = ids(seed=3)
     got = greedy(model, x, max_new_tokens=10, route_tokens=4, handoff="hold")
     assert model.last_generate_timing["held_rows"] == 1
-    assert got.tolist() == uncached_reference(model, x, 4, 10).tolist()
+    assert got.tolist() == uncached_reference(model, x, 4, 10).tolist()  # saturated routers: auto = unwill
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_held_row_with_unsaturated_routers_continues_on_the_routed_prefix_cache(family):
+    """With u and g strictly between 0 and 1 the routed prefix's cache differs from the unwilling expert's
+    reading of it: a held row is the cached continuation (as likelihood.answer_logits scores it), with or
+    without use_cache."""
+    held = 0
+    for seed in range(3):
+        model = make(family, lean="unwill", bias=MILD, seed=seed)
+        x = ids(seed=5 + seed)
+        got = greedy(model, x, max_new_tokens=10, route_tokens=4, handoff="hold")
+        if model.last_generate_timing["held_rows"] != 1:
+            continue
+        held += 1
+        assert got.tolist() == cached_reference(model, x, 4, 10).tolist(), seed
+        assert torch.equal(greedy(model, x, max_new_tokens=10, route_tokens=4, handoff="hold", use_cache=False), got)
+    assert held, "no seed held its row: the test would be hollow"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -81,7 +118,10 @@ def test_fixed_handoff_gives_the_harmful_row_to_the_base_model():
     with model.routing("off"):
         expected = greedy(model, got[:, :x.shape[1] + 3], max_new_tokens=6, route_tokens=None)
     assert got.tolist() == expected.tolist()
-    assert reference is not None
+    with torch.no_grad():  # the base model's own weights answered: the routing did not touch them
+        for (name, p), (_, q) in zip(reference.named_parameters(), model.base_model.named_parameters()):
+            if "lora" not in name and "router" not in name:
+                assert torch.equal(p, q), name
 
 
 def test_the_config_sets_the_default_handoff_and_rejects_unknown_ones():
@@ -186,10 +226,48 @@ def test_sampling_with_a_held_row_runs_and_respects_the_length():
     assert model.last_generate_timing["held_rows"] == 2
 
 
-def test_held_row_without_a_kv_cache_recomputes_and_gives_the_same_tokens():
-    model = make("llama", lean="unwill")
-    x = ids(seed=12)
-    cached = greedy(model, x, max_new_tokens=8, route_tokens=3)
-    uncached = greedy(model, x, max_new_tokens=8, route_tokens=3, use_cache=False)
+def test_held_row_without_a_kv_cache_gives_the_same_tokens():
+    model = make("llama", lean="unwill", bias=MILD, seed=0)
+    x = ids(seed=5)
+    cached = greedy(model, x, max_new_tokens=10, route_tokens=4)
+    uncached = greedy(model, x, max_new_tokens=10, route_tokens=4, use_cache=False)
     assert model.last_generate_timing["held_rows"] == 1
     assert torch.equal(cached, uncached)
+    # Here the cache matters: the unwilling expert re-reading the prefix alone would answer otherwise.
+    assert cached.tolist() != uncached_reference(model, x, 4, 10).tolist()
+
+
+def test_a_static_cache_works_whether_or_not_a_row_is_held():
+    for lean, held in (("unwill", 1), ("glad", 0)):
+        model = make("llama", lean=lean)
+        x = ids(seed=7)
+        dynamic = greedy(model, x, max_new_tokens=10, route_tokens=4)
+        static = greedy(model, x, max_new_tokens=10, route_tokens=4, cache_implementation="static")
+        assert model.last_generate_timing["held_rows"] == held
+        assert torch.equal(static, dynamic)
+
+
+def test_a_stop_string_met_inside_the_routed_prefix_ends_the_answer_there():
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for lean in ("unwill", "glad"):
+        model = make("llama", lean=lean)
+        x = ids(seed=8)
+        full = greedy(model, x, max_new_tokens=10, route_tokens=5)
+        # Stop on the text of the third generated token: plain generate would end the row right there.
+        stop = tok.decode(full[0, x.shape[1] + 2:x.shape[1] + 3])
+        if not stop.strip():
+            continue
+        got = greedy(model, x, max_new_tokens=10, route_tokens=5, stop_strings=[stop], tokenizer=tok)
+        text = tok.decode(got[0, x.shape[1]:], skip_special_tokens=True)
+        assert stop in text and got.shape[1] <= x.shape[1] + 5, (lean, stop, text)
+
+
+def test_route_tokens_zero_routes_every_token_and_a_negative_one_is_a_config_error():
+    model = make("llama", lean="unwill")
+    x = ids(seed=9)
+    assert torch.equal(greedy(model, x, max_new_tokens=6, route_tokens=0),
+                       greedy(model, x, max_new_tokens=6, route_tokens=None))
+    with pytest.raises(ConfigError, match="route_tokens"):
+        greedy(model, x, max_new_tokens=6, route_tokens=-2)

@@ -9,7 +9,7 @@ from peft import PeftModel
 from mogu import MoGUConfig, MoGUModel
 from mogu.errors import CheckpointMismatchError, ConfigError, UnknownFamilyError
 from tiny_models import (EXPECTED_TARGET, FAMILY_CONFIGS, RecordingStreamer, assert_batch_equals_single, randomize_added,
-                         tiny_model)
+                         tiny_model, tiny_tokenizer)
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 
@@ -191,6 +191,7 @@ def test_save_load_round_trip_is_bit_exact(family, tmp_path):
         assert (tmp_path / "ckpt" / f).is_file(), f
     loaded = MoGUModel.from_pretrained(tmp_path / "ckpt", base_model=tiny_model(family))
     assert loaded.config.to_dict() == model.config.to_dict()
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in loaded.named_parameters()]
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     x = ids()
@@ -268,10 +269,23 @@ def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [dict(r=0), dict(lora_dropout=1.5), dict(router_hidden=0), dict(route_tokens=0),
-                                 dict(version="v9"), dict(routed_layers=[]), dict(lora_alpha=-1)])
+                                 dict(version="v9"), dict(routed_layers=[]), dict(lora_alpha=-1),
+                                 dict(lora_alpha=float("inf")), dict(lora_alpha=float("nan")), dict(r=True),
+                                 dict(route_tokens=True), dict(routed_layers=[True]), dict(router_hidden=True),
+                                 dict(extra=[1]), dict(base_hidden_size="x")])
 def test_out_of_range_config_is_rejected(bad):
     with pytest.raises(ConfigError):
         MoGUConfig(**bad)
+
+
+def test_save_pretrained_refuses_an_invalid_config_and_keeps_the_checkpoint_there(tmp_path):
+    model = MoGUModel.from_base(tiny_model("llama"), MoGUConfig(), tokenizer=tiny_tokenizer())
+    model.save_pretrained(tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "mogu_config.json").read_bytes()
+    model.config.route_tokens = 0  # set after validation: it would not load again
+    with pytest.raises(ConfigError, match="route_tokens"):
+        model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "mogu_config.json").read_bytes() == before
 
 
 def test_config_json_round_trip(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,15 @@ GATE_BENIGN = ("glad", "base")
 # router stage with backbone modules"), so the default is the paper's.
 TOKEN_BENIGN = ("routed", "base")
 
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    """An integer, not a bool (``True`` is an int to Python, and would pass as r=1 or a layer index 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 @dataclass
 class MoGUConfig:
@@ -129,19 +139,28 @@ class MoGUConfig:
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ConfigError("target_modules must be a non-empty list of module-name suffixes")
         if self.routed_layers is not None:
-            if not self.routed_layers or not all(isinstance(i, int) and i >= 0 for i in self.routed_layers):
+            if not self.routed_layers or not all(_is_int(i) and i >= 0 for i in self.routed_layers):
                 raise ConfigError("routed_layers must be a non-empty list of layer indices >= 0, or None")
             self.routed_layers = sorted(set(self.routed_layers))
-        if not isinstance(self.r, int) or not 1 <= self.r <= 1024:
+        if not _is_int(self.r) or not 1 <= self.r <= 1024:
             raise ConfigError(f"r must be an integer in [1, 1024], got {self.r!r}")
-        if not self.lora_alpha > 0:
-            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if _is_bool(self.lora_alpha) or not isinstance(self.lora_alpha, (int, float)) or not (
+                math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        if _is_bool(self.lora_dropout) or not isinstance(self.lora_dropout, (int, float)) or not (
+                0.0 <= self.lora_dropout < 1.0):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not isinstance(self.router_hidden, int) or not 1 <= self.router_hidden <= 65536:
+        if not _is_int(self.router_hidden) or not 1 <= self.router_hidden <= 65536:
             raise ConfigError(f"router_hidden must be an integer in [1, 65536], got {self.router_hidden!r}")
-        if self.route_tokens is not None and (not isinstance(self.route_tokens, int) or self.route_tokens < 1):
+        if self.route_tokens is not None and (not _is_int(self.route_tokens) or self.route_tokens < 1):
             raise ConfigError(f"route_tokens must be an integer >= 1 or None, got {self.route_tokens!r}")
+        for name in ("base_model_name_or_path", "base_model_revision", "base_model_type"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
+        if self.base_hidden_size is not None and (not _is_int(self.base_hidden_size) or self.base_hidden_size < 1):
+            raise ConfigError(f"base_hidden_size must be an integer >= 1 or None, got {self.base_hidden_size!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a mapping, got {self.extra!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

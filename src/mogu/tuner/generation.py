@@ -55,6 +55,16 @@ def _eos_ids(generation_config) -> set[int]:
     return set(eos.tolist() if isinstance(eos, torch.Tensor) else ([eos] if isinstance(eos, int) else eos))
 
 
+def _first_eos(generation_config) -> int:
+    """The id generate pads finished rows with when no pad id is set: the first EOS id, in the config's order."""
+    eos = generation_config.eos_token_id
+    if isinstance(eos, torch.Tensor):
+        eos = eos.tolist()
+    if isinstance(eos, int):
+        return eos
+    return eos[0] if eos else 0
+
+
 def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: int | None,
                     handoff: str = "hold", generation_config=None, streamer=None, stopping_criteria=None,
                     logits_processor=None, _prompt_checked: bool = False, **kwargs: Any):
@@ -131,6 +141,12 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     # Token routers: the layers sum u - g at each step's last position (the one that picks the next token).
     score_prefix = hold and pinned is None
     phase1.return_dict_in_generate = hold  # the held rows may continue on this call's KV cache
+    if hold:
+        # A held row continues on the routed prefix's own cache whatever use_cache says: recomputed without
+        # it, the prefix would be re-read by the unwilling expert alone, another model than the one that chose
+        # it. A static cache would be sized for the prefix only, so the prefix gets a dynamic one.
+        phase1.use_cache = True
+        phase1.cache_implementation = None
     with model.routing("auto"), model.scoring_routed_prefix(score_prefix) as prefix_score:
         first_out = base.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=phase1,
                                   streamer=first, **common)
@@ -142,9 +158,17 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
     remaining = total_new - generated
     pad_id = gen_config.pad_token_id
     if pad_id is None:
-        pad_id = next(iter(_eos_ids(gen_config)), 0)
+        pad_id = _first_eos(gen_config)
 
     alive = ~_finished_rows(prefix[:, prompt_len:], gen_config, pad_id)
+    if generated < phase1.max_new_tokens:
+        alive[:] = False  # generate stops short only once every row has stopped (EOS, stop_strings, max_time)
+    if gen_config.stop_strings and model_kwargs.get("tokenizer") is not None:
+        # A row that met a stop string on the last routed token is done, as base generate would have it.
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        stop = StopStringCriteria(tokenizer=model_kwargs["tokenizer"], stop_strings=gen_config.stop_strings)
+        alive &= ~stop(prefix, torch.zeros(prefix.shape[0], 1, device=prefix.device)).to(alive.device)
     if stopping_criteria:
         dummy_scores = torch.zeros(prefix.shape[0], 1, device=prefix.device)
         for criterion in stopping_criteria:
@@ -182,14 +206,13 @@ def routed_generate(model, inputs: torch.Tensor | None = None, *, route_tokens: 
         start = time.perf_counter()
         # The unwilling expert keeps the answer, on the routed cache: only the last prefix token is new to it.
         cache = _returned_cache(first_out)
-        cached = {}
-        if cache is not None:  # None under use_cache=False: the unwilling expert recomputes the prefix
-            if len(held_rows) != prefix.shape[0]:
-                cache.batch_select_indices(held_rows.to(prefix.device))
-            cached = {_CACHE_KWARG: cache}
+        if len(held_rows) != prefix.shape[0]:
+            cache.batch_select_indices(held_rows.to(prefix.device))
+        held_config = copy.deepcopy(phase2)
+        held_config.use_cache, held_config.cache_implementation = True, None  # it continues on that cache
         with model.routing("unwill"):
             kept = base.generate(input_ids=prefix[held_rows], attention_mask=full_mask[held_rows],
-                                 generation_config=phase2, streamer=second, **cached, **common)
+                                 generation_config=held_config, streamer=second, **{_CACHE_KWARG: cache}, **common)
         pieces.append((held_rows, kept))
         timing["held_s"] = time.perf_counter() - start
         del cache
@@ -262,7 +285,7 @@ def _prompt_checked_generate(model, input_ids, attention_mask, *, route_tokens, 
     gen_config = generation_config if generation_config is not None else model.base_model.generation_config
     pad_id = kwargs.get("pad_token_id", gen_config.pad_token_id)
     if pad_id is None:
-        pad_id = next(iter(_eos_ids(gen_config)), 0)
+        pad_id = _first_eos(gen_config)
     width = max(piece.shape[1] for _, piece in pieces)
     merged = input_ids.new_full((input_ids.shape[0], width), pad_id)
     for rows, piece in pieces:

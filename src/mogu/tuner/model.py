@@ -277,7 +277,7 @@ class MoGUModel(nn.Module):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
                 raise MoGUError("a prompt-gated model needs input_ids (or a decision pinned with pin_routing)")
-            if kwargs.get("past_key_values") is not None:
+            if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:  # both spellings
                 raise MoGUError("a prompt-gated model decides once per prompt: pin the prompt's decision with "
                                 "model.gated(prompt_ids, mask) around cached calls")
             with self.gated(input_ids, kwargs.get("attention_mask")):
@@ -291,6 +291,10 @@ class MoGUModel(nn.Module):
         from mogu.tuner.generation import routed_generate
 
         m = self.config.route_tokens if route_tokens == "config" else route_tokens
+        if m == 0:  # what the CLI and the config mean by 0: route every token (no hand-off)
+            m = None
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ConfigError(f"route_tokens must be None (every token), 0 (the same) or a positive int, got {m!r}")
         policy = self.config.handoff if handoff == "config" else handoff
         return routed_generate(self, *args, route_tokens=m, handoff=policy, **kwargs)
 
@@ -371,6 +375,7 @@ class MoGUModel(nn.Module):
         from mogu.tuner.card import model_card
 
         self._strategy.require_ready()
+        self.config.validate()  # before the swap: a config that would not load must not replace a good checkpoint
         directory = Path(directory)
         with atomic_directory(directory, kind=CHECKPOINT_KIND, overwrite=overwrite, protected=protected) as tmp:
             meta = {"mogu_version": __version__, "format_version": FORMAT_VERSION, **self.config.to_dict()}
