@@ -320,7 +320,7 @@ def test_broken_task_adapter_is_refused(tmp_path):
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     kw = {"steps": 6, "mix_ratio": 0.25, "lora_dropout": 0.1}  # dropout: the RNG state must resume too
     model_a = _mogu()
-    _tuner(model_a, _cfg(tmp_path, "a", **kw)).train()
+    summary_a = _tuner(model_a, _cfg(tmp_path, "a", **kw)).train()
     final = {k: p.detach().clone() for k, p in task_adapter_parameters(model_a).items()}
 
     original = FineTuner._append_metrics
@@ -337,11 +337,13 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-0000002"]
 
     model_c = _mogu()
-    _tuner(model_c, _cfg(tmp_path, "b", **kw)).train(resume=True)
+    summary_c = _tuner(model_c, _cfg(tmp_path, "b", **kw)).train(resume=True)
     for k, p in task_adapter_parameters(model_c).items():
         assert torch.equal(p, final[k]), k
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # no step duplicated or missing
+    # The summary is the run's, not the resumed part's: its first loss is step 1's.
+    assert summary_c["first_loss"] == summary_a["first_loss"] and summary_c["last_loss"] == summary_a["last_loss"]
 
 
 # -- CLI and evaluation --------------------------------------------------------------------------------

@@ -54,6 +54,17 @@ _CKPT_TENSORS = "task_lora.safetensors"
 
 # -- the task adapter -----------------------------------------------------------------------------
 
+def _read_metric_rows(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill
+    return rows
+
+
 def _inputs(cfg: "FinetuneConfig", model_name: str | None) -> tuple:
     """The paths a fine-tuning run reads: never replaced by its output."""
     return tuple(p for p in (model_name, cfg.task_data, cfg.mix_data) if p)
@@ -442,6 +453,9 @@ class FineTuner:
         gate_refit = self._refit_gate() if self.gated else None
         model_dir = self._save_model()
         mix_seen = self.schedule.mix_before(step)
+        # Losses from the metrics file, which a resume keeps: the run's first and last steps, not this call's.
+        losses = [r["loss"] for r in _read_metric_rows(self.metrics_path) if "loss" in r]
+        first_loss, last_loss = (losses[0], losses[-1]) if losses else (first_loss, last_loss)
         summary = {"steps": step, "total_steps": self.total_steps, "train_s": round(time.perf_counter() - start, 1),
                    "first_loss": first_loss, "last_loss": last_loss, "mix_ratio": cfg.mix_ratio,
                    "mix_rows_seen": mix_seen, "task_rows_seen": step * cfg.batch_size - mix_seen,
