@@ -125,7 +125,8 @@ def key(prompt) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
-def features_for(model, tokenizer, prompts: list, cache: Path | None, batch_size: int) -> dict[str, dict]:
+def features_for(model, tokenizer, prompts: list, cache: Path | None, batch_size: int,
+                 read: str = "module_input") -> dict[str, dict]:
     """{key: {pooling: [L, d]}} for every prompt, from the cache where it has them."""
     from mogu.train.probe import collect_layer_features
 
@@ -133,7 +134,7 @@ def features_for(model, tokenizer, prompts: list, cache: Path | None, batch_size
     todo = list({key(p): p for p in prompts if key(p) not in stored}.values())
     if todo:
         print(f"features of {len(todo)} new prompts ({len(stored)} cached) ...", file=sys.stderr)
-        feats = collect_layer_features(model, tokenizer, todo, batch_size=batch_size, progress=True)
+        feats = collect_layer_features(model, tokenizer, todo, batch_size=batch_size, progress=True, read=read)
         layers = sorted(feats)
         for n, p in enumerate(todo):
             stored[key(p)] = {pool: torch.stack([feats[i][pool][n] for i in layers]) for pool in ("last", "mean")}
@@ -260,7 +261,10 @@ def main(argv=None) -> int:
                         help="probe+new+extra's harmful prompts too, a set spec (file:PATH, one per line)")
     parser.add_argument("--min-harmful", type=float, default=0.95)
     parser.add_argument("--blind", action="store_true", help="also report the blind sets")
-    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--cache", type=Path, default=None, help="one file per --read: the features differ")
+    parser.add_argument("--read", default="module_input", choices=("module_input", "residual"),
+                        help="what the probes read: the routed module's input (the gate's), or the residual stream "
+                             "each decoder layer outputs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None)
@@ -304,7 +308,7 @@ def main(argv=None) -> int:
     scored = every_set if frames == ["none"] else sets
     every = [p for p, _ in probe + new + extra + styled] + [p for ps in scored.values() for p in ps]
     stored = features_for(model, tokenizer, [framed(p, f) for f in frames for p in every], args.cache,
-                          args.batch_size)
+                          args.batch_size, read=args.read)
     stored = readings_side_by_side(stored, every, frames)
     n_layers = next(iter(stored.values()))["last"].shape[0]
     layers = list(range(n_layers)) if args.layers == "all" else [int(v) for v in args.layers.split(",")]
@@ -319,7 +323,7 @@ def main(argv=None) -> int:
                 for pooling in args.pooling.split(","):
                     rates = fit_and_score(stored, train, sets, sets["harmful_dev"], layers=layers, l2=l2,
                                           pooling=pooling, min_harmful=args.min_harmful, fit=fit)
-                    rows.append({"variant": variant, "frame": args.frame, "fit": fit, "l2": l2, "pooling": pooling,
+                    rows.append({"variant": variant, "read": args.read, "frame": args.frame, "fit": fit, "l2": l2, "pooling": pooling,
                                  "train": len(train),
                                  **rates})
                     print(json.dumps(rows[-1]), file=sys.stderr)

@@ -172,6 +172,24 @@ def test_collect_features_every_family(family):
     assert not any(m._forward_pre_hooks for m in mogu.modules())
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_residual_features_are_each_decoder_layers_output_hidden_state(family):
+    """``read="residual"``: the residual stream a decoder layer outputs, at the prompt's last token, which is
+    Hugging Face's ``hidden_states[i + 1]`` for all but the last layer (whose output the final norm follows)."""
+    from mogu.chat import render_prompt
+
+    tok, base = tiny_tokenizer(), tiny_model(family)
+    feats = collect_layer_features(base, tok, PROMPTS[:1], batch_size=1, read="residual")
+    assert sorted(feats) == [0, 1] and not any(m._forward_hooks for m in base.modules())
+    enc = tok([render_prompt(tok, PROMPTS[0])], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        hidden = base(**enc, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(feats[0]["last"][0], hidden[1][0, -1].float(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(feats[0]["last"], collect_layer_features(base, tok, PROMPTS[:1])[0]["last"])
+    with pytest.raises(ConfigError, match="read must be one of"):
+        collect_layer_features(base, tok, PROMPTS[:1], read="attention")
+
+
 def test_collect_features_do_not_depend_on_batching_or_padding():
     tok = tiny_tokenizer()
     base = tiny_model("llama")

@@ -150,7 +150,9 @@ _REDIRECT = re.compile(
     r"preventing|secure|security|defend|report|reporting|authorities|police|professional|professionals|"
     r"counsel(?:or|ing)|therapist|hotline|helpline|crisis|support|resources|responsible|responsibly|awareness|"
     r"risks|dangers|consequences|harmful effects|seek help|mental health|legitimate|alternatives?|educat\w*|"
-    r"other|else|another|different)\b")
+    r"other|else|another|different)\b"
+    # What the assistant does instead ("I'm designed to assist with a wide range of topics: 1. ...").
+    r"|\b(?:i'm|i am) (?:designed|programmed|built|here) to (?:help|assist)\b|\brange of topics\b")
 _CODE = re.compile(r"```|^\s*(?:def |class |import |from \w+ import|#include|function |var |const |let |<\?php|"
                    r"<script|select .+ from|sudo |pip install|apt-get|\$ )", re.MULTILINE)
 # Read on ``normalize_lines`` text: an item starts a line or follows a sentence; "1. **Step**" counts.

@@ -46,10 +46,15 @@ DEFAULT_SELECTION: dict[str, Any] = {"pooling": "mean", "metric": "accuracy", "t
 
 # -- feature collection ----------------------------------------------------------------------
 
+FEATURE_READS = ("module_input", "residual")
+
+
 @torch.no_grad()
 def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_modules: list[str] | None = None,
-                           batch_size: int = 16, progress: bool = False) -> dict[int, dict[str, torch.Tensor]]:
-    """Per decoder layer, {"last": [N, d], "mean": [N, d]} float32 CPU inputs of the routed module.
+                           batch_size: int = 16, progress: bool = False,
+                           read: str = "module_input") -> dict[int, dict[str, torch.Tensor]]:
+    """Per decoder layer, {"last": [N, d], "mean": [N, d]} float32 CPU inputs of the routed module
+    (``read="module_input"``), or the residual stream each decoder layer outputs (``read="residual"``).
 
     ``model`` is a plain Hugging Face causal LM or a MoGUModel; a MoGUModel runs with routing
     ``off`` so that the features are the base model's. Prompts are rendered with the chat template
@@ -68,22 +73,38 @@ def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_m
     base = model.base_model if is_mogu else model
     if target_modules is None and is_mogu:
         target_modules = model.config.target_modules
+    if read not in FEATURE_READS:
+        raise ConfigError(f"read must be one of {', '.join(FEATURE_READS)}, got {read!r}")
     targets = resolve_target_modules(base, target_modules)
     modules = probe_modules(base, targets)
+    if read == "residual":
+        from mogu.train.sharding import decoder_layers
+
+        blocks = decoder_layers(base)
+        if len(blocks) < len(modules):
+            raise ConfigError(f"found {len(blocks)} decoder layers for {len(modules)} routed modules")
+        modules = {i: (f"layers.{i}", blocks[i]) for i in modules}
 
     feats: dict[int, dict[str, list[torch.Tensor]]] = {i: {p: [] for p in POOLINGS} for i in modules}
     mask_holder: dict[str, torch.Tensor] = {}
 
-    def hook(idx: int):
+    def record(idx: int, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        mask = mask_holder["mask"].to(device=x.device, dtype=x.dtype).unsqueeze(-1)  # [B, T, 1]
+        # clone(): on CPU, .cpu() returns the same tensor, and a view of x[:, -1] would keep the whole
+        # [B, T, d] activation alive (a run over ~2,300 long prompts grew past 22 GiB).
+        feats[idx]["last"].append(x[:, -1].cpu().clone())
+        feats[idx]["mean"].append(((x * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu())
+
+    def input_hook(idx: int):
         def pre_hook(_module, args, kwargs=None):
-            x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach().float()
-            mask = mask_holder["mask"].to(device=x.device, dtype=x.dtype).unsqueeze(-1)  # [B, T, 1]
-            # clone(): on CPU, .cpu() returns the same tensor, and a view of x[:, -1] would keep the whole
-            # [B, T, d] activation alive (a run over ~2,300 long prompts grew past 22 GiB).
-            feats[idx]["last"].append(x[:, -1].cpu().clone())
-            feats[idx]["mean"].append(((x * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu())
+            record(idx, args[0] if args else next(iter(kwargs.values())))
         return pre_hook
+
+    def output_hook(idx: int):
+        def forward_hook(_module, _args, output):
+            record(idx, output[0] if isinstance(output, tuple) else output)
+        return forward_hook
 
     device = next(base.parameters()).device
     limit = context_length(base)
@@ -91,7 +112,8 @@ def collect_layer_features(model, tokenizer, prompts: Sequence[str], *, target_m
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     was_training = model.training
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, (_, m) in modules.items()]
+    handles = [m.register_forward_hook(output_hook(i)) if read == "residual"
+               else m.register_forward_pre_hook(input_hook(i), with_kwargs=True) for i, (_, m) in modules.items()]
     routing = model.routing("off") if is_mogu else contextlib.nullcontext()
     starts = range(0, len(prompts), batch_size)
     if progress:
