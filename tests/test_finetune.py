@@ -369,9 +369,19 @@ def test_cli_data_task_and_finetune_end_to_end(tmp_path):
     model, tok, is_mogu = load_for_inference(str(tmp_path / "ft" / "model"))
     assert is_mogu and has_task_adapter(model)
     test = [json.loads(line) for line in (tmp_path / "arith" / "test.jsonl").read_text().splitlines()]
-    assert 0.0 <= evaluate_task(model, tok, test, max_new_tokens=3) <= 1.0
-    base_model = tiny_model("llama")
-    assert 0.0 <= evaluate_task(base_model, tiny_tokenizer(), test, "arith", max_new_tokens=3) <= 1.0
+    import mogu.train.stages as stages
+
+    # Scored answers, not the tiny model's random ones: the right answer on every other row gives exactly 1/2.
+    answers = [str(r["answer"]) if i % 2 == 0 else "no idea" for i, r in enumerate(test)]
+    real = stages.generate_responses
+    stages.generate_responses = lambda generator, tok, prompts, **kw: answers[:len(prompts)]
+    try:
+        assert evaluate_task(model, tok, test, max_new_tokens=3) == sum(i % 2 == 0 for i in range(len(test))) / len(test)
+        base_model = tiny_model("llama")
+        assert evaluate_task(base_model, tiny_tokenizer(), test, "arith", max_new_tokens=3) == \
+            sum(i % 2 == 0 for i in range(len(test))) / len(test)
+    finally:
+        stages.generate_responses = real
     again = runner.invoke(app, ["finetune", "--model", str(tmp_path / "ft" / "model"), "--task-data",
                                 str(tmp_path / "arith"), "--out", str(tmp_path / "ft2"), "--steps", "1"])
     assert isinstance(again.exception, MoGUError) and "already carries a task adapter" in str(again.exception)

@@ -275,6 +275,9 @@ def test_out_that_is_not_a_checkpoint_is_never_replaced(tmp_path):
     with pytest.raises(MoGUError, match="refusing to replace"):
         convert_reference(files["glad"], files["unwill"], files["router"], files["base"], keep)
     assert (keep / "notes.txt").read_text() == "mine"
+    # --overwrite is the user's say-so, as for every other command that writes a checkpoint
+    convert_reference(files["glad"], files["unwill"], files["router"], files["base"], keep, overwrite=True)
+    assert not (keep / "notes.txt").exists() and (keep / "mogu_config.json").is_file()
 
 
 # -- convert peft and export: round trips -----------------------------------------------------------

@@ -403,10 +403,10 @@ def _match_targets(base: nn.Module, adapter: _Adapter, target_modules: list[str]
     return targets, routed_layers
 
 
-def _guard_out(out: Path) -> None:
-    """Refuse to replace a folder that is not a MoGU checkpoint (atomic saves swap the whole folder)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file())):
-        raise MoGUError(f"{out} exists and is not a MoGU checkpoint; refusing to replace it (pick another --out)")
+def _guard_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, to replace what save_pretrained would refuse (mogu.io.check_replaceable: a
+    folder mogu did not write, unless ``overwrite``; never /, home or the current folder)."""
+    check_replaceable(out, kind="checkpoint", overwrite=overwrite)
 
 
 # -- the authors' release -------------------------------------------------------------------
@@ -490,7 +490,7 @@ def convert_reference(glad_dir: str | Path, unwill_dir: str | Path, router_file:
     from mogu.tuner.model import MoGUModel
 
     out, router_file = Path(out), Path(router_file)
-    _guard_out(out)
+    _guard_out(out, overwrite)
     glad = read_adapter(glad_dir, "glad")
     unwill = read_adapter(unwill_dir, "unwill")
     _check_pair(glad, unwill)
@@ -543,7 +543,7 @@ def convert_peft(glad_adapter: str | Path, unwill_adapter: str | Path, base: nn.
     from mogu.tuner.model import MoGUModel
 
     out = Path(out)
-    _guard_out(out)
+    _guard_out(out, overwrite)
     allowed = {"r", "lora_alpha", "lora_dropout", "target_modules", "routed_layers", "router_hidden",
                "route_tokens", "version", "extra"}
     unknown = sorted(set(overrides) - allowed)
