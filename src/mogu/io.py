@@ -60,6 +60,20 @@ def _never_replaced(resolved: Path) -> str | None:
     return None
 
 
+def _never_written(path: Path, protected) -> str | None:
+    """Why nothing may be written to ``path``, whatever --overwrite says: a root, home or current folder (or
+    one above them), or a folder that is or holds one of ``protected`` (the command's inputs); else None."""
+    resolved = path.resolve()
+    why = _never_replaced(resolved)
+    for item in protected:
+        if item is None or not Path(item).expanduser().exists():
+            continue
+        rp = Path(item).expanduser().resolve()
+        if rp == resolved or resolved in rp.parents:
+            why = why or f"it {'is' if rp == resolved else 'holds'} {item}, an input of this command"
+    return why
+
+
 def check_replaceable(path: str | Path, *, kind: str, overwrite: bool = False,
                       protected: "list[str | Path] | tuple" = ()) -> None:
     """Raise RefusedOverwriteError unless writing a ``kind`` artefact to ``path`` loses nothing mogu did not write.
@@ -68,17 +82,7 @@ def check_replaceable(path: str | Path, *, kind: str, overwrite: bool = False,
     ``overwrite``. Never, whatever ``overwrite`` says: ``/``, the home or current folder (or a folder above
     them), and a folder that is or holds one of ``protected`` (the command's model and data paths)."""
     path = Path(path).expanduser()
-    resolved = path.resolve()
-    why = _never_replaced(resolved)
-    for item in protected:
-        if item is None:
-            continue
-        p = Path(item).expanduser()
-        if not p.exists():
-            continue
-        rp = p.resolve()
-        if rp == resolved or resolved in rp.parents:
-            why = why or f"it {'is' if rp == resolved else 'holds'} {item}, an input of this command"
+    why = _never_written(path, protected)
     if why:
         raise RefusedOverwriteError(f"refusing to write a {kind} to {path}: {why}; choose another folder")
     if not path.exists():
@@ -111,16 +115,10 @@ def check_run_folder(path: str | Path, *, command: str, overwrite: bool | None =
                      protected: "list[str | Path] | tuple" = ()) -> None:
     """Raise RefusedOverwriteError unless ``command`` may write its run files (run.json, metrics, checkpoints,
     data files: replaced or deleted on a fresh run) into ``path``: a missing or empty folder, or one mogu
-    wrote as a run folder; anything else only with ``overwrite`` (None: the command has no such flag). Never an input of the command itself,
-    nor ``/``, the home or the current folder."""
+    wrote as a run folder; anything else only with ``overwrite`` (None: the command has no such flag). Never
+    an input of the command itself, nor ``/``, the home or the current folder."""
     path = Path(path).expanduser()
-    resolved = path.resolve()
-    why = _never_replaced(resolved)
-    for item in protected:
-        if item is not None and Path(item).expanduser().exists():
-            rp = Path(item).expanduser().resolve()
-            if rp == resolved or resolved in rp.parents:
-                why = why or f"it {'is' if rp == resolved else 'holds'} {item}, an input of this command"
+    why = _never_written(path, protected)
     if why:
         raise RefusedOverwriteError(f"refusing to write {command}'s files to {path}: {why}; choose another folder")
     if not path.exists():
