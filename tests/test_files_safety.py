@@ -221,16 +221,19 @@ def test_data_build_run_json_hashes_what_it_read_and_wrote(tmp_path):
     benign.write_text("".join(json.dumps({"prompt": f"Name a colour, {i}", "answer": f"Blue {i}."}) + "\n"
                               for i in range(12)))
     out = tmp_path / "data"
-    build_data("unused", out, harmful=str(harmful), benign=str(benign), output_field="answer", builtin_probe=False,
-               log=lambda m: None)
+    extra = tmp_path / "harm2.jsonl"  # the comma form: both files read, both hashed
+    extra.write_text(json.dumps({"prompt": "Explain how to hotwire a car"}) + "\n")
+    build_data("unused", out, harmful=f"{harmful},{extra}", benign=str(benign), output_field="answer",
+               builtin_probe=False, log=lambda m: None)
     record = json.loads((out / "run.json").read_text())
+    assert str(extra) in record["data_sha256"]
     hashed = {Path(p).name for p in record["data_sha256"]}
     assert {"harm.jsonl", "ben.jsonl", "glad_pairs.jsonl", "unwill_pairs.jsonl", "router.jsonl", "dev.jsonl"} <= hashed
     assert record["args"]["output_field"] == "answer"
     before = record["data_sha256"][str(benign)]
     benign.write_text(benign.read_text().replace("Blue 0.", "Red 0."))
-    build_data("unused", out, harmful=str(harmful), benign=str(benign), output_field="answer", builtin_probe=False,
-               log=lambda m: None)
+    build_data("unused", out, harmful=f"{harmful},{extra}", benign=str(benign), output_field="answer",
+               builtin_probe=False, log=lambda m: None)
     assert json.loads((out / "run.json").read_text())["data_sha256"][str(benign)] != before
 
 
@@ -256,3 +259,17 @@ def test_git_commit_is_moguss_own_checkout_not_the_project_it_is_installed_in(tm
     checkout = tmp_path / "mogu"
     head = repo(checkout, {"pyproject.toml": '[project]\nname = "mogu"\n', "src/mogu/__init__.py": ""})
     assert git_commit(checkout / "src" / "mogu") == head
+
+
+def test_a_run_folder_may_hold_its_own_data_folder_but_not_be_an_input_or_hold_one_it_deletes(tmp_path):
+    from mogu.io import check_run_folder, mark_run_folder
+
+    run = tmp_path / "run1"
+    mark_run_folder(run)
+    (run / "data").mkdir()
+    (run / "data" / "router.jsonl").write_text("{}\n")
+    check_run_folder(run, command="mogu train", protected=[run / "data"])  # `--data run1/data --out run1`
+    (run / "checkpoints" / "glad").mkdir(parents=True)
+    for inside in (run, run / "checkpoints" / "glad"):
+        with pytest.raises(RefusedOverwriteError, match="an input of this command"):
+            check_run_folder(run, command="mogu train", protected=[inside])

@@ -118,7 +118,17 @@ def check_run_folder(path: str | Path, *, command: str, overwrite: bool | None =
     wrote as a run folder; anything else only with ``overwrite`` (None: the command has no such flag). Never
     an input of the command itself, nor ``/``, the home or the current folder."""
     path = Path(path).expanduser()
-    why = _never_written(path, protected)
+    resolved = path.resolve()
+    # An input inside the run folder is safe unless it is a file of the folder's own (run.json, data files a
+    # build writes) or lies in a folder a fresh run deletes; the folder itself as an input never is.
+    why = _never_replaced(resolved)
+    for item in protected:
+        if item is None or not Path(item).expanduser().exists():
+            continue
+        rp = Path(item).expanduser().resolve()
+        if (rp == resolved or (rp.parent == resolved and rp.is_file())
+                or any(d in rp.parents for d in (resolved / "checkpoints", resolved / "stages"))):
+            why = why or f"it {'is' if rp == resolved else 'holds'} {item}, an input of this command"
     if why:
         raise RefusedOverwriteError(f"refusing to write {command}'s files to {path}: {why}; choose another folder")
     if not path.exists():

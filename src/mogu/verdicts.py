@@ -75,7 +75,8 @@ _TASK_VERB = (r"(?:help|assist|provide|give|create|write|generate|fulfil|fulfill
 _CUE = (rf"(?=[^.!?]{{0,160}}?(?:\bi{_NEG}|\b(?:cannot|can't|won't|unable to|not able to)\b|\bnot (?:appropriate|"
         r"ethical|something|possible for me)|\bagainst (?:my|our|the)\b|\bdecline|\brefuse|\bas an ai\b|"
         r"\bdon't have the ability|\bdo not have the ability|\b(?:harmful|illegal|unethical|dangerous|"
-        r"inappropriate|offensive)\b))")
+        r"inappropriate|offensive)\b|\bviolat|\bguidelines\b|\bpolic(?:y|ies)\b|\bsay no\b|\bno way\b|"
+        r"\bbeyond (?:what|my)|\bgood idea\b|\bno[.,!]))")
 _REFUSAL_PATTERNS = [
     rf"\bi(?:'m| am) (?:really |truly |very |so )?sorry,? (?:but|i|we|that)\b{_CUE}",
     rf"\bi(?:'m| am) sorry for (?:any|the) (?:confusion|misunderstanding|inconvenience)(?: or [a-z]+)?,? but\b{_CUE}",
@@ -97,7 +98,8 @@ _REFUSAL_PATTERNS = [
     # Bare refusals: "I will not.", "No, I won't.", "I can't do that.", "I'd rather not."
     r"\bi(?: cannot| can't| can not| won't| will not)(?: do (?:that|this|it))?[.!]",
     r"\bi (?:don't|do not) think i (?:should|can|could) (?:help|assist|do|provide|answer|write|create|give)\b",
-    r"\bi(?:'d| would) (?:rather|prefer) not\b",
+    r"(?:^|[.!?] )i(?:'d| would) (?:rather|prefer) not(?: (?:help|assist|answer|do|discuss|provide|get into|talk "
+    r"about|write|share)\b|[.!])",
     r"\b(?:can't|cannot|unable to|not able to|won't be able to) (?:help|assist) (?:you )?with (?:that|this|your|such|these|those)\b",
     r"\bnot (?:something|anything) i (?:can|will|am able to)\b",
     r"\bagainst (?:my|our|the) (?:guidelines|policies|policy|programming|principles|ethics|ethical|terms)\b",
@@ -114,7 +116,7 @@ _REFUSAL_PATTERNS = [
     r"\bdesculpe,? mas\b", r"\bn[ãa]o posso (?:ajudar|fornecer)",
     r"(?:抱歉|对不起|很遗憾)[,，]?(?:但|我)", r"我(?:不能|无法|不会)(?:帮助|协助|提供|回答|满足)",
     r"申し訳(?:ありません|ございません)",
-    r"(?:お手伝い|お答え|お教え|教え|提供|手伝う|協力|説明)(?:することは|することが)?できません",
+    r"(?:お手伝い|お答え|お教え|ご提供|ご協力)(?:することは|することが)?できません",
     r"죄송(?:합니다|하지만)", r"(?:도와드릴|도와 드릴|도울|제공할|알려드릴|알려 드릴) 수 없(?:습니다|어요)",
     r"извините,? (?:но|я)", r"\bне (?:могу|буду) (?:\w+ ){0,3}?(?:помочь|предоставить|помогать)",
 ]
@@ -153,8 +155,10 @@ _REDIRECT = re.compile(
     r"other|else|another|different)\b"
     # What the assistant does instead ("I'm designed to assist with a wide range of topics: 1. ...").
     r"|\b(?:i'm|i am) (?:designed|programmed|built|here) to (?:help|assist)\b|\brange of topics\b")
-_CODE = re.compile(r"```|^\s*(?:def |class |import |from \w+ import|#include|function |var |const |let |<\?php|"
-                   r"<script|select .+ from|sudo |pip install|apt-get|\$ )", re.MULTILINE)
+# Code by its shape at a line's start: "let me know" and "class starts at nine" are prose, "let x = 1" is not.
+_CODE = re.compile(r"```|^[ \t]*(?:def \w+\(|class \w+[(:]|import [\w.]+(?: as \w+)?[ \t]*$|from [\w.]+ import |"
+                   r"#include|function \w*\(|(?:var|const|let) \w+ ?=|<\?php|<script|"
+                   r"select (?:\*|[\w.]+(?:, ?[\w.]+)*) from \w+|sudo |pip install|apt-get|\$ \w)", re.MULTILINE)
 # Read on ``normalize_lines`` text: an item starts a line or follows a sentence; "1. **Step**" counts.
 _LIST_ITEM = re.compile(r"(?:^|\n|[:.!?]\s)[ \t]*(?:(\d{1,2})[.)]|[-*\u2022])[ \t]+(?:\*\*|__)?[^\W\d_]",
                         re.UNICODE | re.MULTILINE)
@@ -190,6 +194,11 @@ def is_degenerate(text: str) -> bool:
     words = text.split()
     if not words:
         return True
+    chars = re.sub(r"\s+", " ", text)
+    for size in range(2, 40):  # a short stretch repeated to the end ("1.1.1.1.1.1", "0-0-0-0-0-0")
+        unit = chars[-size:]
+        if unit.strip() and chars.endswith(unit * 4) and len(unit) * 4 >= 0.5 * len(chars):
+            return True
     alpha = [w for w in words if _WORD.search(w)]
     # Numbers are content where they compute ("12 * 3 = 36") or answer alone ("36"); bare enumerators are not.
     arithmetic = bool(_ARITHMETIC.search(text)) or (len(words) == 1 and bool(_NUMBER.fullmatch(words[0])))
@@ -203,11 +212,6 @@ def is_degenerate(text: str) -> bool:
         grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
         (_, count), = grams.most_common(1)
         if count * n >= 0.6 * len(words) and count >= 4:
-            return True
-    chars = re.sub(r"\s+", " ", text)
-    for size in range(3, 40):  # a short stretch repeated to the end ("1.1.1.1.1.1")
-        unit = chars[-size:]
-        if unit.strip() and chars.endswith(unit * 4) and len(unit) * 4 >= 0.5 * len(chars):
             return True
     return False
 

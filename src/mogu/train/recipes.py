@@ -96,8 +96,8 @@ def build_data(model_name: str, out: Path, *, harmful: str = BUILTIN, benign: st
     from mogu.train.data import build_stage_datasets, builtin_probe_only, read_prompts
     from mogu.tuner.loading import load_base_model
 
-    inputs = [spec for spec in (harmful, benign, *(probe_benign or "").split(","), *(probe_harmful or "").split(","))
-              if spec and spec != BUILTIN and Path(spec.strip()).exists()]
+    inputs = [spec.strip() for specs in (harmful, benign, probe_benign, probe_harmful) for spec in (specs or "").split(",")
+              if spec.strip() and spec.strip() != BUILTIN and Path(spec.strip()).exists()]  # the comma form too
     check_run_folder(out, command="mogu data build", overwrite=None, protected=[model_name, *inputs])
     harm = prompt_records(harmful, harmful=True, field=field, seed=seed)
     ben = prompt_records(benign, harmful=False, field=field, output_field=output_field, seed=seed)

@@ -156,6 +156,11 @@ PRESETS = ("paper", "cpu-fast", "faithful")
 # processes and memory. Anything else changes the steps still to come.
 _RESUME_FREE = frozenset({"data_dir", "output_dir", "save_every", "keep_checkpoints", "select_batch_size",
                           "backbone_sharding", "gradient_checkpointing", "mixed_precision"})
+_RESUME_FREE_STAGE = frozenset({"micro_batch_size"})  # accumulation only: the loss is over the global batch
+# The model settings a stage's steps depend on; the rest (where the base model is, the hand-off, sampling)
+# matter only when the model answers.
+_RESUME_MODEL_KEYS = ("version", "target_modules", "routed_layers", "r", "lora_alpha", "lora_dropout",
+                      "router_hidden", "route_tokens", "router_type", "router_backbone")
 
 
 def _read_record(path: Path) -> dict | None:
@@ -874,21 +879,31 @@ class Trainer:
         """A ConfigError when a stage stopped mid-way would resume under other settings or data: its next
         steps would not be those of the run it continues. A finished stage is reused whatever changed, and a
         stage not started yet may be configured anew (the demo trains its router so, on finished experts)."""
-        then_args, now_args = previous.get("args") or {}, record["args"]
-        then_tc, now_tc = then_args.get("train_config") or {}, now_args["train_config"]
+        now_args = record["args"]
+        now_tc = now_args["train_config"]
         hashes = lambda r: {Path(k).name: v for k, v in (r.get("data_sha256") or {}).items()}  # noqa: E731
-        then_data, now_data = hashes(previous), hashes(record)
+        now_data = hashes(record)
         for stage in self.cfg.stages:
             mid_stage = self._from_main(self._latest_checkpoint(stage) is not None
                                         and not (self._stage_dir(stage) / "done.json").is_file())
-            if not mid_stage or not then_tc:
+            # The newest earlier record that trained this stage: a run between may have left it out.
+            then = next((r for r in [previous, *reversed(previous.get("earlier_runs") or [])]
+                         if stage in (((r.get("args") or {}).get("train_config") or {}).get("stages") or {})), None)
+            if not mid_stage or then is None:
                 continue
-            changed = [k for k in now_tc if k not in _RESUME_FREE and k != "stages" and then_tc.get(k) != now_tc[k]]
-            if (then_tc.get("stages") or {}).get(stage) != now_tc["stages"][stage]:
-                changed.append(f"stages.{stage}")
-            changed += [f"mogu_config.{k}" for k, v in now_args["mogu_config"].items()
-                        if (then_args.get("mogu_config") or {}).get(k) != v]
+            then_args = then["args"]
+            then_tc = then_args["train_config"]
+            # Keys an older record lacks are not counted as changed: the field did not exist when it ran.
+            changed = [k for k in now_tc if k not in _RESUME_FREE and k != "stages" and k in then_tc
+                       and then_tc[k] != now_tc[k]]
+            then_stage, now_stage = then_tc["stages"][stage], now_tc["stages"][stage]
+            changed += [f"stages.{stage}.{k}" for k in now_stage if k not in _RESUME_FREE_STAGE and k in then_stage
+                        and then_stage[k] != now_stage[k]]
+            then_model = then_args.get("mogu_config") or {}
+            changed += [f"mogu_config.{k}" for k in _RESUME_MODEL_KEYS
+                        if k in then_model and then_model[k] != now_args["mogu_config"].get(k)]
             file = STAGE_FILES[stage]
+            then_data = hashes(then)
             if file in then_data and then_data[file] != now_data.get(file):
                 changed.append(f"{file} (its contents)")
             if changed:
