@@ -60,18 +60,31 @@ def _never_replaced(resolved: Path) -> str | None:
     return None
 
 
-def _never_written(path: Path, protected) -> str | None:
+def _replaced_whole(input_path: Path, folder: Path) -> bool:
+    """A folder that is replaced as a whole loses every input inside it."""
+    return input_path == folder or folder in input_path.parents
+
+
+def _never_written(path: Path, protected, lost=_replaced_whole) -> str | None:
     """Why nothing may be written to ``path``, whatever --overwrite says: a root, home or current folder (or
-    one above them), or a folder that is or holds one of ``protected`` (the command's inputs); else None."""
+    one above them), or an input of the command (``protected``) that the write would lose (``lost(input,
+    folder)``, resolved paths); else None."""
     resolved = path.resolve()
     why = _never_replaced(resolved)
     for item in protected:
         if item is None or not Path(item).expanduser().exists():
             continue
         rp = Path(item).expanduser().resolve()
-        if rp == resolved or resolved in rp.parents:
+        if lost(rp, resolved):
             why = why or f"it {'is' if rp == resolved else 'holds'} {item}, an input of this command"
     return why
+
+
+def _lost_in_run_folder(input_path: Path, folder: Path) -> bool:
+    """A run folder's fresh run replaces its own files and deletes its checkpoint and stage folders; an input
+    elsewhere inside it (``--data run1/data --out run1``) is kept, the folder itself as an input never is."""
+    return (input_path == folder or (input_path.parent == folder and input_path.is_file())
+            or any(d in input_path.parents for d in (folder / "checkpoints", folder / "stages")))
 
 
 def check_replaceable(path: str | Path, *, kind: str, overwrite: bool = False,
@@ -118,17 +131,7 @@ def check_run_folder(path: str | Path, *, command: str, overwrite: bool | None =
     wrote as a run folder; anything else only with ``overwrite`` (None: the command has no such flag). Never
     an input of the command itself, nor ``/``, the home or the current folder."""
     path = Path(path).expanduser()
-    resolved = path.resolve()
-    # An input inside the run folder is safe unless it is a file of the folder's own (run.json, data files a
-    # build writes) or lies in a folder a fresh run deletes; the folder itself as an input never is.
-    why = _never_replaced(resolved)
-    for item in protected:
-        if item is None or not Path(item).expanduser().exists():
-            continue
-        rp = Path(item).expanduser().resolve()
-        if (rp == resolved or (rp.parent == resolved and rp.is_file())
-                or any(d in rp.parents for d in (resolved / "checkpoints", resolved / "stages"))):
-            why = why or f"it {'is' if rp == resolved else 'holds'} {item}, an input of this command"
+    why = _never_written(path, protected, lost=_lost_in_run_folder)
     if why:
         raise RefusedOverwriteError(f"refusing to write {command}'s files to {path}: {why}; choose another folder")
     if not path.exists():
